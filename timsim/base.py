@@ -1,0 +1,184 @@
+"""The base policy: supervised warm start on (prompt, answer) pairs, saved and reused.
+
+Real LLM RL starts from a pretrained model; so does timsim. `get_base` returns the base
+weights for a config, pretraining them first if no checkpoint exists under the config's
+base key (a hash of task, model, pretraining settings and seed only, DESIGN §8.3). Every
+run of a study therefore starts from the same weights. Creation is guarded by a file lock
+so that parallel runs do not race.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from timsim.config import Config
+from timsim.model import init_model, response_logits, token_logprobs
+from timsim.rollout import sample
+from timsim.tasks import VOCAB_SIZE, Task
+from timsim.train import eval_prompts
+
+
+class CheckpointError(RuntimeError):
+    """A base checkpoint is missing, corrupt, or of another shape."""
+
+
+def base_key(cfg: Config) -> str:
+    """Name of the base checkpoint: task name and a hash of what determines the weights."""
+    ident = {"task": cfg.task.model_dump(exclude={"partial_credit", "eval_prompts"}),
+             "model": cfg.model.model_dump(),
+             "pretrain": cfg.pretrain.model_dump(exclude={"cache_dir"})}
+    digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{cfg.task.name}-{digest}"
+
+
+def base_path(cfg: Config) -> Path:
+    return Path(cfg.pretrain.cache_dir) / base_key(cfg)
+
+
+def _abstract_params(cfg: Config):
+    model = nnx.eval_shape(lambda: init_model(cfg.model, VOCAB_SIZE, 0))
+    return nnx.split(model, nnx.Param)
+
+
+def make_pretrain_chunk(cfg: Config, task: Task, graphdef, length: int) -> Callable:
+    """`length` supervised AdamW steps (cross-entropy on answer + <eos>) as one jitted scan."""
+    p = cfg.pretrain
+    tx = optax.adamw(p.lr)
+    response_len = cfg.response_len
+
+    def loss_fn(params, prompts):
+        targets = task.target(prompts, response_len)
+        logp, _ = token_logprobs(response_logits(nnx.merge(graphdef, params), prompts, targets), targets, 1.0)
+        checked = (jnp.arange(response_len) <= task.answer_len)[None, :]
+        return -(logp * checked).sum() / (checked.sum() * prompts.shape[0])
+
+    def step(carry, i):
+        params, opt_state, key = carry
+        prompts = task.sample(jax.random.fold_in(key, i), p.batch_size, "train")
+        loss, grads = jax.value_and_grad(loss_fn)(params, prompts)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state, key), loss
+
+    @jax.jit
+    def chunk(params, opt_state, key, start):
+        (params, opt_state, _), losses = jax.lax.scan(step, (params, opt_state, key), start + jnp.arange(length))
+        return params, opt_state, losses.mean()
+
+    return chunk, tx
+
+
+def make_accuracy(cfg: Config, task: Task, graphdef) -> Callable:
+    """`accuracy(params) -> (greedy, sampled)` held-out exact-match accuracy (sampled at T = 1)."""
+    prompts = eval_prompts(task, cfg.task.eval_prompts)
+
+    @jax.jit
+    def accuracy(params):
+        model = nnx.merge(graphdef, params)
+        key = jax.random.key(0)
+        greedy = sample(model, prompts, key, 1.0, cfg.response_len, greedy=True)
+        sampled = sample(model, prompts, key, 1.0, cfg.response_len)
+        return task.verify(prompts, greedy.responses).mean(), task.verify(prompts, sampled.responses).mean()
+
+    return accuracy
+
+
+def pretrain(cfg: Config, progress: Callable[[dict], None] = lambda info: None) -> tuple[nnx.State, dict]:
+    """Supervised warm start until greedy held-out accuracy reaches `pretrain.target_accuracy`
+    (checked every `pretrain.eval_every` steps) or `pretrain.max_steps`."""
+    p = cfg.pretrain
+    task = cfg.task.build()
+    graphdef, params = nnx.split(init_model(cfg.model, VOCAB_SIZE, p.seed), nnx.Param)
+    chunk, tx = make_pretrain_chunk(cfg, task, graphdef, p.eval_every)
+    accuracy = make_accuracy(cfg, task, graphdef)
+    opt_state = tx.init(params)
+    key = jax.random.key(p.seed)
+    steps, loss, start = 0, float("nan"), time.perf_counter()
+    greedy, sampled = (float(a) for a in accuracy(params))
+    while greedy < p.target_accuracy and steps < p.max_steps:
+        params, opt_state, loss = chunk(params, opt_state, key, steps)
+        steps += p.eval_every
+        greedy, sampled = (float(a) for a in accuracy(params))
+        progress({"steps": steps, "loss": float(loss), "greedy_accuracy": greedy})
+    info = {"base_key": base_key(cfg), "steps": steps, "final_loss": float(loss),
+            "greedy_accuracy": greedy, "sampled_accuracy": sampled,
+            "reached_target": greedy >= p.target_accuracy, "seconds": round(time.perf_counter() - start, 1),
+            "config": {"task": cfg.task.model_dump(), "model": cfg.model.model_dump(),
+                       "pretrain": cfg.pretrain.model_dump()}}
+    return params, info
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def save_base(path: Path, params: nnx.State, info: dict) -> None:
+    """Write the checkpoint to a temporary sibling, then rename: a base is complete or absent."""
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save((tmp / "params").absolute(), nnx.to_pure_dict(params))
+    checkpointer.wait_until_finished()
+    (tmp / "base.json").write_text(json.dumps(info, indent=2))
+    tmp.rename(path)
+
+
+def load_base(cfg: Config, path: Path | None = None) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """Restore base weights for `cfg` from `path` (default: its base key under the cache dir)."""
+    path = Path(path) if path is not None else base_path(cfg)
+    info_file = path / "base.json"
+    if not info_file.is_file() or not (path / "params").is_dir():
+        raise CheckpointError(f"No base checkpoint at {str(path)!r} (expected base.json and params/). "
+                              f"Run `timsim pretrain CONFIG` to create it.")
+    try:
+        info = json.loads(info_file.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"Base checkpoint {str(path)!r} is corrupt: base.json is not JSON ({err}). "
+                              f"Delete the directory and run `timsim pretrain CONFIG` again.") from None
+    graphdef, abstract = _abstract_params(cfg)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
+    try:
+        restored = ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
+    except Exception as err:  # orbax raises many types; all mean "not this model"
+        stored = info.get("config", {}).get("model")
+        raise CheckpointError(
+            f"Base checkpoint {str(path)!r} cannot be restored for model {cfg.model.model_dump()} "
+            f"(the checkpoint was saved for model {stored}): {str(err).splitlines()[0][:300]}") from None
+    nnx.replace_by_pure_dict(abstract, restored)
+    return graphdef, abstract, info
+
+
+def get_base(cfg: Config, progress: Callable[[dict], None] = lambda info: None,
+             announce: Callable[[str], None] = print) -> tuple[nnx.GraphDef, nnx.State, dict]:
+    """The base weights for `cfg`: restored if they exist, pretrained and saved otherwise."""
+    path = base_path(cfg)
+    with _locked(path):
+        if not path.exists():
+            announce(f"Pretraining the base policy {path.name} (first use; reused afterwards) ...")
+            params, info = pretrain(cfg, progress)
+            save_base(path, params, info)
+            if not info["reached_target"]:
+                announce(f"warning: pretraining stopped at pretrain.max_steps={cfg.pretrain.max_steps} with greedy "
+                         f"accuracy {info['greedy_accuracy']:.2f} < pretrain.target_accuracy "
+                         f"{cfg.pretrain.target_accuracy}")
+        return load_base(cfg, path)

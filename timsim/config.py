@@ -1,0 +1,266 @@
+"""Typed, validated, immutable configuration.
+
+We use pydantic v2 (frozen models, ``extra="forbid"``): it names the failing field by its
+dotted path, checks types and ranges declaratively, and gives JSON-able dumps for the
+resolved config saved beside results. Every error reaches the user as one `ConfigError`
+paragraph, never a traceback.
+
+Fields are *static* (shapes, modes: they select the compiled program) or *traced*
+(scales, learning rate, clip epsilons, seeds: array arguments with a leading run axis, so a
+sweep over them shares one compiled program). Traced fields are declared with the
+`Traced` annotation; `traced_values` collects them by dotted key and `static_view`
+blanks them so the program builder cannot bake one in by accident.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from timsim import tasks as tasks_lib
+
+
+class ConfigError(ValueError):
+    """A bad config value: the message names the field and what is accepted."""
+
+
+TRACED = "traced"
+Traced = Annotated[float, TRACED]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Section):
+    name: str = "add"
+    n_digits: int = Field(3, ge=1, le=256)
+    modulus: int = Field(97, ge=2, description="modmul only")
+    partial_credit: bool = False
+    eval_prompts: int = Field(256, ge=8, description="held-out prompts for evaluation")
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        if name not in tasks_lib.TASKS:
+            raise ValueError(f"unknown task {name!r}; accepted: {', '.join(tasks_lib.TASKS)}")
+        return name
+
+    def build(self) -> tasks_lib.Task:
+        return tasks_lib.make_task(self.name, n_digits=self.n_digits, modulus=self.modulus)
+
+
+class ModelConfig(_Section):
+    d_model: int = Field(64, ge=8)
+    n_layers: int = Field(2, ge=1)
+    n_heads: int = Field(4, ge=1)
+    d_mlp: int = Field(256, ge=8)
+    max_len: int = Field(32, ge=4, description="context length (prompt + response)")
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.d_model % self.n_heads:
+            raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        return self
+
+
+class PretrainConfig(_Section):
+    """Supervised warm start on (prompt, answer) pairs until partial competence."""
+
+    target_accuracy: float = Field(0.3, gt=0.0, le=1.0, description="stop at this greedy held-out accuracy")
+    max_steps: int = Field(4000, ge=1)
+    eval_every: int = Field(25, ge=1)
+    batch_size: int = Field(128, ge=1)
+    lr: float = Field(1e-3, gt=0.0)
+    seed: int = 0
+    cache_dir: str = "runs/bases"
+
+
+class SamplerConfig(_Section):
+    temperature: Traced = Field(1.0, gt=0.0)
+    max_response_len: int | None = Field(None, ge=1, description="default: answer length + 1 (the <eos>)")
+
+
+class GRPOConfig(_Section):
+    prompts_per_step: int = Field(32, ge=1)
+    group_size: int = Field(8, ge=2)
+    advantage: Literal["zscore", "mean", "rloo"] = "zscore"
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    old_logprobs: Literal["recompute", "bypass"] = "recompute"
+    epochs: int = Field(1, ge=1)
+    minibatches: int = Field(1, ge=1)
+    lr: Traced = Field(3e-4, gt=0.0)
+    weight_decay: Traced = Field(0.0, ge=0.0)
+    max_grad_norm: Traced = Field(1.0, gt=0.0)
+    clip_eps_low: Traced = Field(0.2, ge=0.0, lt=1.0)
+    clip_eps_high: Traced = Field(0.2, ge=0.0)
+    kl_ref: Literal["none", "k1", "k2", "k3"] = "none"
+    kl_coef: Traced = Field(0.0, ge=0.0)
+    entropy_coef: Traced = 0.0
+
+
+class RunConfig(_Section):
+    name: str = "run"
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    steps: int = Field(300, ge=1)
+    chunk_steps: int = Field(50, ge=1, description="steps per compiled chunk; evaluation at chunk ends")
+    batching: Literal["auto", "vmap", "map"] = "auto"
+    out_dir: str = "runs"
+
+
+class Config(_Section):
+    task: TaskConfig = TaskConfig()
+    model: ModelConfig = ModelConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    grpo: GRPOConfig = GRPOConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        task = self.task.build()
+        response_len = self.response_len
+        if response_len < task.answer_len + 1:
+            raise ValueError(
+                f"sampler.max_response_len ({response_len}) must be at least the answer length + 1 "
+                f"({task.answer_len + 1}) for task {task.name!r}")
+        if task.prompt_len + response_len > self.model.max_len:
+            raise ValueError(
+                f"model.max_len ({self.model.max_len}) is shorter than prompt + response "
+                f"({task.prompt_len} + {response_len}) for task {task.name!r}; raise model.max_len")
+        n = self.grpo.prompts_per_step * self.grpo.group_size
+        if n % self.grpo.minibatches:
+            raise ValueError(f"grpo.minibatches ({self.grpo.minibatches}) must divide "
+                             f"prompts_per_step * group_size ({n})")
+        if self.run.steps % self.run.chunk_steps:
+            raise ValueError(f"run.steps ({self.run.steps}) must be a multiple of run.chunk_steps "
+                             f"({self.run.chunk_steps})")
+        return self
+
+    @property
+    def response_len(self) -> int:
+        if self.sampler.max_response_len is not None:
+            return self.sampler.max_response_len
+        return self.task.build().answer_len + 1
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `timsim --help` lists the sections)"
+        got = e.get("input")
+        shown = "" if e["type"] in ("extra_forbidden", "missing") or isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"`{loc}`: {msg}{shown}")
+    return f"Invalid config {source}: " + "; ".join(parts) + "."
+
+
+def set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    """Set `tree[a][b][c] = value` for `dotted = "a.b.c"`, creating sections as needed."""
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for p in parents:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"Invalid override `{dotted}`: `{p}` is a value, not a section.")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    """`["grpo.lr=1e-3", "run.seeds=[0,1]"]` -> {dotted key: YAML-parsed value}."""
+    parsed = {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"Invalid override {item!r}: write overrides as dotted.key=value, e.g. grpo.lr=1e-3.")
+        parsed[key.strip()] = yaml.safe_load(raw)
+    return parsed
+
+
+def config_from_dict(raw: dict, source: str = "") -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, source)) from None
+    except ValueError as err:  # a task's own validate()
+        raise ConfigError(f"Invalid config {source}: {err}.") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or the defaults when `path` is None) and apply dotted overrides."""
+    raw: dict = {}
+    source = "(defaults)"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"Config file {str(path)!r} does not exist.")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"Config file {str(path)!r} is not valid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}.")
+        source = repr(str(path))
+    for key, value in parse_overrides(overrides or []).items():
+        set_dotted(raw, key, value)
+    return config_from_dict(raw, source)
+
+
+# ----------------------------------------------------------------------------- static / traced
+
+
+def traced_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
+    """Dotted keys of every traced field, e.g. ``["sampler.temperature", "grpo.lr", ...]``."""
+    keys = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys += traced_keys(ann, f"{prefix}{name}.")
+        elif TRACED in field.metadata:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def get_dotted(cfg: BaseModel, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def traced_values(cfg: Config) -> dict[str, float]:
+    """The traced hyperparameters of one config, by dotted key."""
+    return {k: float(get_dotted(cfg, k)) for k in traced_keys()}
+
+
+def static_view(cfg: Config) -> Config:
+    """`cfg` with every traced field set to None: what may select a compiled program."""
+    dump = cfg.model_dump()
+    for key in traced_keys():
+        set_dotted(dump, key, None)
+    dump["run"]["seeds"] = []
+    return Config.model_construct(**{
+        name: type(getattr(cfg, name)).model_construct(**dump[name]) for name in dump})
+
+
+def static_hash(cfg: Config) -> str:
+    """Hash of everything that selects the compiled program (not run names or paths)."""
+    dump = static_view(cfg).model_dump()
+    dump["run"].pop("name"), dump["run"].pop("out_dir")
+    dump["pretrain"].pop("cache_dir")
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

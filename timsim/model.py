@@ -1,0 +1,110 @@
+"""Decoder-only causal transformer policy (Flax NNX).
+
+Two paths over the same parameters:
+- `Transformer.__call__`: teacher-forced full forward, logits for every position (learner);
+- `Transformer.decode`: one position at a time against a KV cache (sampler).
+They compute the same function but with different shapes, so they agree only to ~1e-6 in
+fp32; exact zero mismatch is obtained by reporting the learner path's log-probs (see
+`rollout.py`), never by asserting a tolerance.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from timsim.config import ModelConfig
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d = cfg.d_model
+        self.n_heads = cfg.n_heads
+        self.ln_attn = nnx.LayerNorm(d, rngs=rngs)
+        self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
+        self.attn_out = nnx.Linear(d, d, rngs=rngs)
+        self.ln_mlp = nnx.LayerNorm(d, rngs=rngs)
+        self.mlp_in = nnx.Linear(d, cfg.d_mlp, rngs=rngs)
+        self.mlp_out = nnx.Linear(cfg.d_mlp, d, rngs=rngs)
+
+    def _heads(self, x_NSD):
+        n, s, d = x_NSD.shape
+        qkv = self.qkv(self.ln_attn(x_NSD)).reshape(n, s, 3, self.n_heads, d // self.n_heads)
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+
+    def _attend(self, q_NQHK, k_NSHK, v_NSHK, allowed_QS):
+        scale = q_NQHK.shape[-1] ** -0.5
+        scores = jnp.einsum("nqhk,nshk->nhqs", q_NQHK, k_NSHK) * scale
+        scores = jnp.where(allowed_QS, scores, -1e30)
+        out = jnp.einsum("nhqs,nshk->nqhk", jax.nn.softmax(scores, axis=-1), v_NSHK)
+        return self.attn_out(out.reshape(out.shape[0], out.shape[1], -1))
+
+    def _mlp(self, x):
+        return self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln_mlp(x))))
+
+    def __call__(self, x_NSD):
+        q, k, v = self._heads(x_NSD)
+        s = x_NSD.shape[1]
+        causal = jnp.tril(jnp.ones((s, s), bool))
+        x_NSD = x_NSD + self._attend(q, k, v, causal)
+        return x_NSD + self._mlp(x_NSD)
+
+    def decode(self, x_N1D, pos, k_cache_NSHK, v_cache_NSHK):
+        q, k, v = self._heads(x_N1D)
+        k_cache_NSHK = jax.lax.dynamic_update_slice_in_dim(k_cache_NSHK, k, pos, axis=1)
+        v_cache_NSHK = jax.lax.dynamic_update_slice_in_dim(v_cache_NSHK, v, pos, axis=1)
+        allowed = (jnp.arange(k_cache_NSHK.shape[1]) <= pos)[None, :]
+        x_N1D = x_N1D + self._attend(q, k_cache_NSHK, v_cache_NSHK, allowed)
+        return x_N1D + self._mlp(x_N1D), k_cache_NSHK, v_cache_NSHK
+
+
+class Transformer(nnx.Module):
+    """Pre-LayerNorm GPT-style policy with learned positions and an untied output head."""
+
+    def __init__(self, cfg: ModelConfig, vocab_size: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.tok_embed = nnx.Embed(vocab_size, cfg.d_model, rngs=rngs)
+        self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, rngs=rngs)
+        self.blocks = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layers)])
+        self.ln_final = nnx.LayerNorm(cfg.d_model, rngs=rngs)
+        self.head = nnx.Linear(cfg.d_model, vocab_size, use_bias=False, rngs=rngs)
+
+    def __call__(self, tokens_NS: jax.Array) -> jax.Array:
+        """Logits [N, S, V]: position s predicts token s+1."""
+        x = self.tok_embed(tokens_NS) + self.pos_embed(jnp.arange(tokens_NS.shape[1]))[None]
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.ln_final(x))
+
+    def init_cache(self, n: int, length: int) -> dict:
+        c = self.cfg
+        shape = (c.n_layers, n, length, c.n_heads, c.d_model // c.n_heads)
+        return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+
+    def decode(self, token_N: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+        """Logits [N, V] for the token after `token_N` at position `pos`, and the updated cache."""
+        x = self.tok_embed(token_N)[:, None] + self.pos_embed(pos)[None, None]
+        ks, vs = [], []
+        for i, block in enumerate(self.blocks):
+            x, k, v = block.decode(x, pos, cache["k"][i], cache["v"][i])
+            ks.append(k)
+            vs.append(v)
+        logits = self.head(self.ln_final(x))[:, 0]
+        return logits, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
+
+
+def init_model(cfg: ModelConfig, vocab_size: int, seed: int) -> Transformer:
+    return Transformer(cfg, vocab_size, rngs=nnx.Rngs(seed))
+
+
+def response_logits(model: Transformer, prompts_NP: jax.Array, responses_NT: jax.Array) -> jax.Array:
+    """Teacher-forced logits [N, T, V] that predict each response token."""
+    tokens = jnp.concatenate([prompts_NP, responses_NT], axis=1)[:, :-1]
+    return model(tokens)[:, prompts_NP.shape[1] - 1 :]
+
+
+def token_logprobs(logits_NTV: jax.Array, tokens_NT: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:
+    """Log-probs of `tokens_NT` under softmax(logits / temperature), and the full log-softmax."""
+    logp_all = jax.nn.log_softmax(logits_NTV / temperature, axis=-1)
+    return jnp.take_along_axis(logp_all, tokens_NT[..., None], axis=-1)[..., 0], logp_all

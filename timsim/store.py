@@ -1,0 +1,116 @@
+"""The results layout (DESIGN §8.3), written atomically and readable while a run goes on.
+
+```
+<dir>/manifest.json                     schema version, provenance, run-axis width, cells + status
+<dir>/config.resolved.yaml              the fully resolved config(s)
+<dir>/metrics/part-<cell>-<chunk>.parquet   one row per run x step; parts are never rewritten
+<dir>/summary.parquet                   one row per run
+<dir>/ckpt/<group>/<step>/              orbax checkpoints of the run states at chunk ends
+```
+
+Metrics table columns: ``cell_id, run_idx, seed, step``, every swept value as
+``cfg.<dotted.key>``, then the metrics of `timsim.metrics.METRICS` (NaN where a metric is
+not computed at that step). Every file is written to a temporary name and renamed, so a
+reader never sees a torn file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+import pandas as pd
+
+SCHEMA_VERSION = 1
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, path)
+
+
+def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, path)
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def provenance() -> dict:
+    """Everything that bit-for-bit reproducibility depends on (DESIGN §8.2)."""
+    import jax
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(__file__).parent, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    return {
+        "timsim": _version("timsim"), "git_commit": commit,
+        "jax": _version("jax"), "jaxlib": _version("jaxlib"), "flax": _version("flax"),
+        "optax": _version("optax"), "python": sys.version.split()[0], "platform": platform.platform(),
+        "backend": jax.default_backend(), "device_count": jax.device_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+class Store:
+    """One run or sweep directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    def read_manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+
+    def write_manifest(self, manifest: dict) -> None:
+        atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False).encode())
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_bytes(self.root / name, text.encode())
+
+    def write_metrics_part(self, cell_id: str, chunk: int, df: pd.DataFrame) -> Path:
+        path = self.root / "metrics" / f"part-{cell_id}-{chunk:05d}.parquet"
+        atomic_write_parquet(path, df)
+        return path
+
+    def write_summary(self, df: pd.DataFrame) -> None:
+        atomic_write_parquet(self.root / "summary.parquet", df)
+
+    def checkpoint_dir(self, group: str, step: int) -> Path:
+        return self.root / "ckpt" / group / f"{step:07d}"
+
+
+def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`(metrics, summary)` DataFrames of a run or sweep directory (readable while it runs)."""
+    root = Path(path)
+    if not (root / "manifest.json").exists():
+        raise FileNotFoundError(f"{str(root)!r} is not a timsim results directory (no manifest.json).")
+    parts = sorted((root / "metrics").glob("part-*.parquet"))
+    metrics = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
+    if len(metrics):
+        metrics = metrics.sort_values(["cell_id", "run_idx", "step"], kind="stable", ignore_index=True)
+    summary_path = root / "summary.parquet"
+    summary = pd.read_parquet(summary_path) if summary_path.exists() else pd.DataFrame()
+    return metrics, summary

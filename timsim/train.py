@@ -1,0 +1,171 @@
+"""The pure, jitted GRPO run: one step, a chunk of steps (`lax.scan`), a batch of runs.
+
+Static config (shapes, modes) is closed over when a program is built; traced config (`hp`:
+a dict of scalars by dotted key, plus ``"seed"``) is an argument with a leading run axis, so
+runs that differ only in traced values share one compiled program.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from timsim import grpo
+from timsim.config import Config
+from timsim.keys import step_key
+from timsim.rollout import learner_logprobs, minibatched_logprobs, sample
+from timsim.tasks import Task
+
+EVAL_KEY_SEED = 12345  # held-out prompts are the same for every run, cell and seed
+
+
+class RunState(NamedTuple):
+    params: nnx.State
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar: updates done so far
+
+
+def init_state(params: nnx.State, hp: dict) -> RunState:
+    return RunState(params, grpo.make_optimizer(hp).init(params), jnp.zeros((), jnp.int32))
+
+
+def eval_prompts(task: Task, n: int) -> jax.Array:
+    return task.sample(jax.random.key(EVAL_KEY_SEED), n, split="eval")
+
+
+def make_step(cfg: Config, task: Task, graphdef) -> Callable:
+    """Build `step(state, hp, ref_params) -> (state, metrics)` for one run.
+
+    `cfg` must be a static view: traced fields are read from `hp` only."""
+    g = cfg.grpo
+    n_prompts, group, n_mb = g.prompts_per_step, g.group_size, g.minibatches
+    n = n_prompts * group
+    response_len = cfg.response_len
+
+    def loss_fn(params, ref_params, batch, hp):
+        prompts, responses, mask, logp_old, adv = batch
+        model = nnx.merge(graphdef, params)
+        temperature = hp["sampler.temperature"]
+        logp, logp_all = learner_logprobs(model, prompts, responses, mask, temperature)
+        per_token, clipped, _ = grpo.ppo_clip_per_token(logp, logp_old, adv, hp["grpo.clip_eps_low"],
+                                                        hp["grpo.clip_eps_high"])
+        entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
+        loss = grpo.aggregate(per_token, mask, g.loss_agg)
+        loss = loss - hp["grpo.entropy_coef"] * grpo.aggregate(entropy_NT, mask, g.loss_agg)
+        kl_ref = jnp.zeros(())
+        if g.kl_ref != "none":
+            ref = nnx.merge(graphdef, ref_params)
+            logp_ref = jax.lax.stop_gradient(learner_logprobs(ref, prompts, responses, mask, temperature)[0])
+            kl_NT = grpo.kl_to_reference(logp, logp_ref, g.kl_ref)
+            kl_ref = grpo.masked_mean(kl_NT, mask)
+            loss = loss + hp["grpo.kl_coef"] * grpo.aggregate(kl_NT, mask, g.loss_agg)
+        aux = {"clip_frac": grpo.masked_mean(clipped, mask), "entropy": grpo.masked_mean(entropy_NT, mask),
+               "kl_ref": kl_ref}
+        return loss, aux
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(state: RunState, hp: dict, ref_params) -> tuple[RunState, dict]:
+        seed = hp["seed"].astype(jnp.int32)
+        temperature = hp["sampler.temperature"]
+        model = nnx.merge(graphdef, state.params)
+        prompts = task.sample(step_key(seed, "prompts", state.step), n_prompts, "train")
+        prompts_N = jnp.repeat(prompts, group, axis=0)
+        rollout = sample(model, prompts_N, step_key(seed, "sample", state.step), temperature, response_len)
+        mask = rollout.mask
+        chex.assert_shape([rollout.responses, mask], (n, response_len))
+
+        # Zero-mismatch sampler: it reports the learner's own function of the sampled tokens.
+        logp_sampler = minibatched_logprobs(model, prompts_N, rollout.responses, mask, temperature, n_mb)
+        if g.old_logprobs == "recompute":
+            logp_old = minibatched_logprobs(model, prompts_N, rollout.responses, mask, temperature, n_mb)
+        else:
+            logp_old = logp_sampler
+        reward = task.reward(prompts_N, rollout.responses, cfg.task.partial_credit)
+        adv = grpo.advantages(reward, group, g.advantage)
+
+        batch = (prompts_N, rollout.responses, mask, logp_old, adv)
+        batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
+        tx = grpo.make_optimizer(hp)
+
+        def update(carry, i):
+            params, opt_state = carry
+            mb = jax.tree.map(lambda x: x[i % n_mb], batch_mb)
+            (loss, aux), grads = grad_fn(params, ref_params, mb, hp)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            return (params, opt_state), {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+        (params, opt_state), per_update = jax.lax.scan(
+            update, (state.params, state.opt_state), jnp.arange(g.epochs * n_mb))
+        per_update = jax.tree.map(jnp.mean, per_update)
+
+        delta = (logp_old - logp_sampler) * mask
+        metrics = {
+            "reward_mean": reward.mean(),
+            "accuracy": task.verify(prompts_N, rollout.responses).mean(),
+            "response_len": mask.sum(-1).mean(),
+            "update_norm": optax.global_norm(jax.tree.map(jnp.subtract, params, state.params)),
+            "delta_abs_mean": grpo.masked_mean(jnp.abs(delta), mask),
+            "delta_abs_max": jnp.abs(delta).max(),
+            "mismatch_k3": grpo.masked_mean(jnp.exp(delta) - 1.0 - delta, mask),
+            "delta_floor_max": jnp.abs((rollout.logp_decode - logp_sampler) * mask).max(),
+            **per_update,
+        }
+        return RunState(params, opt_state, state.step + 1), metrics
+
+    return step
+
+
+def batch_over_runs(fn: Callable, batching: str) -> Callable:
+    """Map `fn(state, hp, shared)` over the leading run axis of `state` and `hp`.
+
+    vmap turns the runs into batched matmuls (fast on accelerators); lax.map runs them one
+    after another inside one program (cheaper on a 2-core CPU, DESIGN §7)."""
+    if batching == "vmap":
+        return jax.vmap(fn, in_axes=(0, 0, None))
+    if batching == "map":
+        return lambda state, hp, shared: jax.lax.map(lambda args: fn(*args, shared), (state, hp))
+    raise ValueError(f"run.batching must be vmap or map, got {batching!r}")
+
+
+def resolve_batching(batching: str) -> str:
+    """`auto`: lax.map on CPU, vmap on accelerators (measured: `timsim bench`)."""
+    if batching != "auto":
+        return batching
+    return "map" if jax.default_backend() == "cpu" else "vmap"
+
+
+def make_chunk(cfg: Config, task: Task, graphdef) -> Callable:
+    """`chunk(state_R, hp_R, ref_params) -> (state_R, metrics_RS)`: `run.chunk_steps` steps of
+    every run, one jitted program. Compiles once per shape (asserted by `chex.assert_max_traces`)."""
+    step = make_step(cfg, task, graphdef)
+
+    def run_chunk(state, hp, ref_params):
+        return jax.lax.scan(lambda s, _: step(s, hp, ref_params), state, None, length=cfg.run.chunk_steps)
+
+    return jax.jit(chex.assert_max_traces(batch_over_runs(run_chunk, resolve_batching(cfg.run.batching)), n=1))
+
+
+def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
+    """`evaluate(params_R, hp_R) -> {eval_greedy_accuracy, eval_sampled_accuracy}` per run on the
+    fixed held-out prompts."""
+    prompts = eval_prompts(task, cfg.task.eval_prompts)
+    response_len = cfg.response_len
+
+    def evaluate(params, hp, _):
+        model = nnx.merge(graphdef, params)
+        temperature = hp["sampler.temperature"]
+        key = step_key(hp["seed"].astype(jnp.int32), "eval", 0)
+        greedy = sample(model, prompts, key, temperature, response_len, greedy=True)
+        sampled = sample(model, prompts, key, temperature, response_len)
+        return {"eval_greedy_accuracy": task.verify(prompts, greedy.responses).mean(),
+                "eval_sampled_accuracy": task.verify(prompts, sampled.responses).mean()}
+
+    batched = batch_over_runs(evaluate, resolve_batching(cfg.run.batching))
+    return jax.jit(chex.assert_max_traces(lambda params, hp: batched(params, hp, None), n=1))
