@@ -212,6 +212,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"Config file {str(path)!r} must hold a mapping of sections, got {type(raw).__name__}.")
         source = repr(str(path))
+        raw = {k: ({} if v is None else v) for k, v in raw.items()}  # an empty `grpo:` section means defaults
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(raw, key, value)
     return config_from_dict(raw, source)

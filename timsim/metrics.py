@@ -34,6 +34,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("mismatch_k3", "mean_t exp(delta_t) - 1 - delta_t (k3 estimator of KL(mu || pi_old))", "nats"),
     Metric("delta_floor_max", "max_t |logp of the KV-cache decode path - learner logp|: the numerical floor "
            "between the sampling path and the learner, reported not injected", "nats"),
+    Metric("ratio_first_dev_max", "max_t |r_ppo - 1| at the step's first update (exactly 0 in recompute mode; "
+           "the mismatch in bypass mode)"),
     Metric("eval_greedy_accuracy", "exact-match accuracy of greedy decoding on held-out prompts (learner weights)"),
     Metric("eval_sampled_accuracy", "exact-match accuracy of temperature sampling on held-out prompts"),
 ]}

@@ -14,7 +14,8 @@ from timsim.plots import plot_curves
 from timsim.runner import Cell, run_cells
 from timsim.store import Store, load
 
-SUMMARY_COLUMNS = ["base_accuracy", "final_accuracy", "peak_accuracy", "peak_step", "final_reward", "mean_mismatch_k3"]
+SUMMARY_COLUMNS = {"base_accuracy": "base acc", "final_accuracy": "final acc", "peak_accuracy": "peak acc",
+                   "peak_step": "peak step", "final_reward": "final reward", "mean_mismatch_k3": "mean k3"}
 
 
 def print_summary(summary: pd.DataFrame, console: Console) -> None:
@@ -23,8 +24,10 @@ def print_summary(summary: pd.DataFrame, console: Console) -> None:
         console.print("no finished runs yet")
         return
     table = Table(title="runs (held-out accuracy is greedy, on prompts disjoint from training)")
-    for col in ["cell_id", "seed", *SUMMARY_COLUMNS]:
-        table.add_column(col, justify="left" if col == "cell_id" else "right")
+    table.add_column("cell", overflow="fold")
+    table.add_column("seed", justify="right")
+    for header in SUMMARY_COLUMNS.values():
+        table.add_column(header, justify="right")
     for _, row in summary.iterrows():
         table.add_row(str(row.cell_id), str(row.seed), *(
             f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in SUMMARY_COLUMNS))

@@ -3,8 +3,7 @@
 The sampler samples each response token from softmax(logits / temperature) computed by the
 KV-cache decode path (`Transformer.decode`). What it *reports* as `logp_sampler` is a
 separate choice: the log-probs of the sampled tokens recomputed by the learner's own
-teacher-forced function (`learner_logprobs`), with the same shapes as the learner's
-forward. That makes the zero-mismatch sampler exact (delta == 0 bit for bit, DESIGN §8.2);
+teacher-forced function (`learner_logprobs`). That makes the zero-mismatch sampler exact (delta == 0 bit for bit, DESIGN §8.2);
 the residual ~1e-6 disagreement between the decode path and the learner is kept as
 `logp_decode` and reported as the floor metric `delta_floor_max`.
 """
@@ -63,15 +62,3 @@ def learner_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temp
     logp, logp_all = token_logprobs(response_logits(model, prompts_NP, responses_NT), responses_NT, temperature)
     return logp * mask_NT, logp_all
 
-
-def minibatched_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temperature, minibatches: int):
-    """`learner_logprobs` evaluated minibatch by minibatch, with exactly the shapes the loss
-    uses, so the recomputed old log-probs equal the loss's first-update log-probs bit for bit."""
-    def split(x):
-        return x.reshape(minibatches, -1, *x.shape[1:])
-
-    def one(args):
-        return learner_logprobs(model, *args, temperature)[0]
-
-    logp = jax.lax.map(one, (split(prompts_NP), split(responses_NT), split(mask_NT)))
-    return logp.reshape(responses_NT.shape)

@@ -22,7 +22,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from timsim import base as base_lib
 from timsim.config import Config, static_hash, static_view, to_yaml, traced_values
 from timsim.metrics import METRICS
-from timsim.store import SCHEMA_VERSION, Store, provenance
+from timsim.store import SCHEMA_VERSION, Store, load, provenance
 from timsim.train import init_state, make_chunk, make_eval, resolve_batching
 
 
@@ -84,7 +84,7 @@ def run_group(cells: list[Cell], store: Store, console: Console, on_chunk: Calla
     static = static_view(cfg)
     task = cfg.task.build()
     graphdef, base_params, base_info = base_lib.get_base(
-        cfg, progress=lambda i: console.log(f"  pretrain step {i['steps']}: loss {i['loss']:.3f}, "
+        cfg, progress=lambda i: console.print(f"  pretrain step {i['steps']}: loss {i['loss']:.3f}, "
                                             f"greedy held-out accuracy {i['greedy_accuracy']:.2f}"),
         announce=console.print)
     console.print(f"base {base_info['base_key']}: greedy held-out accuracy {base_info['greedy_accuracy']:.2f}, "
@@ -96,7 +96,7 @@ def run_group(cells: list[Cell], store: Store, console: Console, on_chunk: Calla
     chunk_steps, n_chunks = cfg.run.chunk_steps, cfg.run.steps // cfg.run.chunk_steps
 
     ev = jax.device_get(evaluate(state.params, hp))
-    for cell_id, df in _rows(runs, ev | {}, np.array([0])).items():
+    for cell_id, df in _rows(runs, ev, np.array([0])).items():
         # step 0: the base model's held-out accuracy, before any update
         store.write_metrics_part(cell_id, 0, df)
     label = ", ".join(c.cell_id for c in cells)
@@ -150,8 +150,6 @@ def run_cells(cells: list[Cell], store: Store, console: Console | None = None) -
         for c in group_cells:
             manifest["cells"][c.cell_id]["status"] = "done"
         store.write_manifest(manifest)
-    from timsim.store import load
-
     metrics, _ = load(store.root)
     summary = summarize_runs(metrics)
     store.write_summary(summary)

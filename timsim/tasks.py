@@ -249,7 +249,8 @@ TASKS: dict[str, type[Task]] = {
 
 
 def make_task(name: str, **params) -> Task:
-    """Build and validate a registered task; unknown names or parameters raise ValueError."""
+    """Build and validate a registered task (unknown names raise ValueError). Parameters a task
+    does not have are ignored, so one `TaskConfig` serves every task (`modulus` is modmul's)."""
     if name not in TASKS:
         raise ValueError(f"task.name {name!r} is not a task; accepted: {', '.join(TASKS)}")
     cls = TASKS[name]

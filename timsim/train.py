@@ -18,7 +18,7 @@ from flax import nnx
 from timsim import grpo
 from timsim.config import Config
 from timsim.keys import step_key
-from timsim.rollout import learner_logprobs, minibatched_logprobs, sample
+from timsim.rollout import learner_logprobs, sample
 from timsim.tasks import Task
 
 EVAL_KEY_SEED = 12345  # held-out prompts are the same for every run, cell and seed
@@ -47,13 +47,18 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
     n = n_prompts * group
     response_len = cfg.response_len
 
-    def loss_fn(params, ref_params, batch, hp):
+    def loss_fn(params, ref_params, batch, hp, first_update):
         prompts, responses, mask, logp_old, adv = batch
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
         logp, logp_all = learner_logprobs(model, prompts, responses, mask, temperature)
-        per_token, clipped, _ = grpo.ppo_clip_per_token(logp, logp_old, adv, hp["grpo.clip_eps_low"],
-                                                        hp["grpo.clip_eps_high"])
+        if g.old_logprobs == "recompute":
+            # At the first update theta == theta_old, so pi_old is the loss's own forward. The
+            # forward-only recomputation differs from the forward inside value_and_grad by
+            # float rounding (~1e-7: XLA fuses them differently), so use this one: r_ppo == 1.
+            logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
+        per_token, clipped, ratio = grpo.ppo_clip_per_token(logp, logp_old, adv, hp["grpo.clip_eps_low"],
+                                                            hp["grpo.clip_eps_high"])
         entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
         loss = grpo.aggregate(per_token, mask, g.loss_agg)
         loss = loss - hp["grpo.entropy_coef"] * grpo.aggregate(entropy_NT, mask, g.loss_agg)
@@ -65,7 +70,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             kl_ref = grpo.masked_mean(kl_NT, mask)
             loss = loss + hp["grpo.kl_coef"] * grpo.aggregate(kl_NT, mask, g.loss_agg)
         aux = {"clip_frac": grpo.masked_mean(clipped, mask), "entropy": grpo.masked_mean(entropy_NT, mask),
-               "kl_ref": kl_ref}
+               "kl_ref": kl_ref, "ratio_dev_max": jnp.abs((ratio - 1.0) * mask).max()}
         return loss, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -81,9 +86,9 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         chex.assert_shape([rollout.responses, mask], (n, response_len))
 
         # Zero-mismatch sampler: it reports the learner's own function of the sampled tokens.
-        logp_sampler = minibatched_logprobs(model, prompts_N, rollout.responses, mask, temperature, n_mb)
+        logp_sampler, _ = learner_logprobs(model, prompts_N, rollout.responses, mask, temperature)
         if g.old_logprobs == "recompute":
-            logp_old = minibatched_logprobs(model, prompts_N, rollout.responses, mask, temperature, n_mb)
+            logp_old, _ = learner_logprobs(model, prompts_N, rollout.responses, mask, temperature)
         else:
             logp_old = logp_sampler
         reward = task.reward(prompts_N, rollout.responses, cfg.task.partial_credit)
@@ -96,13 +101,14 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         def update(carry, i):
             params, opt_state = carry
             mb = jax.tree.map(lambda x: x[i % n_mb], batch_mb)
-            (loss, aux), grads = grad_fn(params, ref_params, mb, hp)
+            (loss, aux), grads = grad_fn(params, ref_params, mb, hp, i == 0)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
-            return (params, opt_state), {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+            return (params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
 
         (params, opt_state), per_update = jax.lax.scan(
             update, (state.params, state.opt_state), jnp.arange(g.epochs * n_mb))
+        first_update_ratio_dev = per_update.pop("ratio_dev_max")[0]
         per_update = jax.tree.map(jnp.mean, per_update)
 
         delta = (logp_old - logp_sampler) * mask
@@ -110,11 +116,12 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             "reward_mean": reward.mean(),
             "accuracy": task.verify(prompts_N, rollout.responses).mean(),
             "response_len": mask.sum(-1).mean(),
-            "update_norm": optax.global_norm(jax.tree.map(jnp.subtract, params, state.params)),
+            "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params)),
             "delta_abs_mean": grpo.masked_mean(jnp.abs(delta), mask),
             "delta_abs_max": jnp.abs(delta).max(),
             "mismatch_k3": grpo.masked_mean(jnp.exp(delta) - 1.0 - delta, mask),
             "delta_floor_max": jnp.abs((rollout.logp_decode - logp_sampler) * mask).max(),
+            "ratio_first_dev_max": first_update_ratio_dev,
             **per_update,
         }
         return RunState(params, opt_state, state.step + 1), metrics
@@ -141,15 +148,36 @@ def resolve_batching(batching: str) -> str:
     return "map" if jax.default_backend() == "cpu" else "vmap"
 
 
+class RecompileError(RuntimeError):
+    """A compiled program was traced again: its inputs changed shape or dtype."""
+
+
+def trace_once(fn: Callable, name: str) -> Callable:
+    """Fail loudly if the jitted `fn` is traced more than once (no silent recompiles).
+
+    Counted per built program, unlike `chex.assert_max_traces`, which counts per code location
+    and so would flag two legitimately different programs built by the same factory."""
+    traces = 0
+
+    def traced(*args):
+        nonlocal traces
+        traces += 1
+        if traces > 1:
+            raise RecompileError(f"{name} was traced a second time: its inputs changed shape or dtype")
+        return fn(*args)
+
+    return traced
+
+
 def make_chunk(cfg: Config, task: Task, graphdef) -> Callable:
     """`chunk(state_R, hp_R, ref_params) -> (state_R, metrics_RS)`: `run.chunk_steps` steps of
-    every run, one jitted program. Compiles once per shape (asserted by `chex.assert_max_traces`)."""
+    every run, one jitted program, compiled once (`trace_once`)."""
     step = make_step(cfg, task, graphdef)
 
     def run_chunk(state, hp, ref_params):
         return jax.lax.scan(lambda s, _: step(s, hp, ref_params), state, None, length=cfg.run.chunk_steps)
 
-    return jax.jit(chex.assert_max_traces(batch_over_runs(run_chunk, resolve_batching(cfg.run.batching)), n=1))
+    return jax.jit(trace_once(batch_over_runs(run_chunk, resolve_batching(cfg.run.batching)), "chunk"))
 
 
 def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
@@ -168,4 +196,4 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
                 "eval_sampled_accuracy": task.verify(prompts, sampled.responses).mean()}
 
     batched = batch_over_runs(evaluate, resolve_batching(cfg.run.batching))
-    return jax.jit(chex.assert_max_traces(lambda params, hp: batched(params, hp, None), n=1))
+    return jax.jit(trace_once(lambda params, hp: batched(params, hp, None), "evaluate"))
