@@ -10,7 +10,9 @@ HELP = """\
 timsim: training-inference mismatch, as a controlled variable.
 
 First run:   timsim train configs/quickstart.yaml        (or `make quickstart`)
-Then:        timsim summarize runs/quickstart             (the per-run table again)
+Then:        timsim summarize runs/quickstart             (the summary table again)
+Studies:     timsim sweep configs/sweeps/FILE.yaml --dry-run   (plan), then without --dry-run
+Rerunning the same command resumes an interrupted run or sweep; finished cells are kept.
              python -c "import timsim; m, s = timsim.load('runs/quickstart')"
 
 Configs are YAML files with sections task, model, pretrain, sampler, grpo, run; any key can
@@ -25,7 +27,14 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="GRPO from the base policy (pretrained on first use); writes runs/<run.name>/")
     train.add_argument("config", help="YAML config file")
     train.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
-    train.add_argument("--overwrite", action="store_true", help="replace an existing results directory")
+    train.add_argument("--restart", action="store_true", help="discard existing results of this run and start over")
+
+    sweep = sub.add_parser("sweep", help="expand a sweep file into cells, print the plan, run or resume it")
+    sweep.add_argument("file", help="sweep YAML (see configs/sweeps/)")
+    sweep.add_argument("overrides", nargs="*", help="dotted.key=value overrides of the sweep's base config")
+    sweep.add_argument("--dry-run", action="store_true", help="only print the plan")
+    sweep.add_argument("--restart", action="store_true", help="discard existing results of this sweep first")
+    sweep.add_argument("--out-dir", default=None, help="parent directory of the results (default: run.out_dir)")
 
     pretrain = sub.add_parser("pretrain", help="create (or report) the supervised base policy of a config")
     pretrain.add_argument("config")
@@ -73,6 +82,11 @@ def _dispatch(args, console) -> int:
         _, summary = load(args.path)
         print_summary(summary, console)
         return 0
+    if args.command == "sweep":
+        from timsim.report import sweep
+
+        sweep(args.file, args.overrides, console, dry_run=args.dry_run, restart=args.restart, out_dir=args.out_dir)
+        return 0
     if args.command == "bench":
         from timsim.bench import bench
 
@@ -94,7 +108,7 @@ def _dispatch(args, console) -> int:
 
     from timsim.report import train
 
-    train(cfg, console, overwrite=args.overwrite)
+    train(cfg, console, restart=args.restart)
     return 0
 
 

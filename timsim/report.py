@@ -1,8 +1,8 @@
-"""End-of-run reporting: the terminal summary table and the curves plot."""
+"""What `timsim train` and `timsim sweep` do end to end: run, then table and plot."""
 
 from __future__ import annotations
 
-import shutil
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -13,39 +13,74 @@ from timsim.config import Config
 from timsim.plots import plot_curves
 from timsim.runner import Cell, run_cells
 from timsim.store import Store, load
+from timsim.summary import SUMMARY_METRICS, by_cell
 
-SUMMARY_COLUMNS = {"base_accuracy": "base acc", "final_accuracy": "final acc", "peak_accuracy": "peak acc",
-                   "peak_step": "peak step", "final_reward": "final reward", "mean_mismatch_k3": "mean k3"}
+HEADERS = {"final_accuracy": "final acc", "peak_accuracy": "peak acc", "peak_step": "peak step",
+           "final_reward": "final reward", "mean_mismatch_k3": "mean k3"}
+
+
+def _fmt(mean: float, ci: float) -> str:
+    return f"{mean:.3g}" if math.isnan(ci) else f"{mean:.3g} ± {ci:.2g}"
 
 
 def print_summary(summary: pd.DataFrame, console: Console) -> None:
-    """One line per run, grouped by cell."""
+    """Mean ± 95% CI over seeds, one line per cell (held-out accuracy is greedy)."""
     if summary.empty:
         console.print("no finished runs yet")
         return
-    table = Table(title="runs (held-out accuracy is greedy, on prompts disjoint from training)")
+    cells = by_cell(summary)
+    table = Table(title="per cell: mean ± 95% CI over seeds (held-out greedy accuracy)")
     table.add_column("cell", overflow="fold")
-    table.add_column("seed", justify="right")
-    for header in SUMMARY_COLUMNS.values():
-        table.add_column(header, justify="right")
-    for _, row in summary.iterrows():
-        table.add_row(str(row.cell_id), str(row.seed), *(
-            f"{row[c]:.3g}" if isinstance(row[c], float) else str(row[c]) for c in SUMMARY_COLUMNS))
+    table.add_column("n", justify="right")
+    table.add_column("base acc", justify="right")
+    for m in SUMMARY_METRICS:
+        table.add_column(HEADERS[m], justify="right")
+    base = summary.groupby("cell_id", sort=False).base_accuracy.first()
+    for _, row in cells.iterrows():
+        table.add_row(str(row.cell_id), str(row.n), f"{base[row.cell_id]:.3g}",
+                      *(_fmt(row[m], row[f"{m}_ci95"]) for m in SUMMARY_METRICS))
     console.print(table)
 
 
-def train(cfg: Config, console: Console, overwrite: bool = False) -> Path:
-    """`timsim train`: one cell (the config's seeds) into out_dir/name, then table and plot."""
-    root = Path(cfg.run.out_dir) / cfg.run.name
-    if (root / "manifest.json").exists():
-        if not overwrite:
-            raise FileExistsError(f"Results directory {str(root)!r} already exists; choose another run.name "
-                                  f"or pass --overwrite to replace it.")
-        shutil.rmtree(root)
-    store = Store(root)
-    summary = run_cells([Cell(cfg.run.name, cfg)], store, console)
+def finish(root: Path, summary: pd.DataFrame, console: Console) -> Path:
     metrics, _ = load(root)
     png = plot_curves(metrics, root / "curves.png")
     print_summary(summary, console)
     console.print(f"results: {root}/ (metrics/*.parquet, summary.parquet, manifest.json); plot: {png}")
+    return png
+
+
+def train(cfg: Config, console: Console, restart: bool = False) -> Path:
+    """`timsim train`: one cell (the config's seeds) into out_dir/name; rerunning resumes."""
+    root = Path(cfg.run.out_dir) / cfg.run.name
+    summary = run_cells([Cell(cfg.run.name, cfg)], Store(root), console, restart=restart)
+    finish(root, summary, console)
+    return root
+
+
+def sweep(path: str, overrides: list[str], console: Console, dry_run: bool = False, restart: bool = False,
+          out_dir: str | None = None) -> Path | None:
+    """`timsim sweep`: print the plan, then run (or resume) it."""
+    from timsim.sweep import estimate_seconds, load_plan
+
+    plan = load_plan(path, overrides)
+    root = Path(out_dir or plan.cells[0].cfg.run.out_dir) / plan.name
+    groups = plan.groups()
+    table = Table(title=f"sweep {plan.name}: {len(plan.cells)} cells, {plan.n_runs} runs, "
+                        f"{len(groups)} compiled program(s) -> {root}")
+    for col in ["cell", "seeds", "program", "swept values"]:
+        table.add_column(col, overflow="fold")
+    estimate = 0.0
+    for shash, cells in groups.items():
+        estimate += estimate_seconds(cells[0].cfg, sum(len(c.cfg.run.seeds) for c in cells))
+        for c in cells:
+            table.add_row(c.cell_id, str(c.cfg.run.seeds), shash[:8],
+                          ", ".join(f"{k}={v}" for k, v in c.swept.items()))
+    console.print(table)
+    console.print(f"estimated time on a 2-core CPU: ~{estimate / 60:.1f} min (rough; finished cells are skipped)")
+    if dry_run:
+        return None
+    summary = run_cells(plan.cells, Store(root), console, sweep={"name": plan.name, "sweep_hash": plan.sweep_hash},
+                        restart=restart)
+    finish(root, summary, console)
     return root

@@ -1,29 +1,42 @@
-"""Host loop: runs cells chunk by chunk, writes the results layout, shows progress.
+"""Host loop: runs cells chunk by chunk into the results layout, resumably.
 
-A *cell* is one resolved config (with its seeds); its runs are the seeds. Cells whose static
-config is the same share one compiled program: their runs are stacked on the run axis and
-advance together. Metrics come back to the host only between chunks.
+A *cell* is one resolved config with its seeds; its runs are the seeds. Cells whose static
+config is the same form a *group*: their runs are stacked on the run axis and advance
+together in one compiled program. Metrics come back to the host only between chunks.
+
+Resume: after every chunk the group's metric parts are written, then an orbax checkpoint
+of its state, then the manifest records the chunk as done. Killed at any moment, the same
+command continues every unfinished group from its last recorded chunk with the same
+run-axis width (so the tables come out bit-identical, DESIGN §8.2), and skips finished cells.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import signal
 import time
-from collections import defaultdict
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pandas as pd
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from timsim import base as base_lib
-from timsim.config import Config, static_hash, static_view, to_yaml, traced_values
+from timsim.config import Config, ConfigError, static_hash, static_view, to_yaml, traced_values
 from timsim.metrics import METRICS
 from timsim.store import SCHEMA_VERSION, Store, load, provenance
+from timsim.summary import summarize_runs
 from timsim.train import init_state, make_chunk, make_eval, resolve_batching
+
+FAULT_ENV = "TIMSIM_FAULT_AFTER_CHUNKS"  # test hook: SIGKILL this process after that many chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +44,10 @@ class Cell:
     cell_id: str
     cfg: Config
     swept: dict = dataclasses.field(default_factory=dict)  # dotted key -> value, for the cfg.* columns
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stack_hyperparams(cells: list[Cell]) -> tuple[dict, list[tuple[Cell, int, int]]]:
@@ -43,33 +60,14 @@ def stack_hyperparams(cells: list[Cell]) -> tuple[dict, list[tuple[Cell, int, in
 
 def _rows(runs, metrics_R: dict, steps: np.ndarray) -> dict[str, pd.DataFrame]:
     """Per-cell DataFrames (rows run x step) from host arrays [R, S]."""
-    by_cell = defaultdict(list)
+    by_cell: dict[str, list[pd.DataFrame]] = {}
     for r, (cell, run_idx, seed) in enumerate(runs):
         frame = {"cell_id": cell.cell_id, "run_idx": run_idx, "seed": seed, "step": steps}
         frame.update({f"cfg.{k}": [v] * len(steps) for k, v in cell.swept.items()})
         frame.update({name: np.asarray(metrics_R[name][r], np.float64) if name in metrics_R
                       else np.full(len(steps), np.nan) for name in METRICS})
-        by_cell[cell.cell_id].append(pd.DataFrame(frame))
+        by_cell.setdefault(cell.cell_id, []).append(pd.DataFrame(frame))
     return {cid: pd.concat(frames, ignore_index=True) for cid, frames in by_cell.items()}
-
-
-def summarize_runs(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per run: base / final / peak held-out accuracy, final reward, mean mismatch."""
-    rows = []
-    for (cell_id, run_idx), df in metrics.groupby(["cell_id", "run_idx"], sort=False):
-        ev = df.dropna(subset=["eval_greedy_accuracy"])
-        trained = df[df.step > 0]
-        tail = trained[trained.step > trained.step.max() * 0.9]
-        peak = ev.loc[ev.eval_greedy_accuracy.idxmax()]
-        cfg_cols = {c: df[c].iloc[0] for c in df.columns if c.startswith("cfg.")}
-        rows.append({"cell_id": cell_id, "run_idx": run_idx, "seed": int(df.seed.iloc[0]), **cfg_cols,
-                     "steps": int(df.step.max()),
-                     "base_accuracy": float(ev.eval_greedy_accuracy.iloc[0]),
-                     "final_accuracy": float(ev.eval_greedy_accuracy.iloc[-1]),
-                     "peak_accuracy": float(peak.eval_greedy_accuracy), "peak_step": int(peak.step),
-                     "final_reward": float(tail.reward_mean.mean()),
-                     "mean_mismatch_k3": float(trained.mismatch_k3.mean())})
-    return pd.DataFrame(rows)
 
 
 def _progress(console: Console) -> Progress:
@@ -78,81 +76,151 @@ def _progress(console: Console) -> Progress:
                     console=console, disable=not console.is_terminal)
 
 
-def run_group(cells: list[Cell], store: Store, console: Console, on_chunk: Callable[[str, int], None]) -> None:
-    """Train every run of `cells` (same static config) together and write their metrics."""
+class _Fault:
+    """SIGKILL after N chunks when TIMSIM_FAULT_AFTER_CHUNKS=N (kill/resume tests)."""
+
+    def __init__(self):
+        self.left = int(os.environ.get(FAULT_ENV, "0"))
+
+    def tick(self):
+        if self.left:
+            self.left -= 1
+            if not self.left:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console: Console, fault: _Fault) -> None:
+    """Train every run of `cells` (same static config) together from its last finished chunk."""
     cfg = cells[0].cfg
-    static = static_view(cfg)
     task = cfg.task.build()
     graphdef, base_params, base_info = base_lib.get_base(
         cfg, progress=lambda i: console.print(f"  pretrain step {i['steps']}: loss {i['loss']:.3f}, "
-                                            f"greedy held-out accuracy {i['greedy_accuracy']:.2f}"),
+                                              f"greedy held-out accuracy {i['greedy_accuracy']:.2f}"),
         announce=console.print)
     console.print(f"base {base_info['base_key']}: greedy held-out accuracy {base_info['greedy_accuracy']:.2f}, "
                   f"sampled {base_info['sampled_accuracy']:.2f} ({base_info['steps']} supervised steps)")
+    group = manifest["groups"][gid]
+    group["base"] = {k: base_info[k] for k in ("base_key", "greedy_accuracy", "sampled_accuracy", "steps")}
     hp, runs = stack_hyperparams(cells)
     n_runs = len(runs)
     state = jax.vmap(lambda h: init_state(base_params, h))(hp)
-    chunk_fn, evaluate = make_chunk(static, task, graphdef), make_eval(static, task, graphdef)
     chunk_steps, n_chunks = cfg.run.chunk_steps, cfg.run.steps // cfg.run.chunk_steps
+    static = static_view(cfg)
+    chunk_fn, evaluate = make_chunk(static, task, graphdef), make_eval(static, task, graphdef)
+    checkpointer = ocp.StandardCheckpointer()
 
-    ev = jax.device_get(evaluate(state.params, hp))
-    for cell_id, df in _rows(runs, ev, np.array([0])).items():
-        # step 0: the base model's held-out accuracy, before any update
-        store.write_metrics_part(cell_id, 0, df)
+    done = group["chunks_done"]
+    if done:
+        state = checkpointer.restore(store.checkpoint_dir(gid, done * chunk_steps).absolute(), jax.eval_shape(lambda: state))
+        console.print(f"resuming {gid} at step {done * chunk_steps}/{cfg.run.steps}")
+    else:  # step 0: the base model's held-out accuracy, before any update
+        for cell_id, df in _rows(runs, jax.device_get(evaluate(state.params, hp)), np.array([0])).items():
+            store.write_metrics_part(cell_id, 0, df)
+
     label = ", ".join(c.cell_id for c in cells)
     with _progress(console) as progress:
-        bar = progress.add_task(f"{label[:40]} ({n_runs} runs)", total=cfg.run.steps, info="")
-        for c in range(1, n_chunks + 1):
+        bar = progress.add_task(f"{label[:40]} ({n_runs} runs)", total=cfg.run.steps, completed=done * chunk_steps,
+                                info="")
+        for c in range(done + 1, n_chunks + 1):
             t0 = time.perf_counter()
             state, metrics = chunk_fn(state, hp, base_params)
             ev = evaluate(state.params, hp)
             metrics, ev = jax.device_get((metrics, ev))
             steps = np.arange((c - 1) * chunk_steps + 1, c * chunk_steps + 1)
-            last = {k: np.concatenate([np.full((n_runs, chunk_steps - 1), np.nan), np.asarray(v)[:, None]], 1)
-                    for k, v in ev.items()}
-            for cell_id, df in _rows(runs, metrics | last, steps).items():
+            at_end = {k: np.concatenate([np.full((n_runs, chunk_steps - 1), np.nan), np.asarray(v)[:, None]], 1)
+                      for k, v in ev.items()}
+            for cell_id, df in _rows(runs, metrics | at_end, steps).items():
                 store.write_metrics_part(cell_id, c, df)
-            acc = float(np.mean(ev["eval_greedy_accuracy"]))
-            info = f"held-out acc {acc:.2f}  reward {np.mean(metrics['reward_mean'][:, -1]):.2f}"
+            ckpt = store.checkpoint_dir(gid, c * chunk_steps)
+            checkpointer.save(ckpt.absolute(), state, force=True)
+            checkpointer.wait_until_finished()
+            group["chunks_done"] = c
+            for cell in cells:
+                manifest["cells"][cell.cell_id].update(status="running", steps_done=c * chunk_steps)
+            store.write_manifest(manifest)
+            if c > 1:
+                shutil.rmtree(store.checkpoint_dir(gid, (c - 1) * chunk_steps), ignore_errors=True)
+            info = f"held-out acc {np.mean(ev['eval_greedy_accuracy']):.2f}  reward {np.mean(metrics['reward_mean'][:, -1]):.2f}"
             progress.update(bar, advance=chunk_steps, info=info)
             if not console.is_terminal:
-                console.print(f"  step {c * chunk_steps}/{cfg.run.steps}: {info} "
+                console.print(f"  {label[:40]}: step {c * chunk_steps}/{cfg.run.steps}: {info} "
                               f"({time.perf_counter() - t0:.1f}s)")
-            for cell in cells:
-                on_chunk(cell.cell_id, c)
+            fault.tick()
 
 
-def run_cells(cells: list[Cell], store: Store, console: Console | None = None) -> pd.DataFrame:
-    """Run all cells into `store`; returns the per-run summary table."""
-    console = console or Console()
-    manifest = {"schema_version": SCHEMA_VERSION, "provenance": provenance(),
-                "run_axis_batching": resolve_batching(cells[0].cfg.run.batching),
-                "cells": {c.cell_id: {"status": "pending", "seeds": c.cfg.run.seeds, "static_hash": static_hash(c.cfg),
-                                      "swept": c.swept} for c in cells}}
-    store.write_manifest(manifest)
-    store.write_text("config.resolved.yaml", "\n---\n".join(f"# cell {c.cell_id}\n{to_yaml(c.cfg)}" for c in cells))
-    groups: dict[str, list[Cell]] = defaultdict(list)
-    for cell in cells:
-        groups[static_hash(cell.cfg)].append(cell)
-    start = time.perf_counter()
-
-    def on_chunk(cell_id: str, chunk: int):
-        status = manifest["cells"][cell_id]
-        status["status"] = "running"
-        status["chunks_done"] = chunk
-        store.write_manifest(manifest)
-
-    for group_cells in groups.values():
-        width = sum(len(c.cfg.run.seeds) for c in group_cells)
+def _plan_groups(cells: list[Cell], manifest: dict) -> dict[str, list[Cell]]:
+    """Unfinished groups recorded in the manifest keep their cells (same run-axis width);
+    cells the manifest does not know yet form new groups by static hash."""
+    by_id = {c.cell_id: c for c in cells}
+    groups: dict[str, list[Cell]] = {}
+    for gid, group in manifest["groups"].items():
+        if group["status"] != "done":
+            groups[gid] = [by_id[cid] for cid in group["cells"]]
+    new = [c for c in cells if c.cell_id not in manifest["cells"]]
+    fresh: dict[str, list[Cell]] = {}
+    for cell in new:
+        fresh.setdefault(static_hash(cell.cfg), []).append(cell)
+    for shash, group_cells in fresh.items():
+        gid = f"g{len(manifest['groups']):03d}-{shash[:8]}"
+        manifest["groups"][gid] = {"cells": [c.cell_id for c in group_cells], "static_hash": shash,
+                                   "run_axis_width": sum(len(c.cfg.run.seeds) for c in group_cells),
+                                   "chunks_done": 0, "status": "pending"}
         for c in group_cells:
-            manifest["cells"][c.cell_id]["run_axis_width"] = width
-        run_group(group_cells, store, console, on_chunk)
+            manifest["cells"][c.cell_id] = {"status": "pending", "group": gid, "seeds": c.cfg.run.seeds,
+                                            "config_hash": config_hash(c.cfg), "swept": c.swept}
+        groups[gid] = group_cells
+    return groups
+
+
+def _check_compatible(cells: list[Cell], manifest: dict, sweep: dict) -> None:
+    if manifest["sweep"]["name"] != sweep["name"]:
+        raise ConfigError(f"This results directory belongs to sweep {manifest['sweep']['name']!r}, not "
+                          f"{sweep['name']!r}; choose another name or out_dir, or pass --restart to replace it.")
+    for cell in cells:
+        known = manifest["cells"].get(cell.cell_id)
+        if known and known["config_hash"] != config_hash(cell.cfg):
+            raise ConfigError(f"Cell {cell.cell_id!r} already has results for a different config (it was "
+                              f"{known['status']}); the change is incompatible with them. Revert it, give the "
+                              f"cell another name, or pass --restart to discard all results of this directory.")
+    for gid, group in manifest["groups"].items():
+        missing = [cid for cid in group["cells"] if group["status"] != "done" and
+                   cid not in {c.cell_id for c in cells}]
+        if missing:
+            raise ConfigError(f"Unfinished group {gid} has cells {missing} that the sweep no longer contains; "
+                              f"put them back to resume, or pass --restart.")
+
+
+def run_cells(cells: list[Cell], store: Store, console: Console | None = None, sweep: dict | None = None,
+              restart: bool = False) -> pd.DataFrame:
+    """Run (or resume) all cells into `store`; returns the per-run summary table."""
+    console = console or Console()
+    sweep = sweep or {"name": cells[0].cfg.run.name}
+    if restart:
+        shutil.rmtree(store.root, ignore_errors=True)
+    manifest = store.read_manifest()
+    if manifest:
+        _check_compatible(cells, manifest, sweep)
+    else:
+        manifest = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "provenance": provenance(),
+                    "run_axis_batching": resolve_batching(cells[0].cfg.run.batching), "cells": {}, "groups": {}}
+    groups = _plan_groups(cells, manifest)
+    store.write_manifest(manifest)
+    known = [c for c in cells if c.cell_id in manifest["cells"]]
+    store.write_text("config.resolved.yaml", "\n---\n".join(f"# cell {c.cell_id}\n{to_yaml(c.cfg)}" for c in known))
+    skipped = [c.cell_id for c in cells if manifest["cells"][c.cell_id]["status"] == "done"]
+    if skipped:
+        console.print(f"{len(skipped)} finished cell(s) kept, not recomputed: {', '.join(skipped[:6])}"
+                      f"{' ...' if len(skipped) > 6 else ''}")
+    fault, start = _Fault(), time.perf_counter()
+    for gid, group_cells in groups.items():
+        run_group(gid, group_cells, store, manifest, console, fault)
+        manifest["groups"][gid]["status"] = "done"
         for c in group_cells:
             manifest["cells"][c.cell_id]["status"] = "done"
         store.write_manifest(manifest)
     metrics, _ = load(store.root)
     summary = summarize_runs(metrics)
     store.write_summary(summary)
-    manifest["seconds"] = round(time.perf_counter() - start, 1)
+    manifest["seconds_last_invocation"] = round(time.perf_counter() - start, 1)
     store.write_manifest(manifest)
     return summary

@@ -46,6 +46,13 @@ def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
     os.replace(tmp, path)
 
 
+def read_parquet(path: Path) -> pd.DataFrame:
+    """Read through one open file handle: a concurrent atomic replace then cannot mix two
+    versions (pyarrow opening a path twice, footer then pages, can)."""
+    with open(path, "rb") as fh:
+        return pd.read_parquet(fh)
+
+
 def _version(pkg: str) -> str | None:
     try:
         return metadata.version(pkg)
@@ -108,9 +115,9 @@ def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if not (root / "manifest.json").exists():
         raise FileNotFoundError(f"{str(root)!r} is not a timsim results directory (no manifest.json).")
     parts = sorted((root / "metrics").glob("part-*.parquet"))
-    metrics = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
+    metrics = pd.concat([read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
     if len(metrics):
         metrics = metrics.sort_values(["cell_id", "run_idx", "step"], kind="stable", ignore_index=True)
     summary_path = root / "summary.parquet"
-    summary = pd.read_parquet(summary_path) if summary_path.exists() else pd.DataFrame()
+    summary = read_parquet(summary_path) if summary_path.exists() else pd.DataFrame()
     return metrics, summary
