@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 quickstart: $(STAMP)
-	$(BIN)/timsim train configs/quickstart.yaml
+	$(BIN)/timsim sweep configs/sweeps/quickstart.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15 tests

@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
     summarize = sub.add_parser("summarize", help="print the per-run summary of a results directory")
     summarize.add_argument("path")
 
+    calibrate = sub.add_parser("calibrate", help="map mismatch targets (mean per-token KL) to noise scales on the base model")
+    calibrate.add_argument("config")
+    calibrate.add_argument("overrides", nargs="*")
+    calibrate.add_argument("--targets", default="1e-4,1e-3,1e-2,1e-1", help="comma-separated KL targets")
+
     sub.add_parser("metrics", help="list every metric with its formula")
 
     bench = sub.add_parser("bench", help="time one GRPO step (standard shape: 32 prompts x 8 samples x 16 tokens)")
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from timsim.base import CheckpointError
     from timsim.config import ConfigError
 
-    console = Console()
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     try:
         return _dispatch(args, console)
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as err:
@@ -96,6 +101,11 @@ def _dispatch(args, console) -> int:
     from timsim.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    if args.command == "calibrate":
+        from timsim.report import print_calibration
+
+        print_calibration(cfg, [float(t) for t in args.targets.split(",")], console)
+        return 0
     if args.command == "pretrain":
         from timsim.base import get_base
 

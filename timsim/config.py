@@ -31,6 +31,8 @@ class ConfigError(ValueError):
 
 TRACED = "traced"
 Traced = Annotated[float, TRACED]
+# Resolved on the host before a program runs (e.g. a calibration target): never selects a program.
+TracedOptional = Annotated[float | None, TRACED]
 
 
 class _Section(BaseModel):
@@ -81,6 +83,38 @@ class PretrainConfig(_Section):
     cache_dir: str = "runs/bases"
 
 
+class LogitNoiseConfig(_Section):
+    """Noise on the sampler's logits (log-odds); see `timsim.perturb.LOGIT_NOISE`."""
+
+    family: str = "none"
+    scale: Traced = Field(0.0, ge=0.0, description="sigma (gaussian, magnitude), t scale, or spike size")
+    nu: Traced = Field(3.0, gt=2.0, description="student_t degrees of freedom (> 2: finite variance)")
+    rate: Traced = Field(0.01, ge=0.0, le=1.0, description="spikes: probability per vocabulary entry")
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        from timsim.perturb import LOGIT_NOISE
+
+        if family != "none" and family not in LOGIT_NOISE:
+            raise ValueError(f"unknown logit-noise family {family!r}; accepted: none, {', '.join(LOGIT_NOISE)}")
+        return family
+
+
+class PerturbationConfig(_Section):
+    logit_noise: LogitNoiseConfig = LogitNoiseConfig()
+    target_kl: TracedOptional = Field(None, gt=0.0, description=(
+        "calibrate logit_noise.scale once, at the base model, so that the mean per-token KL(mu || pi) "
+        "over sampled response tokens equals this; overrides scale"))
+
+    @model_validator(mode="after")
+    def _target_needs_family(self):
+        if self.target_kl is not None and self.logit_noise.family == "none":
+            raise ValueError("perturbation.target_kl needs a perturbation.logit_noise.family with a scale "
+                             "(gaussian, student_t, spikes, magnitude)")
+        return self
+
+
 class SamplerConfig(_Section):
     temperature: Traced = Field(1.0, gt=0.0)
     max_response_len: int | None = Field(None, ge=1, description="default: answer length + 1 (the <eos>)")
@@ -118,6 +152,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     pretrain: PretrainConfig = PretrainConfig()
     sampler: SamplerConfig = SamplerConfig()
+    perturbation: PerturbationConfig = PerturbationConfig()
     grpo: GRPOConfig = GRPOConfig()
     run: RunConfig = RunConfig()
 
@@ -242,7 +277,18 @@ def get_dotted(cfg: BaseModel, dotted: str) -> Any:
 
 def traced_values(cfg: Config) -> dict[str, float]:
     """The traced hyperparameters of one config, by dotted key."""
-    return {k: float(get_dotted(cfg, k)) for k in traced_keys()}
+    values = {k: get_dotted(cfg, k) for k in traced_keys()}
+    return {k: float("nan") if v is None else float(v) for k, v in values.items()}
+
+
+def _construct(model: type[BaseModel], data: dict) -> BaseModel:
+    """Build `model` from a dump without validation (so traced fields may hold None)."""
+    fields = {}
+    for name, value in data.items():
+        ann = model.model_fields[name].annotation
+        nested = isinstance(ann, type) and issubclass(ann, BaseModel)
+        fields[name] = _construct(ann, value) if nested else value
+    return model.model_construct(**fields)
 
 
 def static_view(cfg: Config) -> Config:
@@ -251,13 +297,15 @@ def static_view(cfg: Config) -> Config:
     for key in traced_keys():
         set_dotted(dump, key, None)
     dump["run"]["seeds"] = []
-    return Config.model_construct(**{
-        name: type(getattr(cfg, name)).model_construct(**dump[name]) for name in dump})
+    return _construct(Config, dump)
 
 
 def static_hash(cfg: Config) -> str:
     """Hash of everything that selects the compiled program (not run names or paths)."""
-    dump = static_view(cfg).model_dump()
+    dump = cfg.model_dump()
+    for key in traced_keys():
+        set_dotted(dump, key, None)
+    dump["run"]["seeds"] = []
     dump["run"].pop("name"), dump["run"].pop("out_dir")
     dump["pretrain"].pop("cache_dir")
     return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:12]

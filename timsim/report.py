@@ -42,6 +42,30 @@ def print_summary(summary: pd.DataFrame, console: Console) -> None:
     console.print(table)
 
 
+def print_calibration(cfg: Config, targets: list[float], console: Console) -> None:
+    """`timsim calibrate`: the scale reaching each target KL on the config's base model, and what it gives."""
+    from timsim.base import get_base
+    from timsim.calibrate import calibrate_scale, calibration_table, make_measure
+
+    graphdef, params, info = get_base(cfg, announce=console.print)
+    measure = make_measure(cfg, graphdef)
+    family = cfg.perturbation.logit_noise.family
+    scales = [calibrate_scale(measure, params, cfg, t)[0] for t in targets]
+    table = Table(title=f"{family} logit noise on base {info['base_key']} (greedy acc {info['greedy_accuracy']:.2f}); "
+                        f"{cfg.grpo.prompts_per_step}x{cfg.grpo.group_size} sampled responses to training prompts")
+    columns = {"scale": "scale", "kl_sampler_learner": "KL(mu||pi)", "mismatch_k3": "k3", "delta_abs_mean": "mean |delta|",
+               "delta_abs_max": "max |delta|", "ratio_out_band_frac": "r outside [0.5,2]", "seq_k3_sum": "per-response k3"}
+    if family == "gaussian":
+        columns["closed_form_kl"] = "closed form KL"
+    table.add_column("target KL", justify="right")
+    for header in columns.values():
+        table.add_column(header, justify="right")
+    for target, row in zip(targets, calibration_table(measure, params, cfg, scales)):
+        table.add_row(f"{target:.3g}", *(f"{row[k]:.3g}" for k in columns))
+    console.print(table)
+    console.print("Configs can say perturbation.target_kl: <value> instead of a raw scale (calibrated once at the base model).")
+
+
 def finish(root: Path, summary: pd.DataFrame, console: Console) -> Path:
     metrics, _ = load(root)
     png = plot_curves(metrics, root / "curves.png")

@@ -10,7 +10,7 @@ the residual ~1e-6 disagreement between the decode path and the learner is kept 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,14 +26,17 @@ class Rollout(NamedTuple):
 
 
 def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperature,
-           response_len: int, greedy: bool = False) -> Rollout:
-    """Sample `response_len` tokens after each prompt; `greedy` takes the argmax instead."""
+           response_len: int, greedy: bool = False, logits_fn: Callable | None = None) -> Rollout:
+    """Sample `response_len` tokens after each prompt; `greedy` takes the argmax instead.
+    `logits_fn(logits_NV, t)` is the sampler's perturbation of response position t's logits."""
     n, p = prompts_NP.shape
     cache = model.prefill(prompts_NP[:, :-1], p + response_len)
 
     def generate(carry, t):
         cache, token, done = carry
         logits, cache = model.decode(token, p - 1 + t, cache)
+        if logits_fn is not None:
+            logits = logits_fn(logits, t)
         logits = logits / temperature
         if greedy:
             new = jnp.argmax(logits, axis=-1).astype(jnp.int32)

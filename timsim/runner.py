@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from timsim import base as base_lib
+from timsim.calibrate import resolve_targets
 from timsim.config import Config, ConfigError, static_hash, static_view, to_yaml, traced_values
 from timsim.metrics import METRICS
 from timsim.store import SCHEMA_VERSION, Store, load, provenance
@@ -101,6 +102,11 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
                   f"sampled {base_info['sampled_accuracy']:.2f} ({base_info['steps']} supervised steps)")
     group = manifest["groups"][gid]
     group["base"] = {k: base_info[k] for k in ("base_key", "greedy_accuracy", "sampled_accuracy", "steps")}
+    cells, calibration = resolve_targets(cells, graphdef, base_params)
+    for cell_id, got in calibration.items():
+        manifest["cells"][cell_id]["calibration"] = got
+        console.print(f"  {cell_id}: target KL {got['target_kl']:.3g} -> noise scale {got['scale']:.4g} "
+                      f"(achieved KL {got['achieved_kl']:.3g} at the base model)")
     hp, runs = stack_hyperparams(cells)
     n_runs = len(runs)
     state = jax.vmap(lambda h: init_state(base_params, h))(hp)

@@ -116,8 +116,12 @@ def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
         raise FileNotFoundError(f"{str(root)!r} is not a timsim results directory (no manifest.json).")
     parts = sorted((root / "metrics").glob("part-*.parquet"))
     metrics = pd.concat([read_parquet(p) for p in parts], ignore_index=True) if parts else pd.DataFrame()
+    order = {cid: i for i, cid in enumerate(json.loads((root / "manifest.json").read_text())["cells"])}
+    rank = lambda col: col.map(order) if col.name == "cell_id" else col  # noqa: E731  (cells in plan order)
     if len(metrics):
-        metrics = metrics.sort_values(["cell_id", "run_idx", "step"], kind="stable", ignore_index=True)
+        metrics = metrics.sort_values(["cell_id", "run_idx", "step"], key=rank, kind="stable", ignore_index=True)
     summary_path = root / "summary.parquet"
     summary = read_parquet(summary_path) if summary_path.exists() else pd.DataFrame()
+    if len(summary):
+        summary = summary.sort_values(["cell_id", "run_idx"], key=rank, kind="stable", ignore_index=True)
     return metrics, summary

@@ -18,6 +18,9 @@ from flax import nnx
 from timsim import grpo
 from timsim.config import Config
 from timsim.keys import step_key
+from timsim.diagnostics import mismatch_metrics
+from timsim.model import response_logits, token_logprobs
+from timsim.perturb import make_logits_fn, noise_knobs, perturb_teacher_forced
 from timsim.rollout import learner_logprobs, sample
 from timsim.tasks import Task
 
@@ -74,6 +77,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         return loss, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    noise_fn = make_logits_fn(cfg.perturbation.logit_noise.family)
 
     def step(state: RunState, hp: dict, ref_params) -> tuple[RunState, dict]:
         seed = hp["seed"].astype(jnp.int32)
@@ -81,19 +85,29 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         model = nnx.merge(graphdef, state.params)
         prompts = task.sample(step_key(seed, "prompts", state.step), n_prompts, "train")
         prompts_N = jnp.repeat(prompts, group, axis=0)
-        rollout = sample(model, prompts_N, step_key(seed, "sample", state.step), temperature, response_len)
-        mask = rollout.mask
-        chex.assert_shape([rollout.responses, mask], (n, response_len))
+        noise_key, knobs = step_key(seed, "noise", state.step), noise_knobs(hp)
+        decode_noise = None if noise_fn is None else (
+            lambda logits, t: noise_fn(jax.random.fold_in(noise_key, t), logits, knobs))
+        rollout = sample(model, prompts_N, step_key(seed, "sample", state.step), temperature, response_len,
+                         logits_fn=decode_noise)
+        responses, mask = rollout.responses, rollout.mask
+        chex.assert_shape([responses, mask], (n, response_len))
 
-        # Zero-mismatch sampler: it reports the learner's own function of the sampled tokens, so
-        # one forward serves as the sampler's report and as the recomputed old log-probs.
-        logp_learner, _ = learner_logprobs(model, prompts_N, rollout.responses, mask, temperature)
-        logp_sampler = logp_learner
+        # One teacher-forced forward gives the learner's logits; the sampler reports log mu of the
+        # same logits under its perturbation (the zero-mismatch sampler reports the learner's own).
+        logits = response_logits(model, prompts_N, responses)
+        logp_learner, logp_all_learner = token_logprobs(logits, responses, temperature)
+        if noise_fn is None:
+            logp_sampler, logp_all_sampler = logp_learner, logp_all_learner
+        else:
+            logits_sampler = perturb_teacher_forced(noise_fn, noise_key, logits, knobs)
+            logp_sampler, logp_all_sampler = token_logprobs(logits_sampler, responses, temperature)
+        logp_learner, logp_sampler = logp_learner * mask, logp_sampler * mask
         logp_old = logp_learner if g.old_logprobs == "recompute" else logp_sampler
         reward = task.reward(prompts_N, rollout.responses, cfg.task.partial_credit)
         adv = grpo.advantages(reward, group, g.advantage)
 
-        batch = (prompts_N, rollout.responses, mask, logp_old, adv)
+        batch = (prompts_N, responses, mask, logp_old, adv)
         batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
         tx = grpo.make_optimizer(hp)
 
@@ -110,16 +124,14 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         first_update_ratio_dev = per_update.pop("ratio_dev_max")[0]
         per_update = jax.tree.map(jnp.mean, per_update)
 
-        delta = (logp_old - logp_sampler) * mask
         metrics = {
             "reward_mean": reward.mean(),
-            "accuracy": task.verify(prompts_N, rollout.responses).mean(),
+            "accuracy": task.verify(prompts_N, responses).mean(),
             "response_len": mask.sum(-1).mean(),
             "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params)),
-            "delta_abs_mean": grpo.masked_mean(jnp.abs(delta), mask),
-            "delta_abs_max": jnp.abs(delta).max(),
-            "mismatch_k3": grpo.masked_mean(jnp.exp(delta) - 1.0 - delta, mask),
-            "delta_floor_max": jnp.abs((rollout.logp_decode - logp_sampler) * mask).max(),
+            **mismatch_metrics(logp_all_learner, logp_all_sampler, responses, mask),
+            "noise_scale": knobs.get("scale", jnp.zeros(())) if noise_fn is not None else jnp.zeros(()),
+            "delta_floor_max": jnp.abs(rollout.logp_decode - logp_sampler).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
             **per_update,
         }

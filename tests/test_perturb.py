@@ -1,0 +1,134 @@
+"""Perturbations, calibration and mismatch diagnostics."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from timsim.calibrate import calibrate_scale, gaussian_closed_form_kl, hyperparams, make_measure
+from timsim.config import ConfigError, load_config
+from timsim.diagnostics import mismatch_metrics
+from timsim.perturb import LOGIT_NOISE, perturb_teacher_forced
+from test_core import _train_chunks
+
+FAMILY_KNOBS = {"gaussian": [], "student_t": ["perturbation.logit_noise.nu=3"],
+                "spikes": ["perturbation.logit_noise.rate=0.05"], "magnitude": []}
+
+
+def test_every_family_is_covered():
+    assert set(FAMILY_KNOBS) == set(LOGIT_NOISE)
+
+
+@pytest.fixture(scope="module")
+def zero_run(tiny_overrides, tiny_base):
+    cfg = load_config(None, tiny_overrides)
+    return _train_chunks(cfg, *tiny_base[:2], 1)[1]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_KNOBS))
+def test_scale_zero_is_bit_identical_to_zero_mismatch(tiny_overrides, tiny_base, zero_run, family):
+    cfg = load_config(None, tiny_overrides + [f"perturbation.logit_noise.family={family}",
+                                              "perturbation.logit_noise.scale=0"] + FAMILY_KNOBS[family])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(metrics["delta_abs_max"] == 0.0)
+    for name, values in zero_run.items():
+        assert np.array_equal(values, metrics[name], equal_nan=True), name
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_KNOBS))
+def test_nonzero_scale_creates_mismatch_and_samples_from_reported_mu(tiny_overrides, tiny_base, family):
+    cfg = load_config(None, tiny_overrides + [f"perturbation.logit_noise.family={family}",
+                                              "perturbation.logit_noise.scale=1.0"] + FAMILY_KNOBS[family])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(metrics["kl_sampler_learner"] > 0)
+    assert np.all(metrics["noise_scale"] == 1.0)
+    # the decode path sampled from the same mu that teacher forcing reports (same noise keys)
+    assert np.all(metrics["delta_floor_max"] < 1e-4)
+
+
+def test_common_random_numbers_across_scales(tiny_overrides, tiny_base):
+    """Same seed, different noise scales: same prompts and sampling uniforms, so a negligible
+    scale samples exactly the tokens of the zero-scale run at the first step."""
+    out = {}
+    for scale in (0.0, 1e-6, 1.0):
+        cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
+                                                  f"perturbation.logit_noise.scale={scale}"])
+        out[scale] = _train_chunks(cfg, *tiny_base[:2], 1)[1]
+    for name in ("reward_mean", "accuracy", "response_len"):
+        assert np.array_equal(out[0.0][name][:, 0], out[1e-6][name][:, 0]), name
+    assert not np.array_equal(out[0.0]["kl_sampler_learner"], out[1.0]["kl_sampler_learner"])
+
+
+def test_teacher_forced_noise_matches_per_position_draws():
+    key = jax.random.key(0)
+    logits = jax.random.normal(jax.random.key(1), (3, 5, 16))
+    knobs = {"scale": jnp.float32(0.7)}
+    batched = perturb_teacher_forced(LOGIT_NOISE["gaussian"], key, logits, knobs)
+    for t in range(5):
+        one = LOGIT_NOISE["gaussian"](jax.random.fold_in(key, t), logits[:, t], knobs)
+        assert np.array_equal(np.asarray(batched[:, t]), np.asarray(one))
+
+
+@pytest.fixture(scope="module")
+def gaussian_measure(tiny_overrides, tiny_base):
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian"])
+    return cfg, make_measure(cfg, tiny_base[0])
+
+
+@pytest.mark.parametrize("scale", [0.02, 0.05, 0.1])
+def test_gaussian_closed_form_matches_measured_kl_for_small_sigma(gaussian_measure, tiny_base, scale):
+    """E[KL(mu||pi)] ~= 1/2 sigma^2 (1 - sum p^2): the neglected terms are O(sigma^3) relative
+    to sigma^2, and the measurement averages a few hundred positions, so 15% is generous."""
+    cfg, measure = gaussian_measure
+    got = jax.device_get(measure(tiny_base[1], hyperparams(cfg, scale)))
+    predicted = gaussian_closed_form_kl(scale, float(got["one_minus_sum_p2"]))
+    assert float(got["kl_sampler_learner"]) == pytest.approx(predicted, rel=0.15)
+
+
+@pytest.mark.parametrize("target", [1e-3, 3e-2])
+def test_calibration_hits_its_target(gaussian_measure, tiny_base, target):
+    cfg, measure = gaussian_measure
+    scale, got = calibrate_scale(measure, tiny_base[1], cfg, target)
+    assert scale > 0
+    assert got["kl_sampler_learner"] == pytest.approx(target, rel=1e-2)
+
+
+def test_unreachable_target_names_the_reachable_range(tiny_overrides, tiny_base):
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=spikes",
+                                              "perturbation.logit_noise.rate=0.0"])
+    with pytest.raises(ConfigError, match="reachable range"):
+        calibrate_scale(make_measure(cfg, tiny_base[0]), tiny_base[1], cfg, 1e-2, iters=2)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("perturbation.logit_noise.family=gauss", "perturbation.logit_noise.family"),
+    ("perturbation.logit_noise.nu=2", "perturbation.logit_noise.nu"),
+    ("perturbation.logit_noise.scale=-1", "perturbation.logit_noise.scale"),
+    ("perturbation.logit_noise.rate=1.5", "perturbation.logit_noise.rate"),
+    ("perturbation.target_kl=1e-3", "perturbation"),
+])
+def test_bad_perturbation_config_names_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"`{field}`" in str(err.value)
+
+
+def test_mismatch_metrics_hand_computed():
+    """Two positions, vocabulary of 2, both sampled token 0: pi = (0.5, 0.5), mu = (0.8, 0.2)."""
+    pi = jnp.log(jnp.array([[[0.5, 0.5], [0.5, 0.5]]]))
+    mu = jnp.log(jnp.array([[[0.8, 0.2], [0.8, 0.2]]]))
+    tokens = jnp.zeros((1, 2), jnp.int32)
+    mask = jnp.array([[1.0, 0.0]])  # the second position is padding and must not count
+    m = {k: float(v) for k, v in mismatch_metrics(pi, mu, tokens, mask).items()}
+    delta = np.log(0.5 / 0.8)
+    assert m["delta_abs_mean"] == pytest.approx(abs(delta), rel=1e-5)
+    assert m["mismatch_k1"] == pytest.approx(-delta, rel=1e-5)
+    assert m["mismatch_k3"] == pytest.approx(np.exp(delta) - 1 - delta, rel=1e-5)
+    assert m["chi2_token"] == pytest.approx(np.exp(2 * delta) - 1, rel=1e-5)
+    assert m["ratio_out_band_frac"] == 0.0  # r = 0.625 is inside [0.5, 2]
+    assert m["kl_sampler_learner"] == pytest.approx(0.8 * np.log(0.8 / 0.5) + 0.2 * np.log(0.2 / 0.5), rel=1e-5)
+    assert m["kl_learner_sampler"] == pytest.approx(0.5 * np.log(0.5 / 0.8) + 0.5 * np.log(0.5 / 0.2), rel=1e-5)
+    assert m["tv_distance"] == pytest.approx(0.3, rel=1e-5)
+    assert m["dp_abs_max"] == pytest.approx(0.3, rel=1e-5)
+    assert m["argmax_flip_frac"] == 0.0
+    assert m["seq_k3_sum"] == pytest.approx(np.exp(delta) - 1 - delta, rel=1e-5)

@@ -1,0 +1,75 @@
+"""Sampler-side perturbations of the logits: the sampler samples from mu and reports log mu.
+
+The learner's clean logits are computed once per batch (teacher forcing); the sampler's
+logits are a pure function of them, the position's noise key and traced knobs. The same
+function perturbs the KV-cache decode path while sampling, with the same key per position,
+so the tokens are drawn from the mu that is reported (up to the ~1e-6 decode floor).
+
+Noise keys: ``fold_in(step_key(seed, "noise", step), t)`` for response position t, the same
+draws for every noise scale of a seed (common random numbers). A scale of 0 adds an exact
+zero, so the run is bit-identical to the zero-mismatch run.
+
+A new family is one function ``(key, logits [..., V], knobs) -> logits`` plus one line in
+`LOGIT_NOISE`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+
+def gaussian(key, logits, knobs):
+    """logits + scale * N(0, 1) per vocabulary entry."""
+    return logits + knobs["scale"] * jax.random.normal(key, logits.shape)
+
+
+def student_t(key, logits, knobs):
+    """logits + scale * t_nu (heavy tails; nu > 2 so the variance is finite)."""
+    return logits + knobs["scale"] * jax.random.t(key, knobs["nu"], logits.shape)
+
+
+def spikes(key, logits, knobs):
+    """logits + size * Bernoulli(rate): rare large one-signed bumps on random entries."""
+    return logits + knobs["scale"] * jax.random.bernoulli(key, knobs["rate"], logits.shape)
+
+
+def magnitude(key, logits, knobs):
+    """logits + scale * |logit - mean logit| * N(0, 1): larger logits get larger errors."""
+    centred = jnp.abs(logits - logits.mean(-1, keepdims=True))
+    return logits + knobs["scale"] * centred * jax.random.normal(key, logits.shape)
+
+
+LOGIT_NOISE: dict[str, Callable] = {
+    "gaussian": gaussian,
+    "student_t": student_t,
+    "spikes": spikes,
+    "magnitude": magnitude,
+}
+
+
+def noise_knobs(hp: dict) -> dict:
+    """The traced knobs of the logit-noise family, from a run's hyperparameters."""
+    prefix = "perturbation.logit_noise."
+    return {k.removeprefix(prefix): v for k, v in hp.items() if k.startswith(prefix)}
+
+
+def make_logits_fn(family: str) -> Callable | None:
+    """`fn(key, logits, knobs) -> sampler logits`, or None for the zero-mismatch sampler."""
+    if family == "none":
+        return None
+    return LOGIT_NOISE[family]
+
+
+def position_keys(key: jax.Array, length: int) -> jax.Array:
+    """One key per response position: the decode path and teacher forcing use the same ones."""
+    return jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(length))
+
+
+def perturb_teacher_forced(fn: Callable, key: jax.Array, logits_NTV: jax.Array, knobs: dict) -> jax.Array:
+    """Apply a per-position perturbation to teacher-forced logits [N, T, V]."""
+    keys = position_keys(key, logits_NTV.shape[1])
+    out_TNV = jax.vmap(lambda k, x: fn(k, x, knobs), in_axes=(0, 1))(keys, logits_NTV)
+    return out_TNV.swapaxes(0, 1)
