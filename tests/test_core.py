@@ -137,3 +137,12 @@ def test_grpo_learns_on_two_seeds(tiny_overrides, tiny_base, tmp_path):
     base_acc = summary.base_accuracy.iloc[0]
     assert (summary.base_accuracy == base_acc).all(), "every run starts from the same base weights"
     assert (summary.final_accuracy > base_acc + 0.15).all(), summary
+
+
+def test_kl_to_reference_and_entropy_bonus_run(tiny_overrides, tiny_base):
+    cfg = load_config(None, tiny_overrides + ["grpo.kl_ref=k3", "grpo.kl_coef=0.1", "grpo.entropy_coef=0.01"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    # at the first update the policy is the reference (to float rounding: the reference's
+    # forward-only pass and the forward inside value_and_grad are fused differently)
+    assert metrics["kl_ref"][:, 0].max() < 1e-8
+    assert np.all(metrics["kl_ref"][:, -1] > 0.0), "after updates it has moved away from it"

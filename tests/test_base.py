@@ -1,0 +1,70 @@
+"""Base policy checkpoints: reuse, and clear errors for missing, corrupt or mismatched ones."""
+
+import json
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from timsim.base import CheckpointError, base_key, base_path, get_base, load_base
+from timsim.cli import main
+from timsim.config import load_config
+
+
+def test_base_is_reused_not_retrained(tiny_cfg, tiny_base):
+    announced = []
+    graphdef, params, info = get_base(tiny_cfg, announce=announced.append)
+    assert announced == [], "an existing base must be restored, not pretrained again"
+    assert info == tiny_base[2]
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(tiny_base[1])):
+        assert np.array_equal(a, b)
+
+
+def test_base_reached_partial_competence(tiny_cfg, tiny_base):
+    info = tiny_base[2]
+    assert info["reached_target"] and info["greedy_accuracy"] >= tiny_cfg.pretrain.target_accuracy
+    assert info["greedy_accuracy"] < 1.0
+    assert 0.0 <= info["sampled_accuracy"] <= 1.0
+
+
+def test_base_key_depends_on_what_determines_the_weights(tiny_overrides):
+    key = base_key(load_config(None, tiny_overrides))
+    assert key == base_key(load_config(None, tiny_overrides + ["grpo.lr=1e-2", "run.seeds=[5]"]))
+    assert key != base_key(load_config(None, tiny_overrides + ["pretrain.seed=1"]))
+    assert key != base_key(load_config(None, tiny_overrides + ["model.d_mlp=32"]))
+
+
+def test_other_shape_gives_a_clear_error(tiny_overrides, tiny_cfg, tiny_base):
+    other = load_config(None, tiny_overrides + ["model.d_mlp=32"])
+    with pytest.raises(CheckpointError, match="cannot be restored for model"):
+        load_base(other, base_path(tiny_cfg))
+
+
+def test_missing_checkpoint_gives_a_clear_error(tiny_cfg, tmp_path):
+    with pytest.raises(CheckpointError, match="No base checkpoint"):
+        load_base(tiny_cfg, tmp_path / "nothing")
+
+
+def test_corrupt_checkpoint_gives_a_clear_error(tiny_cfg, tiny_base, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(base_path(tiny_cfg), copy)
+    (copy / "base.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load_base(tiny_cfg, copy)
+    (copy / "base.json").write_text(json.dumps(tiny_base[2]))
+    shutil.rmtree(copy / "params")
+    with pytest.raises(CheckpointError):
+        load_base(tiny_cfg, copy)
+
+
+def test_cli_reports_bad_config_without_traceback(capsys):
+    assert main(["train", "configs/quickstart.yaml", "grpo.group_size=1"]) == 2
+    out = capsys.readouterr().out
+    assert "grpo.group_size" in out and "Traceback" not in out
+
+
+def test_cli_help_says_what_to_run_first(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "timsim train configs/quickstart.yaml" in capsys.readouterr().out
