@@ -8,15 +8,37 @@ import pytest
 from timsim.calibrate import calibrate_scale, gaussian_closed_form_kl, hyperparams, make_measure
 from timsim.config import ConfigError, load_config
 from timsim.diagnostics import mismatch_metrics
-from timsim.perturb import LOGIT_NOISE, perturb_teacher_forced
+from timsim.perturb import LOGIT_NOISE, SCALED, perturb_teacher_forced
+from timsim.tasks import VOCAB_SIZE
 from test_core import _train_chunks
 
 FAMILY_KNOBS = {"gaussian": [], "student_t": ["perturbation.logit_noise.nu=3"],
                 "spikes": ["perturbation.logit_noise.rate=0.05"], "magnitude": []}
+TRUNCATION_KNOBS = {"top_k": "perturbation.logit_noise.top_k=3", "top_p": "perturbation.logit_noise.top_p=0.8"}
 
 
 def test_every_family_is_covered():
-    assert set(FAMILY_KNOBS) == set(LOGIT_NOISE)
+    assert set(FAMILY_KNOBS) | set(TRUNCATION_KNOBS) == set(LOGIT_NOISE)
+    assert set(FAMILY_KNOBS) == set(SCALED)
+
+
+def test_top_k_of_the_whole_vocabulary_is_bit_identical_to_zero_mismatch(tiny_overrides, tiny_base, zero_run):
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=top_k",
+                                              f"perturbation.logit_noise.top_k={VOCAB_SIZE}"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    for name, values in zero_run.items():
+        assert np.array_equal(values, metrics[name], equal_nan=True), name
+
+
+@pytest.mark.parametrize("family", sorted(TRUNCATION_KNOBS))
+def test_truncation_is_one_signed_and_k1_is_the_exact_kl(tiny_overrides, tiny_base, family):
+    """With support truncated and renormalised, delta = log(kept mass) <= 0 at every sampled
+    token and KL(mu || pi) = -log(kept mass) per position, so k1 equals the exact KL."""
+    cfg = load_config(None, tiny_overrides + [f"perturbation.logit_noise.family={family}", TRUNCATION_KNOBS[family]])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(metrics["kl_sampler_learner"] > 0)
+    np.testing.assert_allclose(metrics["mismatch_k1"], metrics["kl_sampler_learner"], rtol=1e-4, atol=1e-7)
+    assert np.all(metrics["delta_floor_max"] < 1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -106,8 +128,13 @@ def test_unreachable_target_names_the_reachable_range(tiny_overrides, tiny_base)
     ("perturbation.logit_noise.scale=-1", "perturbation.logit_noise.scale"),
     ("perturbation.logit_noise.rate=1.5", "perturbation.logit_noise.rate"),
     ("perturbation.target_kl=1e-3", "perturbation"),
+    ("perturbation.logit_noise.top_k=17", "perturbation.logit_noise.top_k"),
+    ("perturbation.logit_noise.top_k=0", "perturbation.logit_noise.top_k"),
+    ("perturbation.logit_noise.top_p=0", "perturbation.logit_noise.top_p"),
+    ("perturbation.logit_noise.top_p=1.5", "perturbation.logit_noise.top_p"),
 ])
 def test_bad_perturbation_config_names_the_field(override, field):
+    """Bad knobs fail at load time with the field named."""
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert f"`{field}`" in str(err.value)
@@ -132,3 +159,8 @@ def test_mismatch_metrics_hand_computed():
     assert m["dp_abs_max"] == pytest.approx(0.3, rel=1e-5)
     assert m["argmax_flip_frac"] == 0.0
     assert m["seq_k3_sum"] == pytest.approx(np.exp(delta) - 1 - delta, rel=1e-5)
+
+
+def test_target_kl_needs_a_scaled_family():
+    with pytest.raises(ConfigError, match="with a scale"):
+        load_config(None, ["perturbation.logit_noise.family=top_k", "perturbation.target_kl=1e-3"])

@@ -22,7 +22,7 @@ from flax import nnx
 from timsim.config import Config, ConfigError, traced_values
 from timsim.diagnostics import mismatch_metrics
 from timsim.model import response_logits, token_logprobs
-from timsim.perturb import make_logits_fn, noise_knobs, perturb_teacher_forced
+from timsim.perturb import SCALED, make_logits_fn, noise_knobs, perturb_teacher_forced
 from timsim.rollout import sample
 
 CALIBRATION_SEED = 2024
@@ -33,10 +33,10 @@ def make_measure(cfg: Config, graphdef) -> Callable:
     """`measure(params, hp) -> metrics` on a fixed batch of the sampler's own responses to
     training prompts; `hp` holds a config's traced values (`hyperparams`)."""
     task = cfg.task.build()
+    if cfg.perturbation.logit_noise.family not in SCALED:
+        raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale; accepted: "
+                          f"{', '.join(SCALED)} (got {cfg.perturbation.logit_noise.family!r}).")
     noise_fn = make_logits_fn(cfg.perturbation.logit_noise.family)
-    if noise_fn is None:
-        raise ConfigError("Calibration needs perturbation.logit_noise.family with a scale; accepted: gaussian, "
-                          "student_t, spikes, magnitude.")
     key = jax.random.key(CALIBRATION_SEED)
     prompts = jnp.repeat(task.sample(jax.random.fold_in(key, 0), cfg.grpo.prompts_per_step), cfg.grpo.group_size, 0)
     noise_key, sample_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)

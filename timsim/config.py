@@ -90,6 +90,9 @@ class LogitNoiseConfig(_Section):
     scale: Traced = Field(0.0, ge=0.0, description="sigma (gaussian, magnitude), t scale, or spike size")
     nu: Traced = Field(3.0, gt=2.0, description="student_t degrees of freedom (> 2: finite variance)")
     rate: Traced = Field(0.01, ge=0.0, le=1.0, description="spikes: probability per vocabulary entry")
+    top_k: Traced = Field(float(tasks_lib.VOCAB_SIZE), ge=1.0, le=float(tasks_lib.VOCAB_SIZE),
+                          description="top_k: tokens kept (1 .. vocabulary size)")
+    top_p: Traced = Field(1.0, gt=0.0, le=1.0, description="top_p: probability mass kept, in (0, 1]")
 
     @field_validator("family")
     @classmethod
@@ -109,9 +112,11 @@ class PerturbationConfig(_Section):
 
     @model_validator(mode="after")
     def _target_needs_family(self):
-        if self.target_kl is not None and self.logit_noise.family == "none":
-            raise ValueError("perturbation.target_kl needs a perturbation.logit_noise.family with a scale "
-                             "(gaussian, student_t, spikes, magnitude)")
+        from timsim.perturb import SCALED
+
+        if self.target_kl is not None and self.logit_noise.family not in SCALED:
+            raise ValueError(f"perturbation.target_kl needs a perturbation.logit_noise.family with a scale "
+                             f"({', '.join(SCALED)}), got {self.logit_noise.family!r}")
         return self
 
 

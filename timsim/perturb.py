@@ -10,7 +10,8 @@ draws for every noise scale of a seed (common random numbers). A scale of 0 adds
 zero, so the run is bit-identical to the zero-mismatch run.
 
 A new family is one function ``(key, logits [..., V], knobs) -> logits`` plus one line in
-`LOGIT_NOISE`.
+`LOGIT_NOISE` (and in `SCALED` if calibration may tune its `scale`). The name is historical
+for the truncation families `top_k` / `top_p`, which draw no noise.
 """
 
 from __future__ import annotations
@@ -42,12 +43,38 @@ def magnitude(key, logits, knobs):
     return logits + knobs["scale"] * centred * jax.random.normal(key, logits.shape)
 
 
+EXCLUDED_LOGIT = -1e9  # "outside the support": exp() is exactly 0, and 0 * logit stays finite (no NaN)
+
+
+def top_k(key, logits, knobs):
+    """Truncated support: keep the top_k largest logits (ties kept), renormalise over them.
+    A systematic, one-signed mismatch: delta = log(kept mass) <= 0 at every sampled token."""
+    k = jnp.clip(jnp.round(knobs["top_k"]).astype(jnp.int32), 1, logits.shape[-1])
+    kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], -1)
+    return jnp.where(logits >= kth, logits, EXCLUDED_LOGIT)
+
+
+def top_p(key, logits, knobs):
+    """Nucleus: keep the smallest set of most likely tokens whose probability (temperature 1)
+    reaches top_p, the most likely always kept; renormalise over them."""
+    probs = jax.nn.softmax(logits, axis=-1)
+    order = jnp.argsort(-probs, axis=-1)
+    sorted_probs = jnp.take_along_axis(probs, order, -1)
+    mass_before = jnp.cumsum(sorted_probs, -1) - sorted_probs
+    keep_sorted = mass_before < knobs["top_p"]
+    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), -1)
+    return jnp.where(keep, logits, EXCLUDED_LOGIT)
+
+
 LOGIT_NOISE: dict[str, Callable] = {
     "gaussian": gaussian,
     "student_t": student_t,
     "spikes": spikes,
     "magnitude": magnitude,
+    "top_k": top_k,
+    "top_p": top_p,
 }
+SCALED = ("gaussian", "student_t", "spikes", "magnitude")  # families whose `scale` calibration can tune
 
 
 def noise_knobs(hp: dict) -> dict:
