@@ -127,6 +127,8 @@ def test_results_layout(tiny_overrides, tiny_base, tmp_path):
     assert len(metrics) == 2 * 11  # 2 runs x (step 0 + 10 steps)
     evals = metrics.dropna(subset=["eval_greedy_accuracy"]).step.unique().tolist()
     assert evals == [0, 5, 10]
+    at_evals = metrics.dropna(subset=["eval_greedy_accuracy"])
+    assert (at_evals.eval_sampler_greedy_accuracy == at_evals.eval_greedy_accuracy).all(), "zero mismatch"
     assert len(summary) == 2 and set(summary.seed) == {0, 1}
 
 

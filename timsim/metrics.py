@@ -53,6 +53,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "the mismatch in bypass mode)"),
     Metric("eval_greedy_accuracy", "exact-match accuracy of greedy decoding on held-out prompts (learner weights)"),
     Metric("eval_sampled_accuracy", "exact-match accuracy of temperature sampling on held-out prompts"),
+    Metric("eval_sampler_greedy_accuracy", "exact-match accuracy of greedy decoding under the sampler's "
+           "perturbation (its own noise draws) on held-out prompts; equals eval_greedy_accuracy at zero mismatch"),
 ]}
 
 

@@ -192,19 +192,30 @@ def make_chunk(cfg: Config, task: Task, graphdef) -> Callable:
 
 
 def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
-    """`evaluate(params_R, hp_R) -> {eval_greedy_accuracy, eval_sampled_accuracy}` per run on the
-    fixed held-out prompts."""
+    """`evaluate(params_R, hp_R) -> {eval_*}` per run on the fixed held-out prompts: greedy and
+    sampled accuracy of the learner's clean policy, and greedy accuracy under the sampler's
+    perturbation (a gap shows "the learner improves but the sampler does not")."""
     prompts = eval_prompts(task, cfg.task.eval_prompts)
     response_len = cfg.response_len
+    noise_fn = make_logits_fn(cfg.perturbation.logit_noise.family)
 
     def evaluate(params, hp, _):
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
-        key = step_key(hp["seed"].astype(jnp.int32), "eval", 0)
+        seed = hp["seed"].astype(jnp.int32)
+        key = step_key(seed, "eval", 0)
         greedy = sample(model, prompts, key, temperature, response_len, greedy=True)
         sampled = sample(model, prompts, key, temperature, response_len)
-        return {"eval_greedy_accuracy": task.verify(prompts, greedy.responses).mean(),
-                "eval_sampled_accuracy": task.verify(prompts, sampled.responses).mean()}
+        out = {"eval_greedy_accuracy": task.verify(prompts, greedy.responses).mean(),
+               "eval_sampled_accuracy": task.verify(prompts, sampled.responses).mean()}
+        if noise_fn is None:
+            out["eval_sampler_greedy_accuracy"] = out["eval_greedy_accuracy"]
+        else:
+            noise_key, knobs = step_key(seed, "eval", 1), noise_knobs(hp)
+            perturbed = sample(model, prompts, key, temperature, response_len, greedy=True, logits_fn=lambda logits, t:
+                               noise_fn(jax.random.fold_in(noise_key, t), logits, knobs))
+            out["eval_sampler_greedy_accuracy"] = task.verify(prompts, perturbed.responses).mean()
+        return out
 
     batched = batch_over_runs(evaluate, resolve_batching(cfg.run.batching))
     return jax.jit(trace_once(lambda params, hp: batched(params, hp, None), "evaluate"))
