@@ -149,15 +149,10 @@ class Reverse(Task):
 
 
 @dataclasses.dataclass(frozen=True)
-class Sort(Task):
-    """`d1 .. dn =` -> the digits in ascending order."""
+class Sort(Reverse):
+    """`d1 .. dn =` -> the digits in ascending order (Reverse's prompts, another answer)."""
 
     name: ClassVar[str] = "sort"
-    n_free = property(lambda self: self.n_digits)
-    answer_len = property(lambda self: self.n_digits)
-
-    def encode(self, digits):
-        return jnp.concatenate([digits, jnp.full((digits.shape[0], 1), EQ, jnp.int32)], 1)
 
     def solve(self, prompts):
         return jnp.sort(prompts[:, : self.n_digits], axis=1)
