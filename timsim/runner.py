@@ -48,7 +48,10 @@ class Cell:
 
 
 def config_hash(cfg: Config) -> str:
-    return hashlib.sha256(json.dumps(cfg.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+    """Identity of a cell's config for resume checks. Defaults are left out, so a new config
+    field added with a default does not orphan existing results directories."""
+    dump = cfg.model_dump(exclude_defaults=True)
+    return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def stack_hyperparams(cells: list[Cell]) -> tuple[dict, list[tuple[Cell, int, int]]]:
