@@ -22,7 +22,7 @@ from flax import nnx
 from timsim.config import Config, ConfigError, traced_values
 from timsim.diagnostics import mismatch_metrics
 from timsim.model import response_logits, token_logprobs
-from timsim.perturb import SCALED, make_logits_fn, noise_knobs, perturb_teacher_forced
+from timsim.perturb import SCALED, decode_logits_fn, noise_knobs, report_logits, sampler_model, sampler_spec
 from timsim.rollout import sample
 
 CALIBRATION_SEED = 2024
@@ -31,26 +31,25 @@ MAX_SCALE = 1e3
 
 def make_measure(cfg: Config, graphdef) -> Callable:
     """`measure(params, hp) -> metrics` on a fixed batch of the sampler's own responses to
-    training prompts; `hp` holds a config's traced values (`hyperparams`)."""
+    training prompts; `hp` holds a config's traced values (`hyperparams`). The sampler is the
+    config's whole sampler side (numerics, weight noise, logit noise)."""
     task = cfg.task.build()
-    if cfg.perturbation.logit_noise.family not in SCALED:
-        raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale; accepted: "
-                          f"{', '.join(SCALED)} (got {cfg.perturbation.logit_noise.family!r}).")
-    noise_fn = make_logits_fn(cfg.perturbation.logit_noise.family)
+    spec = sampler_spec(cfg)
     key = jax.random.key(CALIBRATION_SEED)
     prompts = jnp.repeat(task.sample(jax.random.fold_in(key, 0), cfg.grpo.prompts_per_step), cfg.grpo.group_size, 0)
-    noise_key, sample_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+    noise_key, sample_key, weight_key = (jax.random.fold_in(key, i) for i in (1, 2, 3))
 
     @jax.jit
     def measure(params, hp):
         model = nnx.merge(graphdef, params)
         knobs, temperature = noise_knobs(hp), hp["sampler.temperature"]
-        rollout = sample(model, prompts, sample_key, temperature, cfg.response_len,
-                         logits_fn=lambda logits, t: noise_fn(jax.random.fold_in(noise_key, t), logits, knobs))
-        logits = response_logits(model, prompts, rollout.responses)
+        sampler = sampler_model(spec, graphdef, params, model, weight_key, hp)
+        rollout = sample(sampler, prompts, sample_key, temperature, cfg.response_len,
+                         logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
+        logits = response_logits(model, prompts, rollout.responses, spec.learner_nm)
         _, logp_all = token_logprobs(logits, rollout.responses, temperature)
-        _, logp_all_sampler = token_logprobs(perturb_teacher_forced(noise_fn, noise_key, logits, knobs),
-                                             rollout.responses, temperature)
+        logits_sampler = report_logits(spec, logits, sampler, prompts, rollout.responses, noise_key, knobs)
+        _, logp_all_sampler = token_logprobs(logits_sampler, rollout.responses, temperature)
         metrics = mismatch_metrics(logp_all, logp_all_sampler, rollout.responses, rollout.mask)
         collision = (jnp.exp(logp_all) ** 2).sum(-1)
         metrics["one_minus_sum_p2"] = ((1 - collision) * rollout.mask).sum() / rollout.mask.sum()
@@ -74,6 +73,9 @@ def calibrate_scale(measure: Callable, params, cfg: Config, target: float, iters
     """The scale whose measured mean per-token KL(mu || pi) equals `target` (relative error
     below 1e-3, or the bisection's resolution), and the metrics measured there."""
     family = cfg.perturbation.logit_noise.family
+    if family not in SCALED:
+        raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale; accepted: "
+                          f"{', '.join(SCALED)} (got {family!r}).")
     at = lambda s: {k: float(v) for k, v in jax.device_get(measure(params, hyperparams(cfg, s))).items()}  # noqa: E731
     hi = 1.0
     if family == "gaussian":

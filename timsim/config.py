@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from timsim import tasks as tasks_lib
+from timsim.numerics import Numerics
 
 
 class ConfigError(ValueError):
@@ -104,8 +105,31 @@ class LogitNoiseConfig(_Section):
         return family
 
 
+Site = Literal["weights", "matmul_in", "matmul_out", "activations", "logits"]
+
+
+class PrecisionConfig(_Section):
+    """Rounding of one side's forward (see `timsim.numerics`): fp32 is exact."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    sites: list[Site] = Field(default_factory=lambda: list(Site.__args__), min_length=1)
+
+    def numerics(self) -> Numerics:
+        return Numerics() if self.dtype == "fp32" else Numerics(self.dtype, tuple(self.sites))
+
+
+class WeightNoiseConfig(_Section):
+    """Gaussian noise added to every sampler weight, re-drawn every step."""
+
+    family: Literal["none", "gaussian"] = "none"
+    scale: Traced = Field(0.0, ge=0.0, description="standard deviation added to each weight")
+
+
 class PerturbationConfig(_Section):
     logit_noise: LogitNoiseConfig = LogitNoiseConfig()
+    sampler_precision: PrecisionConfig = PrecisionConfig()
+    learner_precision: PrecisionConfig = PrecisionConfig()
+    weight_noise: WeightNoiseConfig = WeightNoiseConfig()
     target_kl: TracedOptional = Field(None, gt=0.0, description=(
         "calibrate logit_noise.scale once, at the base model, so that the mean per-token KL(mu || pi) "
         "over sampled response tokens equals this; overrides scale"))

@@ -15,6 +15,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from timsim.config import ModelConfig
+from timsim.numerics import FP32, Numerics
+
+
+def dense(layer: nnx.Linear, x: jax.Array, nm: Numerics) -> jax.Array:
+    """`layer(x)` with the rounding of `nm` at the weights, the input and the result."""
+    y = nm.round(x, "matmul_in") @ nm.round(layer.kernel[...], "weights")
+    y = nm.round(y, "matmul_out")
+    return y if layer.bias is None else y + layer.bias[...]
 
 
 class Block(nnx.Module):
@@ -28,43 +36,47 @@ class Block(nnx.Module):
         self.mlp_in = nnx.Linear(d, cfg.d_mlp, rngs=rngs)
         self.mlp_out = nnx.Linear(cfg.d_mlp, d, rngs=rngs)
 
-    def _heads(self, x_NSD):
+    def _heads(self, x_NSD, nm):
         """Queries, keys, values in [N, H, S, K] layout (batched matmuls over N, H: measured
         ~1.5x faster on CPU than einsums over [N, S, H, K])."""
         n, s, d = x_NSD.shape
-        qkv = self.qkv(self.ln_attn(x_NSD)).reshape(n, s, 3, self.n_heads, d // self.n_heads)
+        h = nm.round(self.ln_attn(x_NSD), "activations")
+        qkv = dense(self.qkv, h, nm).reshape(n, s, 3, self.n_heads, d // self.n_heads)
         qkv = qkv.transpose(2, 0, 3, 1, 4)
         return qkv[0], qkv[1], qkv[2]
 
-    def _attend(self, q_NHQK, k_NHSK, v_NHSK, allowed_QS):
+    def _attend(self, q_NHQK, k_NHSK, v_NHSK, allowed_QS, nm):
         scale = q_NHQK.shape[-1] ** -0.5
-        scores = (q_NHQK @ k_NHSK.swapaxes(-1, -2)) * scale
+        scores = nm.round(nm.round(q_NHQK, "matmul_in") @ nm.round(k_NHSK, "matmul_in").swapaxes(-1, -2),
+                          "matmul_out") * scale
         scores = jnp.where(allowed_QS, scores, -1e30)
-        out = jax.nn.softmax(scores, axis=-1) @ v_NHSK
+        probs = nm.round(jax.nn.softmax(scores, axis=-1), "activations")
+        out = nm.round(probs @ nm.round(v_NHSK, "matmul_in"), "matmul_out")
         n, _, q_len, _ = out.shape
-        return self.attn_out(out.transpose(0, 2, 1, 3).reshape(n, q_len, -1))
+        return dense(self.attn_out, out.transpose(0, 2, 1, 3).reshape(n, q_len, -1), nm)
 
-    def _mlp(self, x):
-        return self.mlp_out(jax.nn.gelu(self.mlp_in(self.ln_mlp(x))))
+    def _mlp(self, x, nm):
+        h = dense(self.mlp_in, nm.round(self.ln_mlp(x), "activations"), nm)
+        return dense(self.mlp_out, nm.round(jax.nn.gelu(h), "activations"), nm)
 
-    def __call__(self, x_NSD):
-        return self.forward_with_kv(x_NSD)[0]
+    def __call__(self, x_NSD, nm: Numerics = FP32):
+        return self.forward_with_kv(x_NSD, nm)[0]
 
-    def forward_with_kv(self, x_NSD):
+    def forward_with_kv(self, x_NSD, nm: Numerics = FP32):
         """Causal forward over all positions; also returns this layer's keys and values."""
-        q, k, v = self._heads(x_NSD)
+        q, k, v = self._heads(x_NSD, nm)
         s = x_NSD.shape[1]
         causal = jnp.tril(jnp.ones((s, s), bool))
-        x_NSD = x_NSD + self._attend(q, k, v, causal)
-        return x_NSD + self._mlp(x_NSD), k, v
+        x_NSD = x_NSD + self._attend(q, k, v, causal, nm)
+        return x_NSD + self._mlp(x_NSD, nm), k, v
 
-    def decode(self, x_N1D, pos, k_cache_NHSK, v_cache_NHSK):
-        q, k, v = self._heads(x_N1D)
+    def decode(self, x_N1D, pos, k_cache_NHSK, v_cache_NHSK, nm: Numerics = FP32):
+        q, k, v = self._heads(x_N1D, nm)
         k_cache_NHSK = jax.lax.dynamic_update_slice_in_dim(k_cache_NHSK, k, pos, axis=2)
         v_cache_NHSK = jax.lax.dynamic_update_slice_in_dim(v_cache_NHSK, v, pos, axis=2)
         allowed = (jnp.arange(k_cache_NHSK.shape[2]) <= pos)[None, :]
-        x_N1D = x_N1D + self._attend(q, k_cache_NHSK, v_cache_NHSK, allowed)
-        return x_N1D + self._mlp(x_N1D), k_cache_NHSK, v_cache_NHSK
+        x_N1D = x_N1D + self._attend(q, k_cache_NHSK, v_cache_NHSK, allowed, nm)
+        return x_N1D + self._mlp(x_N1D, nm), k_cache_NHSK, v_cache_NHSK
 
 
 class Transformer(nnx.Module):
@@ -78,37 +90,42 @@ class Transformer(nnx.Module):
         self.ln_final = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, vocab_size, use_bias=False, rngs=rngs)
 
-    def __call__(self, tokens_NS: jax.Array) -> jax.Array:
+    def __call__(self, tokens_NS: jax.Array, nm: Numerics = FP32) -> jax.Array:
         """Logits [N, S, V]: position s predicts token s+1."""
-        x = self._embed(tokens_NS, jnp.arange(tokens_NS.shape[1]))
+        x = self._embed(tokens_NS, jnp.arange(tokens_NS.shape[1]), nm)
         for block in self.blocks:
-            x = block(x)
-        return self.head(self.ln_final(x))
+            x = block(x, nm)
+        return self._logits(x, nm)
 
-    def prefill(self, tokens_NS: jax.Array, length: int) -> dict:
+    def _logits(self, x, nm):
+        return nm.round(dense(self.head, nm.round(self.ln_final(x), "activations"), nm), "logits")
+
+    def prefill(self, tokens_NS: jax.Array, length: int, nm: Numerics = FP32) -> dict:
         """A KV cache of `length` positions holding the keys and values of `tokens_NS`, computed
         in one causal forward (cheaper than one decode step per prompt token)."""
-        x = self._embed(tokens_NS, jnp.arange(tokens_NS.shape[1]))
+        x = self._embed(tokens_NS, jnp.arange(tokens_NS.shape[1]), nm)
         ks, vs = [], []
         for block in self.blocks:
-            x, k, v = block.forward_with_kv(x)
+            x, k, v = block.forward_with_kv(x, nm)
             ks.append(k)
             vs.append(v)
         pad_LNHSK = [(0, 0), (0, 0), (0, 0), (0, length - tokens_NS.shape[1]), (0, 0)]
         return {"k": jnp.pad(jnp.stack(ks), pad_LNHSK), "v": jnp.pad(jnp.stack(vs), pad_LNHSK)}
 
-    def _embed(self, tokens, positions):
-        return self.tok_embed(tokens) + self.pos_embed(positions)[None]
+    def _embed(self, tokens, positions, nm):
+        tok = nm.round(self.tok_embed.embedding[...], "weights")[tokens]
+        pos = nm.round(self.pos_embed.embedding[...], "weights")[positions]
+        return tok + pos[None]
 
-    def decode(self, token_N: jax.Array, pos: jax.Array, cache: dict) -> tuple[jax.Array, dict]:
+    def decode(self, token_N: jax.Array, pos: jax.Array, cache: dict, nm: Numerics = FP32) -> tuple[jax.Array, dict]:
         """Logits [N, V] for the token after `token_N` at position `pos`, and the updated cache."""
-        x = self._embed(token_N[:, None], pos[None])
+        x = self._embed(token_N[:, None], pos[None], nm)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
-            x, k, v = block.decode(x, pos, cache["k"][i], cache["v"][i])
+            x, k, v = block.decode(x, pos, cache["k"][i], cache["v"][i], nm)
             ks.append(k)
             vs.append(v)
-        logits = self.head(self.ln_final(x))[:, 0]
+        logits = self._logits(x, nm)[:, 0]
         return logits, {"k": jnp.stack(ks), "v": jnp.stack(vs)}
 
 
@@ -116,10 +133,11 @@ def init_model(cfg: ModelConfig, vocab_size: int, seed: int) -> Transformer:
     return Transformer(cfg, vocab_size, rngs=nnx.Rngs(seed))
 
 
-def response_logits(model: Transformer, prompts_NP: jax.Array, responses_NT: jax.Array) -> jax.Array:
+def response_logits(model: Transformer, prompts_NP: jax.Array, responses_NT: jax.Array,
+                    nm: Numerics = FP32) -> jax.Array:
     """Teacher-forced logits [N, T, V] that predict each response token."""
     tokens = jnp.concatenate([prompts_NP, responses_NT], axis=1)[:, :-1]
-    return model(tokens)[:, prompts_NP.shape[1] - 1 :]
+    return model(tokens, nm)[:, prompts_NP.shape[1] - 1 :]
 
 
 def token_logprobs(logits_NTV: jax.Array, tokens_NT: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:

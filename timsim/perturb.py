@@ -1,4 +1,7 @@
-"""Sampler-side perturbations of the logits: the sampler samples from mu and reports log mu.
+"""Sampler-side perturbations: the sampler samples from mu and reports log mu.
+
+The sampler may differ from the learner by its weights (noise re-drawn every step), by the
+numerics of its forward (`timsim.numerics`), and by a perturbation of its logits.
 
 The learner's clean logits are computed once per batch (teacher forcing); the sampler's
 logits are a pure function of them, the position's noise key and traced knobs. The same
@@ -16,10 +19,15 @@ for the truncation families `top_k` / `top_p`, which draw no noise.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
+
+from timsim.model import response_logits
+from timsim.numerics import Numerics
 
 
 def gaussian(key, logits, knobs):
@@ -100,3 +108,60 @@ def perturb_teacher_forced(fn: Callable, key: jax.Array, logits_NTV: jax.Array, 
     keys = position_keys(key, logits_NTV.shape[1])
     out_TNV = jax.vmap(lambda k, x: fn(k, x, knobs), in_axes=(0, 1))(keys, logits_NTV)
     return out_TNV.swapaxes(0, 1)
+
+
+# ----------------------------------------------------------------------------- the sampler side
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+    """Static description of how the sampler differs from the learner."""
+
+    noise_fn: Callable | None
+    sampler_nm: Numerics
+    learner_nm: Numerics
+    weight_noise: bool
+
+    @property
+    def separate_forward(self) -> bool:
+        """The sampler's logits need their own forward (other weights or numerics)."""
+        return self.weight_noise or self.sampler_nm != self.learner_nm
+
+
+def sampler_spec(cfg) -> SamplerSpec:
+    p = cfg.perturbation
+    return SamplerSpec(make_logits_fn(p.logit_noise.family), p.sampler_precision.numerics(),
+                       p.learner_precision.numerics(), p.weight_noise.family != "none")
+
+
+def with_weight_noise(params, key: jax.Array, scale) -> nnx.State:
+    """`params` plus scale * N(0, 1) on every weight (a fresh draw per key)."""
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(key, len(leaves))
+    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    return jax.tree.unflatten(treedef, noisy)
+
+
+def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.Array, hp: dict):
+    """The model the sampler runs: the learner's, or one with noisy weights."""
+    if not spec.weight_noise:
+        return learner_model
+    return nnx.merge(graphdef, with_weight_noise(params, key, hp["perturbation.weight_noise.scale"]))
+
+
+def decode_logits_fn(spec: SamplerSpec, noise_key: jax.Array, knobs: dict) -> Callable | None:
+    """`fn(logits_NV, t)` applied on the KV-cache path while sampling, or None."""
+    if spec.noise_fn is None:
+        return None
+    return lambda logits, t: spec.noise_fn(jax.random.fold_in(noise_key, t), logits, knobs)
+
+
+def report_logits(spec: SamplerSpec, learner_logits_NTV, model, prompts_NP, responses_NT,
+                  noise_key: jax.Array, knobs: dict) -> jax.Array:
+    """The sampler's teacher-forced logits of its own responses (what it reports log mu of)."""
+    logits = learner_logits_NTV
+    if spec.separate_forward:
+        logits = response_logits(model, prompts_NP, responses_NT, spec.sampler_nm)
+    if spec.noise_fn is not None:
+        logits = perturb_teacher_forced(spec.noise_fn, noise_key, logits, knobs)
+    return logits

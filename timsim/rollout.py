@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from timsim.model import Transformer, response_logits, token_logprobs
+from timsim.numerics import FP32, Numerics
 from timsim.tasks import EOS, PAD
 
 
@@ -26,15 +27,17 @@ class Rollout(NamedTuple):
 
 
 def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperature,
-           response_len: int, greedy: bool = False, logits_fn: Callable | None = None) -> Rollout:
+           response_len: int, greedy: bool = False, logits_fn: Callable | None = None,
+           nm: Numerics = FP32) -> Rollout:
     """Sample `response_len` tokens after each prompt; `greedy` takes the argmax instead.
-    `logits_fn(logits_NV, t)` is the sampler's perturbation of response position t's logits."""
+    `logits_fn(logits_NV, t)` is the sampler's perturbation of response position t's logits,
+    `nm` the numerics of its forward."""
     n, p = prompts_NP.shape
-    cache = model.prefill(prompts_NP[:, :-1], p + response_len)
+    cache = model.prefill(prompts_NP[:, :-1], p + response_len, nm)
 
     def generate(carry, t):
         cache, token, done = carry
-        logits, cache = model.decode(token, p - 1 + t, cache)
+        logits, cache = model.decode(token, p - 1 + t, cache, nm)
         if logits_fn is not None:
             logits = logits_fn(logits, t)
         logits = logits / temperature
@@ -53,9 +56,10 @@ def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperatur
     return Rollout(tokens_TN.T, mask_TN.T, logp_TN.T)
 
 
-def learner_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temperature):
+def learner_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temperature, nm: Numerics = FP32):
     """The learner's per-token log-probs of given responses (teacher forcing), 0 on padding,
     and the full log-softmax [N, T, V] (for entropies and exact divergences)."""
-    logp, logp_all = token_logprobs(response_logits(model, prompts_NP, responses_NT), responses_NT, temperature)
+    logits = response_logits(model, prompts_NP, responses_NT, nm)
+    logp, logp_all = token_logprobs(logits, responses_NT, temperature)
     return logp * mask_NT, logp_all
 

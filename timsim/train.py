@@ -20,7 +20,7 @@ from timsim.config import Config
 from timsim.keys import step_key
 from timsim.diagnostics import mismatch_metrics
 from timsim.model import response_logits, token_logprobs
-from timsim.perturb import make_logits_fn, noise_knobs, perturb_teacher_forced
+from timsim.perturb import decode_logits_fn, noise_knobs, report_logits, sampler_model, sampler_spec
 from timsim.rollout import learner_logprobs, sample
 from timsim.tasks import Task
 
@@ -54,7 +54,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         prompts, responses, mask, logp_old, adv = batch
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
-        logp, logp_all = learner_logprobs(model, prompts, responses, mask, temperature)
+        logp, logp_all = learner_logprobs(model, prompts, responses, mask, temperature, spec.learner_nm)
         if g.old_logprobs == "recompute":
             # At the first update theta == theta_old, so pi_old is the loss's own forward. The
             # forward-only recomputation differs from the forward inside value_and_grad by
@@ -68,7 +68,8 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         kl_ref = jnp.zeros(())
         if g.kl_ref != "none":
             ref = nnx.merge(graphdef, ref_params)
-            logp_ref = jax.lax.stop_gradient(learner_logprobs(ref, prompts, responses, mask, temperature)[0])
+            logp_ref = jax.lax.stop_gradient(
+                learner_logprobs(ref, prompts, responses, mask, temperature, spec.learner_nm)[0])
             kl_NT = grpo.kl_to_reference(logp, logp_ref, g.kl_ref)
             kl_ref = grpo.masked_mean(kl_NT, mask)
             loss = loss + hp["grpo.kl_coef"] * grpo.aggregate(kl_NT, mask, g.loss_agg)
@@ -77,7 +78,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         return loss, aux
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    noise_fn = make_logits_fn(cfg.perturbation.logit_noise.family)
+    spec = sampler_spec(cfg)
 
     def step(state: RunState, hp: dict, ref_params) -> tuple[RunState, dict]:
         seed = hp["seed"].astype(jnp.int32)
@@ -86,21 +87,21 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         prompts = task.sample(step_key(seed, "prompts", state.step), n_prompts, "train")
         prompts_N = jnp.repeat(prompts, group, axis=0)
         noise_key, knobs = step_key(seed, "noise", state.step), noise_knobs(hp)
-        decode_noise = None if noise_fn is None else (
-            lambda logits, t: noise_fn(jax.random.fold_in(noise_key, t), logits, knobs))
-        rollout = sample(model, prompts_N, step_key(seed, "sample", state.step), temperature, response_len,
-                         logits_fn=decode_noise)
+        sampler = sampler_model(spec, graphdef, state.params, model, step_key(seed, "weight_noise", state.step), hp)
+        rollout = sample(sampler, prompts_N, step_key(seed, "sample", state.step), temperature, response_len,
+                         logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
         responses, mask = rollout.responses, rollout.mask
         chex.assert_shape([responses, mask], (n, response_len))
 
-        # One teacher-forced forward gives the learner's logits; the sampler reports log mu of the
-        # same logits under its perturbation (the zero-mismatch sampler reports the learner's own).
-        logits = response_logits(model, prompts_N, responses)
+        # One teacher-forced forward gives the learner's logits; the sampler reports log mu of its
+        # own teacher-forced logits (a function of the learner's when only its logits differ;
+        # the zero-mismatch sampler reports the learner's own).
+        logits = response_logits(model, prompts_N, responses, spec.learner_nm)
         logp_learner, logp_all_learner = token_logprobs(logits, responses, temperature)
-        if noise_fn is None:
+        if spec.noise_fn is None and not spec.separate_forward:
             logp_sampler, logp_all_sampler = logp_learner, logp_all_learner
         else:
-            logits_sampler = perturb_teacher_forced(noise_fn, noise_key, logits, knobs)
+            logits_sampler = report_logits(spec, logits, sampler, prompts_N, responses, noise_key, knobs)
             logp_sampler, logp_all_sampler = token_logprobs(logits_sampler, responses, temperature)
         logp_learner, logp_sampler = logp_learner * mask, logp_sampler * mask
         logp_old = logp_learner if g.old_logprobs == "recompute" else logp_sampler
@@ -130,7 +131,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             "response_len": mask.sum(-1).mean(),
             "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params)),
             **mismatch_metrics(logp_all_learner, logp_all_sampler, responses, mask),
-            "noise_scale": knobs.get("scale", jnp.zeros(())) if noise_fn is not None else jnp.zeros(()),
+            "noise_scale": knobs["scale"] if spec.noise_fn is not None else jnp.zeros(()),
             "delta_floor_max": jnp.abs(rollout.logp_decode - logp_sampler).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
             **per_update,
@@ -197,23 +198,24 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
     perturbation (a gap shows "the learner improves but the sampler does not")."""
     prompts = eval_prompts(task, cfg.task.eval_prompts)
     response_len = cfg.response_len
-    noise_fn = make_logits_fn(cfg.perturbation.logit_noise.family)
+    spec = sampler_spec(cfg)
 
     def evaluate(params, hp, _):
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
         seed = hp["seed"].astype(jnp.int32)
         key = step_key(seed, "eval", 0)
-        greedy = sample(model, prompts, key, temperature, response_len, greedy=True)
-        sampled = sample(model, prompts, key, temperature, response_len)
+        greedy = sample(model, prompts, key, temperature, response_len, greedy=True, nm=spec.learner_nm)
+        sampled = sample(model, prompts, key, temperature, response_len, nm=spec.learner_nm)
         out = {"eval_greedy_accuracy": task.verify(prompts, greedy.responses).mean(),
                "eval_sampled_accuracy": task.verify(prompts, sampled.responses).mean()}
-        if noise_fn is None:
+        if spec.noise_fn is None and not spec.separate_forward:
             out["eval_sampler_greedy_accuracy"] = out["eval_greedy_accuracy"]
         else:
             noise_key, knobs = step_key(seed, "eval", 1), noise_knobs(hp)
-            perturbed = sample(model, prompts, key, temperature, response_len, greedy=True, logits_fn=lambda logits, t:
-                               noise_fn(jax.random.fold_in(noise_key, t), logits, knobs))
+            sampler = sampler_model(spec, graphdef, params, model, step_key(seed, "eval", 2), hp)
+            perturbed = sample(sampler, prompts, key, temperature, response_len, greedy=True,
+                               logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
             out["eval_sampler_greedy_accuracy"] = task.verify(prompts, perturbed.responses).mean()
         return out
 
