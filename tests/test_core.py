@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from flax import nnx
 
-from timsim.config import load_config, static_view
+from timsim.config import load_config, static_view, traced_values
 from timsim.model import init_model
 from timsim.rollout import learner_logprobs, sample
-from timsim.runner import Cell, run_cells, stack_hyperparams
+from timsim.runner import Cell, load_trained_params, run_cells, stack_hyperparams
 from timsim.store import Store, load
 from timsim.tasks import EOS, PAD, VOCAB_SIZE
 from timsim.train import init_state, make_chunk
@@ -130,6 +130,13 @@ def test_results_layout(tiny_overrides, tiny_base, tmp_path):
     at_evals = metrics.dropna(subset=["eval_greedy_accuracy"])
     assert (at_evals.eval_sampler_greedy_accuracy == at_evals.eval_greedy_accuracy).all(), "zero mismatch"
     assert len(summary) == 2 and set(summary.seed) == {0, 1}
+    # the final checkpoint restores as trained weights of the base's shape
+    graphdef, base_params, _ = tiny_base
+    cfg = load_config(None, tiny_overrides)
+    params, step = load_trained_params(root, base_params, {**traced_values(cfg), "seed": 0.0}, run=1)
+    assert step == 10
+    assert jax.tree.structure(params) == jax.tree.structure(base_params)
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))
 
 
 @pytest.mark.slow

@@ -47,6 +47,10 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("config")
     calibrate.add_argument("overrides", nargs="*")
     calibrate.add_argument("--targets", default="1e-4,1e-3,1e-2,1e-1", help="comma-separated KL targets")
+    calibrate.add_argument("--modes", action="store_true",
+                           help="instead: the mismatch each sampler precision mode produces (base model)")
+    calibrate.add_argument("--trained", default=None, metavar="RUN_DIR",
+                           help="with --modes: also on the final weights of a results directory's first run")
 
     sub.add_parser("metrics", help="list every metric with its formula")
 
@@ -102,9 +106,12 @@ def _dispatch(args, console) -> int:
 
     cfg = load_config(args.config, args.overrides)
     if args.command == "calibrate":
-        from timsim.report import print_calibration
+        from timsim.report import print_calibration, print_precision_modes
 
-        print_calibration(cfg, [float(t) for t in args.targets.split(",")], console)
+        if args.modes:
+            print_precision_modes(cfg, console, args.trained)
+        else:
+            print_calibration(cfg, [float(t) for t in args.targets.split(",")], console)
         return 0
     if args.command == "pretrain":
         from timsim.base import get_base

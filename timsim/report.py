@@ -66,6 +66,40 @@ def print_calibration(cfg: Config, targets: list[float], console: Console) -> No
     console.print("Configs can say perturbation.target_kl: <value> instead of a raw scale (calibrated once at the base model).")
 
 
+PRECISION_MODES = [("bf16", None), ("bf16", "weights"), ("bf16", "matmul_in"), ("bf16", "matmul_out"),
+                   ("bf16", "activations"), ("bf16", "logits"), ("fp16", None)]
+
+
+def print_precision_modes(cfg: Config, console: Console, trained: str | None = None) -> None:
+    """`timsim calibrate --modes`: the mismatch each sampler precision mode produces against an
+    fp32 learner, on the base model and (with `trained`) on a trained run's final weights."""
+    from timsim.base import get_base
+    from timsim.calibrate import hyperparams, make_measure
+    from timsim.config import config_from_dict, traced_values
+    from timsim.runner import load_trained_params
+
+    graphdef, params, info = get_base(cfg, announce=console.print)
+    models = {"base": params}
+    if trained:
+        models["trained"], step = load_trained_params(trained, params, {**traced_values(cfg), "seed": 0.0})
+        console.print(f"trained weights: {trained}, step {step}, run 0")
+    table = Table(title=f"sampler precision vs fp32 learner (base {info['base_key']}, greedy acc "
+                        f"{info['greedy_accuracy']:.2f}); {cfg.grpo.prompts_per_step}x{cfg.grpo.group_size} responses")
+    for col in ["mode", "weights", "KL(mu||pi)", "k3", "mean |delta|", "max |delta|", "argmax flips", "r outside [0.5,2]"]:
+        table.add_column(col, justify="left" if col in ("mode", "weights") else "right")
+    for dtype, site in PRECISION_MODES:
+        raw = cfg.model_dump()
+        raw["perturbation"]["sampler_precision"] = {"dtype": dtype, **({"sites": [site]} if site else {})}
+        mode_cfg = config_from_dict(raw)
+        measure = make_measure(mode_cfg, graphdef)
+        for name, weights in models.items():
+            m = {k: float(v) for k, v in measure(weights, hyperparams(mode_cfg, 0.0)).items()}
+            table.add_row(f"{dtype} {site or 'all sites'}", name, f"{m['kl_sampler_learner']:.3g}", f"{m['mismatch_k3']:.3g}",
+                          f"{m['delta_abs_mean']:.3g}", f"{m['delta_abs_max']:.3g}", f"{m['argmax_flip_frac']:.3g}",
+                          f"{m['ratio_out_band_frac']:.3g}")
+    console.print(table)
+
+
 def finish(root: Path, summary: pd.DataFrame, console: Console) -> Path:
     metrics, _ = load(root)
     png = plot_curves(metrics, root / "curves.png")

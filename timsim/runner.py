@@ -157,6 +157,21 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
             fault.tick()
 
 
+def load_trained_params(root, base_params, hp_template: dict, run: int = 0):
+    """Parameters of run `run` of the first group of a results directory, at its last checkpoint."""
+    store = Store(root)
+    groups = [(gid, g) for gid, g in store.read_manifest().get("groups", {}).items() if g["chunks_done"]]
+    if not groups:
+        raise FileNotFoundError(f"{str(root)!r} holds no checkpoint of a trained run (no finished chunk).")
+    gid, group = groups[0]
+    steps = sorted(int(p.name) for p in (store.root / "ckpt" / gid).iterdir() if p.name.isdigit())
+    width = group["run_axis_width"]
+    hp = {k: jnp.full((width,), v, jnp.float32) for k, v in hp_template.items()}
+    abstract = jax.eval_shape(lambda: jax.vmap(lambda h: init_state(base_params, h))(hp))
+    state = ocp.StandardCheckpointer().restore(store.checkpoint_dir(gid, steps[-1]).absolute(), abstract)
+    return jax.tree.map(lambda x: x[run], state.params), steps[-1]
+
+
 def _plan_groups(cells: list[Cell], manifest: dict) -> dict[str, list[Cell]]:
     """Unfinished groups recorded in the manifest keep their cells (same run-axis width);
     cells the manifest does not know yet form new groups by static hash."""
