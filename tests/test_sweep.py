@@ -160,3 +160,33 @@ def test_concurrent_reader_never_sees_a_torn_file(tmp_path):
         thread.join()
     assert not errors
     assert set(reads) <= {50_000, 80_000}
+
+
+def test_sharded_run_axis_matches_one_device(tiny_overrides, tiny_base, tmp_path):
+    """With 2 (forced host) devices the run axis is split by shard_map and padded to a
+    multiple of the device count. Each device has its own thread pool, so reductions may
+    round differently (DESIGN §8.2 promises bits only at the same device and thread count):
+    the first step, before any token can flip, agrees to float precision, and so do the
+    sampled rewards, which depend only on prompts, uniforms and the same weights."""
+    config = {}
+    for item in tiny_overrides:
+        key, value = item.split("=", 1)
+        section, leaf = key.split(".")
+        config.setdefault(section, {})[leaf] = yaml.safe_load(value)
+    config["run"].update(steps=5, chunk_steps=5)
+    path = _write(tmp_path, {"name": "sh", "config": config, "seeds": [0, 1, 2]})
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    two = {**env, "XLA_FLAGS": env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2"}
+    for name, run_env in (("one", env), ("two", two)):
+        done = subprocess.run(_sweep_cmd(path, tmp_path / name), env=run_env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+    m1, _ = load(tmp_path / "one" / "sh")
+    m2, _ = load(tmp_path / "two" / "sh")
+    assert len(m1) == len(m2) == 3 * 6  # the padded fourth run is never written
+    a, b = m1[m1.step == 1], m2[m2.step == 1]
+    assert np.array_equal(a.reward_mean.to_numpy(), b.reward_mean.to_numpy())
+    for col in ("loss", "grad_norm", "entropy", "eval_greedy_accuracy"):
+        np.testing.assert_allclose(m1[col].to_numpy(), m2[col].to_numpy(), rtol=1e-4, atol=1e-6, err_msg=col)
+    manifest = Store(tmp_path / "two" / "sh").read_manifest()
+    assert manifest["provenance"]["device_count"] == 2
+    assert manifest["groups"][next(iter(manifest["groups"]))]["padded_width"] == 4

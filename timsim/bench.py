@@ -21,7 +21,7 @@ from timsim.model import init_model
 from timsim.rollout import sample
 from timsim.runner import Cell, stack_hyperparams
 from timsim.tasks import VOCAB_SIZE
-from timsim.train import init_state, make_chunk
+from timsim.train import init_state, make_chunk, place
 
 STANDARD = ["task.name=reverse", "task.n_digits=15", "model.max_len=32", "grpo.prompts_per_step=32",
             "grpo.group_size=8", "run.chunk_steps=10", "run.steps=10"]
@@ -38,7 +38,8 @@ def time_chunk(overrides: list[str], runs: int, batching: str, repeats: int = 2)
     cfg = load_config(None, [*overrides, f"run.seeds={list(range(runs))}", f"run.batching={batching}"])
     graphdef, params = nnx.split(init_model(cfg.model, VOCAB_SIZE, 0), nnx.Param)
     hp, _ = stack_hyperparams([Cell("bench", cfg)])
-    state = jax.vmap(lambda h: init_state(params, h))(hp)
+    hp, params = place(hp, over_runs=True), place(params, over_runs=False)
+    state = place(jax.vmap(lambda h: init_state(params, h))(hp), over_runs=True)
     chunk = make_chunk(static_view(cfg), cfg.task.build(), graphdef)
     (state, _), first = _timed(chunk, state, hp, params)
     times = []

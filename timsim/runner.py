@@ -35,7 +35,7 @@ from timsim.config import Config, ConfigError, static_hash, static_view, to_yaml
 from timsim.metrics import METRICS
 from timsim.store import SCHEMA_VERSION, Store, load, provenance
 from timsim.summary import summarize_runs
-from timsim.train import init_state, make_chunk, make_eval, resolve_batching
+from timsim.train import init_state, make_chunk, make_eval, padded_width, place, resolve_batching
 
 FAULT_ENV = "TIMSIM_FAULT_AFTER_CHUNKS"  # test hook: SIGKILL this process after that many chunks
 
@@ -55,9 +55,12 @@ def config_hash(cfg: Config) -> str:
 
 
 def stack_hyperparams(cells: list[Cell]) -> tuple[dict, list[tuple[Cell, int, int]]]:
-    """Traced values of every run of `cells` along a leading run axis, and who each run is."""
+    """Traced values of every run of `cells` along a leading run axis, and who each run is.
+    The axis is padded to a multiple of the device count with copies of the last run, whose
+    results are never written."""
     runs = [(cell, i, seed) for cell in cells for i, seed in enumerate(cell.cfg.run.seeds)]
     values = [{**traced_values(cell.cfg), "seed": seed} for cell, _, seed in runs]
+    values += [values[-1]] * (padded_width(len(values)) - len(values))
     hp = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]}
     return hp, runs
 
@@ -112,7 +115,13 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
                       f"(achieved KL {got['achieved_kl']:.3g} at the base model)")
     hp, runs = stack_hyperparams(cells)
     n_runs = len(runs)
-    state = jax.vmap(lambda h: init_state(base_params, h))(hp)
+    width = len(hp["seed"])
+    if group.setdefault("padded_width", width) != width:
+        raise ConfigError(f"Group {gid} was run with a run axis of {group['padded_width']} (padded to a multiple of "
+                          f"that machine's device count); resume it on {group['padded_width']} device(s) or a divisor "
+                          f"layout, or pass --restart.")
+    hp, base_params = place(hp, over_runs=True), place(base_params, over_runs=False)
+    state = place(jax.vmap(lambda h: init_state(base_params, h))(hp), over_runs=True)
     chunk_steps, n_chunks = cfg.run.chunk_steps, cfg.run.steps // cfg.run.chunk_steps
     static = static_view(cfg)
     chunk_fn, evaluate = make_chunk(static, task, graphdef), make_eval(static, task, graphdef)
@@ -120,7 +129,9 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
 
     done = group["chunks_done"]
     if done:
-        state = checkpointer.restore(store.checkpoint_dir(gid, done * chunk_steps).absolute(), jax.eval_shape(lambda: state))
+        restored = checkpointer.restore(store.checkpoint_dir(gid, done * chunk_steps).absolute(),
+                                        jax.eval_shape(lambda: state))
+        state = place(restored, over_runs=True)
         console.print(f"resuming {gid} at step {done * chunk_steps}/{cfg.run.steps}")
     else:  # step 0: the base model's held-out accuracy, before any update
         for cell_id, df in _rows(runs, jax.device_get(evaluate(state.params, hp)), np.array([0])).items():
@@ -136,7 +147,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
             ev = evaluate(state.params, hp)
             metrics, ev = jax.device_get((metrics, ev))
             steps = np.arange((c - 1) * chunk_steps + 1, c * chunk_steps + 1)
-            at_end = {k: np.concatenate([np.full((n_runs, chunk_steps - 1), np.nan), np.asarray(v)[:, None]], 1)
+            at_end = {k: np.concatenate([np.full((width, chunk_steps - 1), np.nan), np.asarray(v)[:, None]], 1)
                       for k, v in ev.items()}
             for cell_id, df in _rows(runs, metrics | at_end, steps).items():
                 store.write_metrics_part(cell_id, c, df)
@@ -149,7 +160,8 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
             store.write_manifest(manifest)
             if c > 1:
                 shutil.rmtree(store.checkpoint_dir(gid, (c - 1) * chunk_steps), ignore_errors=True)
-            info = f"held-out acc {np.mean(ev['eval_greedy_accuracy']):.2f}  reward {np.mean(metrics['reward_mean'][:, -1]):.2f}"
+            info = (f"held-out acc {np.mean(ev['eval_greedy_accuracy'][:n_runs]):.2f}  "
+                    f"reward {np.mean(metrics['reward_mean'][:n_runs, -1]):.2f}")
             progress.update(bar, advance=chunk_steps, info=info)
             if not console.is_terminal:
                 console.print(f"  {label[:40]}: step {c * chunk_steps}/{cfg.run.steps}: {info} "
@@ -165,7 +177,7 @@ def load_trained_params(root, base_params, hp_template: dict, run: int = 0):
         raise FileNotFoundError(f"{str(root)!r} holds no checkpoint of a trained run (no finished chunk).")
     gid, group = groups[0]
     steps = sorted(int(p.name) for p in (store.root / "ckpt" / gid).iterdir() if p.name.isdigit())
-    width = group["run_axis_width"]
+    width = group.get("padded_width", group["run_axis_width"])
     hp = {k: jnp.full((width,), v, jnp.float32) for k, v in hp_template.items()}
     abstract = jax.eval_shape(lambda: jax.vmap(lambda h: init_state(base_params, h))(hp))
     state = ocp.StandardCheckpointer().restore(store.checkpoint_dir(gid, steps[-1]).absolute(), abstract)

@@ -7,6 +7,7 @@ runs that differ only in traced values share one compiled program.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import chex
@@ -145,12 +146,39 @@ def batch_over_runs(fn: Callable, batching: str) -> Callable:
     """Map `fn(state, hp, shared)` over the leading run axis of `state` and `hp`.
 
     vmap turns the runs into batched matmuls (fast on accelerators); lax.map runs them one
-    after another inside one program (cheaper on a 2-core CPU, DESIGN §7)."""
+    after another inside one program (cheaper on a 2-core CPU, DESIGN §7). With several
+    devices the run axis is split across them with `shard_map` (lax.map over a sharded axis
+    would not run in parallel, DESIGN §8.4); each device maps over its own runs, so a run's
+    numbers do not depend on the device count. The run count must be a multiple of it
+    (`padded_width`)."""
     if batching == "vmap":
-        return jax.vmap(fn, in_axes=(0, 0, None))
-    if batching == "map":
-        return lambda state, hp, shared: jax.lax.map(lambda args: fn(*args, shared), (state, hp))
-    raise ValueError(f"run.batching must be vmap or map, got {batching!r}")
+        local = jax.vmap(fn, in_axes=(0, 0, None))
+    elif batching == "map":
+        local = lambda state, hp, shared: jax.lax.map(lambda args: fn(*args, shared), (state, hp))  # noqa: E731
+    else:
+        raise ValueError(f"run.batching must be vmap or map, got {batching!r}")
+    if jax.device_count() == 1:
+        return local
+    runs, shared = jax.sharding.PartitionSpec("runs"), jax.sharding.PartitionSpec()
+    return jax.shard_map(local, mesh=run_mesh(), in_specs=(runs, runs, shared), out_specs=runs, check_vma=False)
+
+
+@functools.cache
+def run_mesh() -> jax.sharding.Mesh:
+    return jax.make_mesh((jax.device_count(),), ("runs",))
+
+
+def place(tree, over_runs: bool):
+    """Put `tree` on the devices: split along the run axis, or replicated (`over_runs=False`)."""
+    if jax.device_count() == 1:
+        return tree
+    spec = jax.sharding.PartitionSpec("runs") if over_runs else jax.sharding.PartitionSpec()
+    return jax.device_put(tree, jax.sharding.NamedSharding(run_mesh(), spec))
+
+
+def padded_width(n_runs: int) -> int:
+    """Run-axis width: `n_runs` rounded up to a multiple of the device count."""
+    return -(-n_runs // jax.device_count()) * jax.device_count()
 
 
 def resolve_batching(batching: str) -> str:
