@@ -164,3 +164,25 @@ def test_mismatch_metrics_hand_computed():
 def test_target_kl_needs_a_scaled_family():
     with pytest.raises(ConfigError, match="with a scale"):
         load_config(None, ["perturbation.logit_noise.family=top_k", "perturbation.target_kl=1e-3"])
+
+
+def test_advantage_skew_and_is_weights_hand_computed():
+    """Two responses of two tokens: A = +1 with r_corr (2, 1), A = -1 with r_corr (0.5, 1)."""
+    from timsim.diagnostics import advantage_skew_metrics
+
+    delta = jnp.log(jnp.array([[2.0, 1.0], [0.5, 1.0]]))
+    adv = jnp.array([1.0, -1.0])
+    mask = jnp.ones((2, 2))
+    m = {k: float(v) for k, v in advantage_skew_metrics(delta, adv, mask, 0.2, 0.2).items()}
+    assert m["contrib_pos"] == pytest.approx((-(2 - 1) * 1 + 0) / 2)
+    assert m["contrib_neg"] == pytest.approx((-(0.5 - 1) * -1 + 0) / 2)
+    assert m["clip_drop_pos_frac"] == pytest.approx(0.5) and m["clip_drop_neg_frac"] == pytest.approx(0.5)
+    assert m["is_weight_mean"] == pytest.approx(1.125)
+    assert m["is_weight_min"] == pytest.approx(0.5) and m["is_weight_max"] == pytest.approx(2.0)
+    assert m["is_weight_std"] == pytest.approx(np.std([2.0, 1.0, 0.5, 1.0]), rel=1e-5)
+    assert m["is_ess"] == pytest.approx(4.5**2 / (4 * 6.25), rel=1e-6)
+
+
+def test_zero_mismatch_skew_metrics_are_neutral(zero_run):
+    assert np.all(zero_run["contrib_pos"] == 0.0) and np.all(zero_run["contrib_neg"] == 0.0)
+    assert np.all(zero_run["is_ess"] == 1.0) and np.all(zero_run["is_weight_mean"] == 1.0)

@@ -42,3 +42,30 @@ def mismatch_metrics(logp_all_learner_NTV, logp_all_sampler_NTV, tokens_NT, mask
         "seq_k3_sum": (ratio - 1.0 - delta).sum(-1).mean(),
         "chi2_seq": jnp.exp(jnp.clip(2.0 * seq_delta, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)).mean() - 1.0,
     }
+
+
+def advantage_skew_metrics(delta_NT, adv_N, mask_NT, eps_low, eps_high) -> dict:
+    """C(r) = -(r - 1) A with r = r_corr (the PPO ratio at the first update in bypass mode),
+    split by the sign of A, and the fraction of tokens whose gradient PPO clipping drops at
+    that update (A > 0 with r > 1 + eps_high, A < 0 with r < 1 - eps_low): which tokens
+    survive the clip depends on the sign of A (DESIGN §8.1). Also the importance-weight
+    statistics of r_corr: mean, std, min, max and the normalised effective sample size
+    (sum w)^2 / (n sum w^2)."""
+    ratio = jnp.exp(jnp.clip(delta_NT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    adv = jnp.broadcast_to(adv_N[:, None], delta_NT.shape)
+    pos, neg = mask_NT * (adv > 0), mask_NT * (adv < 0)
+    contrib = -(ratio - 1.0) * adv
+    n = jnp.maximum(mask_NT.sum(), 1.0)
+    w_sum, w2_sum = (ratio * mask_NT).sum(), (ratio**2 * mask_NT).sum()
+    mean = w_sum / n
+    return {
+        "contrib_pos": masked_mean(contrib, pos),
+        "contrib_neg": masked_mean(contrib, neg),
+        "clip_drop_pos_frac": masked_mean(ratio > 1.0 + eps_high, pos),
+        "clip_drop_neg_frac": masked_mean(ratio < 1.0 - eps_low, neg),
+        "is_weight_mean": mean,
+        "is_weight_std": jnp.sqrt(jnp.maximum(w2_sum / n - mean**2, 0.0)),
+        "is_weight_min": jnp.where(mask_NT > 0, ratio, jnp.inf).min(),
+        "is_weight_max": jnp.where(mask_NT > 0, ratio, -jnp.inf).max(),
+        "is_ess": w_sum**2 / jnp.maximum(n * w2_sum, 1e-30),
+    }

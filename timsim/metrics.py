@@ -46,6 +46,16 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("seq_delta_var", "variance over responses of the sequence log-ratio sum_t delta_t", "nats^2"),
     Metric("seq_k3_sum", "mean over responses of sum_t k3_t (per-response mismatch)", "nats"),
     Metric("chi2_seq", "mean over responses of exp(2 sum_t delta_t) - 1 (log-ratio clamped to +-20)"),
+    Metric("contrib_pos", "C(r) = -(r_corr - 1) A, mean over tokens of responses with A > 0"),
+    Metric("contrib_neg", "C(r) = -(r_corr - 1) A, mean over tokens of responses with A < 0"),
+    Metric("clip_drop_pos_frac", "fraction of A > 0 tokens with r_corr > 1 + clip_eps_high (gradient dropped by "
+           "the clip at the first update in bypass mode)"),
+    Metric("clip_drop_neg_frac", "fraction of A < 0 tokens with r_corr < 1 - clip_eps_low"),
+    Metric("is_weight_mean", "mean_t r_corr,t (importance weight pi_old / mu), before any correction"),
+    Metric("is_weight_std", "std_t r_corr,t"),
+    Metric("is_weight_min", "min_t r_corr,t"),
+    Metric("is_weight_max", "max_t r_corr,t"),
+    Metric("is_ess", "normalised effective sample size (sum_t r_corr)^2 / (n sum_t r_corr^2), 1 = no mismatch"),
     Metric("noise_scale", "the logit-noise scale the sampler used (calibrated when perturbation.target_kl is set)"),
     Metric("delta_floor_max", "max_t |logp of the KV-cache decode path - learner logp|: the numerical floor "
            "between the sampling path and the learner, reported not injected", "nats"),

@@ -19,7 +19,7 @@ from flax import nnx
 from timsim import grpo
 from timsim.config import Config
 from timsim.keys import step_key
-from timsim.diagnostics import mismatch_metrics
+from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics
 from timsim.model import response_logits, token_logprobs
 from timsim.perturb import decode_logits_fn, noise_knobs, report_logits, sampler_model, sampler_spec
 from timsim.rollout import learner_logprobs, sample
@@ -132,6 +132,8 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             "response_len": mask.sum(-1).mean(),
             "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params)),
             **mismatch_metrics(logp_all_learner, logp_all_sampler, responses, mask),
+            **advantage_skew_metrics((logp_learner - logp_sampler) * mask, adv, mask,
+                                     hp["grpo.clip_eps_low"], hp["grpo.clip_eps_high"]),
             "noise_scale": knobs["scale"] if spec.noise_fn is not None else jnp.zeros(()),
             "delta_floor_max": jnp.abs(rollout.logp_decode - logp_sampler).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
