@@ -94,16 +94,22 @@ def test_vmap_batching_matches_map_statistically(tiny_overrides, tiny_base, tmp_
     np.testing.assert_allclose(a.loss.to_numpy(), b.loss.to_numpy(), rtol=1e-4, atol=1e-6)
 
 
+def _nested(overrides):
+    """`["a.b=1", ...]` -> {"a": {"b": 1}, ...}: the tiny config as a sweep file's `config:`."""
+    config = {}
+    for item in overrides:
+        key, value = item.split("=", 1)
+        section, leaf = key.split(".")
+        config.setdefault(section, {})[leaf] = yaml.safe_load(value)
+    return config
+
+
 def _sweep_cmd(path, out_dir):
     return [sys.executable, "-m", "timsim.cli", "sweep", str(path), "--out-dir", str(out_dir)]
 
 
 def test_kill_and_resume_gives_identical_tables(tiny_overrides, tiny_base, tmp_path):
-    config = {}
-    for item in tiny_overrides:
-        key, value = item.split("=", 1)
-        section, leaf = key.split(".")
-        config.setdefault(section, {})[leaf] = yaml.safe_load(value)
+    config = _nested(tiny_overrides)
     config["run"].update(steps=15, chunk_steps=5)
     path = _write(tmp_path, {"name": "kr", "config": config, "seeds": [0, 1], "grid": {"grpo.lr": [1e-3, 2e-3]}})
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
@@ -168,11 +174,7 @@ def test_sharded_run_axis_matches_one_device(tiny_overrides, tiny_base, tmp_path
     round differently (DESIGN §8.2 promises bits only at the same device and thread count):
     the first step, before any token can flip, agrees to float precision, and so do the
     sampled rewards, which depend only on prompts, uniforms and the same weights."""
-    config = {}
-    for item in tiny_overrides:
-        key, value = item.split("=", 1)
-        section, leaf = key.split(".")
-        config.setdefault(section, {})[leaf] = yaml.safe_load(value)
+    config = _nested(tiny_overrides)
     config["run"].update(steps=5, chunk_steps=5)
     path = _write(tmp_path, {"name": "sh", "config": config, "seeds": [0, 1, 2]})
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
