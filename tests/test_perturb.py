@@ -186,3 +186,51 @@ def test_advantage_skew_and_is_weights_hand_computed():
 def test_zero_mismatch_skew_metrics_are_neutral(zero_run):
     assert np.all(zero_run["contrib_pos"] == 0.0) and np.all(zero_run["contrib_neg"] == 0.0)
     assert np.all(zero_run["is_ess"] == 1.0) and np.all(zero_run["is_weight_mean"] == 1.0)
+
+
+def _spec(overrides):
+    from timsim.perturb import sampler_spec
+
+    return sampler_spec(load_config(None, overrides))
+
+
+def test_context_noise_is_a_deterministic_function_of_the_context():
+    """Identical contexts get identical noise, whatever the row or the step; contexts that
+    differ at response token j get the same noise up to position j and different noise after."""
+    from timsim.perturb import noise_key_for, report_logits
+
+    spec = _spec(["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.mode=context"])
+    assert jax.random.key_data(noise_key_for(spec, 3, 1)).tolist() == jax.random.key_data(noise_key_for(spec, 3, 9)).tolist()
+    prompts = jnp.array([[1, 2, 12], [1, 2, 12], [1, 2, 12]])
+    responses = jnp.array([[4, 5, 6, 11], [4, 5, 6, 11], [4, 7, 6, 11]])
+    logits = jnp.zeros((3, 4, 16))
+    out = np.asarray(report_logits(spec, logits, None, prompts, responses, noise_key_for(spec, 0, 0),
+                                   {"scale": jnp.float32(1.0)}))
+    assert np.array_equal(out[0], out[1])
+    assert np.array_equal(out[0, :2], out[2, :2]), "positions 0 and 1 share the context"
+    assert not np.any(out[0, 2:] == out[2, 2:]), "after the differing token the noise differs"
+    fresh = _spec(["perturbation.logit_noise.family=gaussian"])
+    assert not np.array_equal(jax.random.key_data(noise_key_for(fresh, 3, 1)), jax.random.key_data(noise_key_for(fresh, 3, 9)))
+
+
+def test_context_noise_at_scale_zero_is_bit_identical(tiny_overrides, tiny_base, zero_run):
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
+                                              "perturbation.logit_noise.mode=context"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    for name, values in zero_run.items():
+        assert np.array_equal(values, metrics[name], equal_nan=True), name
+
+
+def test_context_noise_samples_from_reported_mu(tiny_overrides, tiny_base):
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
+                                              "perturbation.logit_noise.mode=context", "perturbation.logit_noise.scale=1"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(metrics["kl_sampler_learner"] > 0) and np.all(metrics["delta_floor_max"] < 1e-4)
+
+
+def test_weight_noise_is_held_for_hold_steps():
+    from timsim.perturb import weight_noise_key
+
+    spec = _spec(["perturbation.weight_noise.family=gaussian", "perturbation.weight_noise.hold_steps=5"])
+    keys = [jax.random.key_data(weight_noise_key(spec, 0, s)).tolist() for s in range(11)]
+    assert keys[0] == keys[4] and keys[5] == keys[9] and keys[0] != keys[5] and keys[9] != keys[10]

@@ -88,6 +88,9 @@ class LogitNoiseConfig(_Section):
     """Noise on the sampler's logits (log-odds); see `timsim.perturb.LOGIT_NOISE`."""
 
     family: str = "none"
+    mode: Literal["fresh", "context"] = Field("fresh", description=(
+        "fresh: new draws every step and sample; context: a deterministic function of the context "
+        "(prompt + response so far), the same at every step, as a real engine's error is"))
     scale: Traced = Field(0.0, ge=0.0, description="sigma (gaussian, magnitude), t scale, or spike size")
     nu: Traced = Field(3.0, gt=2.0, description="student_t degrees of freedom (> 2: finite variance)")
     rate: Traced = Field(0.01, ge=0.0, le=1.0, description="spikes: probability per vocabulary entry")
@@ -119,10 +122,11 @@ class PrecisionConfig(_Section):
 
 
 class WeightNoiseConfig(_Section):
-    """Gaussian noise added to every sampler weight, re-drawn every step."""
+    """Gaussian noise added to every sampler weight, re-drawn every `hold_steps` updates."""
 
     family: Literal["none", "gaussian"] = "none"
     scale: Traced = Field(0.0, ge=0.0, description="standard deviation added to each weight")
+    hold_steps: int = Field(1, ge=1, description="keep one draw for this many updates (1: re-drawn every step)")
 
 
 class PerturbationConfig(_Section):

@@ -26,8 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from timsim.keys import step_key
 from timsim.model import response_logits
 from timsim.numerics import Numerics
+from timsim.rollout import prefix_hashes
 
 
 def gaussian(key, logits, knobs):
@@ -118,9 +120,11 @@ class SamplerSpec:
     """Static description of how the sampler differs from the learner."""
 
     noise_fn: Callable | None
+    noise_mode: str  # "fresh" | "context"
     sampler_nm: Numerics
     learner_nm: Numerics
     weight_noise: bool
+    weight_hold_steps: int = 1
 
     @property
     def separate_forward(self) -> bool:
@@ -130,8 +134,9 @@ class SamplerSpec:
 
 def sampler_spec(cfg) -> SamplerSpec:
     p = cfg.perturbation
-    return SamplerSpec(make_logits_fn(p.logit_noise.family), p.sampler_precision.numerics(),
-                       p.learner_precision.numerics(), p.weight_noise.family != "none")
+    return SamplerSpec(make_logits_fn(p.logit_noise.family), p.logit_noise.mode, p.sampler_precision.numerics(),
+                       p.learner_precision.numerics(), p.weight_noise.family != "none",
+                       p.weight_noise.hold_steps)
 
 
 def with_weight_noise(params, key: jax.Array, scale) -> nnx.State:
@@ -142,6 +147,11 @@ def with_weight_noise(params, key: jax.Array, scale) -> nnx.State:
     return jax.tree.unflatten(treedef, noisy)
 
 
+def weight_noise_key(spec: SamplerSpec, seed: jax.Array, step: jax.Array) -> jax.Array:
+    """Weight noise is re-drawn every `hold_steps` updates (1: every step)."""
+    return step_key(seed, "weight_noise", step // spec.weight_hold_steps)
+
+
 def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.Array, hp: dict):
     """The model the sampler runs: the learner's, or one with noisy weights."""
     if not spec.weight_noise:
@@ -149,11 +159,24 @@ def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.A
     return nnx.merge(graphdef, with_weight_noise(params, key, hp["perturbation.weight_noise.scale"]))
 
 
+def noise_key_for(spec: SamplerSpec, seed: jax.Array, step: jax.Array) -> jax.Array:
+    """Fresh noise: a key per step. Persistent (context) noise: one key per run, so the same
+    context gets the same error at every step, as a deterministic engine would give it."""
+    return step_key(seed, "noise", 0 if spec.noise_mode == "context" else step)
+
+
+def _per_sequence(fn: Callable, key: jax.Array, logits_NV, hashes_N, knobs):
+    keys = jax.vmap(lambda h: jax.random.fold_in(key, h))(hashes_N)
+    return jax.vmap(lambda k, x: fn(k, x, knobs))(keys, logits_NV)
+
+
 def decode_logits_fn(spec: SamplerSpec, noise_key: jax.Array, knobs: dict) -> Callable | None:
-    """`fn(logits_NV, t)` applied on the KV-cache path while sampling, or None."""
+    """`fn(logits_NV, t, context_hash_N)` applied on the KV-cache path while sampling, or None."""
     if spec.noise_fn is None:
         return None
-    return lambda logits, t: spec.noise_fn(jax.random.fold_in(noise_key, t), logits, knobs)
+    if spec.noise_mode == "context":
+        return lambda logits, t, hashes: _per_sequence(spec.noise_fn, noise_key, logits, hashes, knobs)
+    return lambda logits, t, hashes: spec.noise_fn(jax.random.fold_in(noise_key, t), logits, knobs)
 
 
 def report_logits(spec: SamplerSpec, learner_logits_NTV, model, prompts_NP, responses_NT,
@@ -162,6 +185,11 @@ def report_logits(spec: SamplerSpec, learner_logits_NTV, model, prompts_NP, resp
     logits = learner_logits_NTV
     if spec.separate_forward:
         logits = response_logits(model, prompts_NP, responses_NT, spec.sampler_nm)
-    if spec.noise_fn is not None:
-        logits = perturb_teacher_forced(spec.noise_fn, noise_key, logits, knobs)
-    return logits
+    if spec.noise_fn is None:
+        return logits
+    if spec.noise_mode == "context":
+        hashes_TN = prefix_hashes(prompts_NP, responses_NT).T
+        out_TNV = jax.vmap(lambda x, h: _per_sequence(spec.noise_fn, noise_key, x, h, knobs), in_axes=(1, 0))(
+            logits, hashes_TN)
+        return out_TNV.swapaxes(0, 1)
+    return perturb_teacher_forced(spec.noise_fn, noise_key, logits, knobs)

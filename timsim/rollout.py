@@ -30,16 +30,17 @@ def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperatur
            response_len: int, greedy: bool = False, logits_fn: Callable | None = None,
            nm: Numerics = FP32) -> Rollout:
     """Sample `response_len` tokens after each prompt; `greedy` takes the argmax instead.
-    `logits_fn(logits_NV, t)` is the sampler's perturbation of response position t's logits,
-    `nm` the numerics of its forward."""
+    `logits_fn(logits_NV, t, context_hash_N)` is the sampler's perturbation of response
+    position t's logits (the hash identifies prompt + response so far), `nm` the numerics of
+    its forward."""
     n, p = prompts_NP.shape
     cache = model.prefill(prompts_NP[:, :-1], p + response_len, nm)
 
     def generate(carry, t):
-        cache, token, done = carry
+        cache, token, done, context = carry
         logits, cache = model.decode(token, p - 1 + t, cache, nm)
         if logits_fn is not None:
-            logits = logits_fn(logits, t)
+            logits = logits_fn(logits, t, context)
         logits = logits / temperature
         if greedy:
             new = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -49,11 +50,31 @@ def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperatur
         live = ~done
         new = jnp.where(live, new, PAD)
         done = done | (new == EOS)
-        return (cache, new, done), (new, live.astype(jnp.float32), jnp.where(live, logp, 0.0))
+        return (cache, new, done, extend_hash(context, new)), (new, live.astype(jnp.float32), jnp.where(live, logp, 0.0))
 
-    init = (cache, prompts_NP[:, p - 1], jnp.zeros((n,), bool))
+    init = (cache, prompts_NP[:, p - 1], jnp.zeros((n,), bool), prompt_hash(prompts_NP))
     _, (tokens_TN, mask_TN, logp_TN) = jax.lax.scan(generate, init, jnp.arange(response_len))
     return Rollout(tokens_TN.T, mask_TN.T, logp_TN.T)
+
+
+def extend_hash(hash_N: jax.Array, token_N: jax.Array) -> jax.Array:
+    """Rolling hash of a token sequence (uint32 arithmetic, wrapping)."""
+    return hash_N * jnp.uint32(1_000_003) + token_N.astype(jnp.uint32) + jnp.uint32(1)
+
+
+def prompt_hash(prompts_NP: jax.Array) -> jax.Array:
+    """Hash [N] of each prompt: the context of the first response token."""
+    h = jnp.full(prompts_NP.shape[:1], 2_166_136_261, jnp.uint32)
+    return jax.lax.fori_loop(0, prompts_NP.shape[1], lambda i, h: extend_hash(h, prompts_NP[:, i]), h)
+
+
+def prefix_hashes(prompts_NP: jax.Array, responses_NT: jax.Array) -> jax.Array:
+    """Hash [N, T] of the context (prompt + responses[:, :t]) of every response position t."""
+    def step(h, token):
+        return extend_hash(h, token), h
+
+    _, hashes_TN = jax.lax.scan(step, prompt_hash(prompts_NP), responses_NT.T)
+    return hashes_TN.T
 
 
 def learner_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temperature, nm: Numerics = FP32):

@@ -21,7 +21,8 @@ from timsim.config import Config
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics
 from timsim.model import response_logits, token_logprobs
-from timsim.perturb import decode_logits_fn, noise_knobs, report_logits, sampler_model, sampler_spec
+from timsim.perturb import (decode_logits_fn, noise_key_for, noise_knobs, report_logits, sampler_model, sampler_spec,
+                            weight_noise_key)
 from timsim.rollout import learner_logprobs, sample
 from timsim.tasks import Task
 
@@ -87,8 +88,8 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         model = nnx.merge(graphdef, state.params)
         prompts = task.sample(step_key(seed, "prompts", state.step), n_prompts, "train")
         prompts_N = jnp.repeat(prompts, group, axis=0)
-        noise_key, knobs = step_key(seed, "noise", state.step), noise_knobs(hp)
-        sampler = sampler_model(spec, graphdef, state.params, model, step_key(seed, "weight_noise", state.step), hp)
+        noise_key, knobs = noise_key_for(spec, seed, state.step), noise_knobs(hp)
+        sampler = sampler_model(spec, graphdef, state.params, model, weight_noise_key(spec, seed, state.step), hp)
         rollout = sample(sampler, prompts_N, step_key(seed, "sample", state.step), temperature, response_len,
                          logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
         responses, mask = rollout.responses, rollout.mask
@@ -242,7 +243,9 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
         if spec.noise_fn is None and not spec.separate_forward:
             out["eval_sampler_greedy_accuracy"] = out["eval_greedy_accuracy"]
         else:
-            noise_key, knobs = step_key(seed, "eval", 1), noise_knobs(hp)
+            # fresh noise: an eval-only draw; persistent noise: the run's own deterministic sampler
+            noise_key = noise_key_for(spec, seed, 0) if spec.noise_mode == "context" else step_key(seed, "eval", 1)
+            knobs = noise_knobs(hp)
             sampler = sampler_model(spec, graphdef, params, model, step_key(seed, "eval", 2), hp)
             perturbed = sample(sampler, prompts, key, temperature, response_len, greedy=True,
                                logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
