@@ -1,7 +1,6 @@
 """Precision sites and weight noise on the sampler side."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

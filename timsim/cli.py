@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 HELP = """\
 timsim: training-inference mismatch, as a controlled variable.

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
