@@ -66,7 +66,7 @@ def test_padding_does_not_leak_into_learner_logprobs(tiny_cfg, tiny_base):
 def _train_chunks(cfg, graphdef, params, n_chunks):
     cells = [Cell("c", cfg)]
     hp, _ = stack_hyperparams(cells)
-    state = jax.vmap(lambda h: init_state(params, h))(hp)
+    state = jax.vmap(lambda h: init_state(params, h, cfg.perturbation.lag_steps))(hp)
     chunk = make_chunk(static_view(cfg), cfg.task.build(), graphdef)
     out = []
     for _ in range(n_chunks):
@@ -155,3 +155,15 @@ def test_kl_to_reference_and_entropy_bonus_run(tiny_overrides, tiny_base):
     # forward-only pass and the forward inside value_and_grad are fused differently)
     assert metrics["kl_ref"][:, 0].max() < 1e-8
     assert np.all(metrics["kl_ref"][:, -1] > 0.0), "after updates it has moved away from it"
+
+
+def test_async_lag_is_staleness_not_mismatch(tiny_overrides, tiny_base):
+    """With lag the sampler runs old weights: delta stays exactly 0 (same numerics), while the
+    PPO ratio at the first update departs from 1 once the weights have moved (step > lag)."""
+    cfg = load_config(None, tiny_overrides + ["perturbation.lag_steps=2", "run.chunk_steps=10", "run.steps=10"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(metrics["delta_abs_max"] == 0.0)
+    # step 0: the lagged weights are the current ones (to float rounding: with lag, pi_old comes
+    # from a separate forward, not from the loss's own)
+    assert np.all(metrics["ratio_first_dev_max"][:, 0] < 1e-5)
+    assert np.all(metrics["ratio_first_dev_max"][:, 3:] > 1e-4), "later: pi_theta / pi_old measures staleness"

@@ -39,7 +39,7 @@ def time_chunk(overrides: list[str], runs: int, batching: str, repeats: int = 2)
     graphdef, params = nnx.split(init_model(cfg.model, VOCAB_SIZE, 0), nnx.Param)
     hp, _ = stack_hyperparams([Cell("bench", cfg)])
     hp, params = place(hp, over_runs=True), place(params, over_runs=False)
-    state = place(jax.vmap(lambda h: init_state(params, h))(hp), over_runs=True)
+    state = place(jax.vmap(lambda h: init_state(params, h, cfg.perturbation.lag_steps))(hp), over_runs=True)
     chunk = make_chunk(static_view(cfg), cfg.task.build(), graphdef)
     (state, _), first = _timed(chunk, state, hp, params)
     times = []

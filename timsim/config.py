@@ -134,6 +134,8 @@ class PerturbationConfig(_Section):
     sampler_precision: PrecisionConfig = PrecisionConfig()
     learner_precision: PrecisionConfig = PrecisionConfig()
     weight_noise: WeightNoiseConfig = WeightNoiseConfig()
+    lag_steps: int = Field(0, ge=0, description=(
+        "staleness, not mismatch: the sampler runs the weights of this many updates ago (async RL)"))
     target_kl: TracedOptional = Field(None, gt=0.0, description=(
         "calibrate logit_noise.scale once, at the base model, so that the mean per-token KL(mu || pi) "
         "over sampled response tokens equals this; overrides scale"))

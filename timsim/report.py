@@ -81,7 +81,8 @@ def print_precision_modes(cfg: Config, console: Console, trained: str | None = N
     graphdef, params, info = get_base(cfg, announce=console.print)
     models = {"base": params}
     if trained:
-        models["trained"], step = load_trained_params(trained, params, {**traced_values(cfg), "seed": 0.0})
+        models["trained"], step = load_trained_params(trained, params, {**traced_values(cfg), "seed": 0.0},
+                                                      lag_steps=cfg.perturbation.lag_steps)
         console.print(f"trained weights: {trained}, step {step}, run 0")
     table = Table(title=f"sampler precision vs fp32 learner (base {info['base_key']}, greedy acc "
                         f"{info['greedy_accuracy']:.2f}); {cfg.grpo.prompts_per_step}x{cfg.grpo.group_size} responses")

@@ -120,7 +120,8 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
                           f"that machine's device count); resume it on {group['padded_width']} device(s) or a divisor "
                           f"layout, or pass --restart.")
     hp, base_params = place(hp, over_runs=True), place(base_params, over_runs=False)
-    state = place(jax.vmap(lambda h: init_state(base_params, h))(hp), over_runs=True)
+    lag = cfg.perturbation.lag_steps
+    state = place(jax.vmap(lambda h: init_state(base_params, h, lag))(hp), over_runs=True)
     chunk_steps, n_chunks = cfg.run.chunk_steps, cfg.run.steps // cfg.run.chunk_steps
     static = static_view(cfg)
     chunk_fn, evaluate = make_chunk(static, task, graphdef), make_eval(static, task, graphdef)
@@ -168,7 +169,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
             fault.tick()
 
 
-def load_trained_params(root, base_params, hp_template: dict, run: int = 0):
+def load_trained_params(root, base_params, hp_template: dict, run: int = 0, lag_steps: int = 0):
     """Parameters of run `run` of the first group of a results directory, at its last checkpoint."""
     store = Store(root)
     groups = [(gid, g) for gid, g in store.read_manifest().get("groups", {}).items() if g["chunks_done"]]
@@ -178,7 +179,7 @@ def load_trained_params(root, base_params, hp_template: dict, run: int = 0):
     steps = sorted(int(p.name) for p in (store.root / "ckpt" / gid).iterdir() if p.name.isdigit())
     width = group.get("padded_width", group["run_axis_width"])
     hp = {k: jnp.full((width,), v, jnp.float32) for k, v in hp_template.items()}
-    abstract = jax.eval_shape(lambda: jax.vmap(lambda h: init_state(base_params, h))(hp))
+    abstract = jax.eval_shape(lambda: jax.vmap(lambda h: init_state(base_params, h, lag_steps))(hp))
     state = ocp.StandardCheckpointer().restore(store.checkpoint_dir(gid, steps[-1]).absolute(), abstract)
     return jax.tree.map(lambda x: x[run], state.params), steps[-1]
 

@@ -33,10 +33,12 @@ class RunState(NamedTuple):
     params: nnx.State
     opt_state: optax.OptState
     step: jax.Array  # int32 scalar: updates done so far
+    lagged: nnx.State | None = None  # ring buffer [lag, ...] of past params when the sampler lags
 
 
-def init_state(params: nnx.State, hp: dict) -> RunState:
-    return RunState(params, grpo.make_optimizer(hp).init(params), jnp.zeros((), jnp.int32))
+def init_state(params: nnx.State, hp: dict, lag_steps: int = 0) -> RunState:
+    lagged = None if not lag_steps else jax.tree.map(lambda x: jnp.broadcast_to(x, (lag_steps, *x.shape)), params)
+    return RunState(params, grpo.make_optimizer(hp).init(params), jnp.zeros((), jnp.int32), lagged)
 
 
 def eval_prompts(task: Task, n: int) -> jax.Array:
@@ -57,7 +59,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
         logp, logp_all = learner_logprobs(model, prompts, responses, mask, temperature, spec.learner_nm)
-        if g.old_logprobs == "recompute":
+        if g.old_logprobs == "recompute" and not lag:
             # At the first update theta == theta_old, so pi_old is the loss's own forward. The
             # forward-only recomputation differs from the forward inside value_and_grad by
             # float rounding (~1e-7: XLA fuses them differently), so use this one: r_ppo == 1.
@@ -81,15 +83,19 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     spec = sampler_spec(cfg)
+    lag = cfg.perturbation.lag_steps
 
     def step(state: RunState, hp: dict, ref_params) -> tuple[RunState, dict]:
         seed = hp["seed"].astype(jnp.int32)
         temperature = hp["sampler.temperature"]
-        model = nnx.merge(graphdef, state.params)
+        # With async lag the sampler runs (and recompute uses) the weights of `lag` updates ago:
+        # delta then measures numerics only and the PPO ratio measures staleness (DESIGN §8.2).
+        old_params = state.params if not lag else jax.tree.map(lambda b: b[state.step % lag], state.lagged)
+        model = nnx.merge(graphdef, old_params)
         prompts = task.sample(step_key(seed, "prompts", state.step), n_prompts, "train")
         prompts_N = jnp.repeat(prompts, group, axis=0)
         noise_key, knobs = noise_key_for(spec, seed, state.step), noise_knobs(hp)
-        sampler = sampler_model(spec, graphdef, state.params, model, weight_noise_key(spec, seed, state.step), hp)
+        sampler = sampler_model(spec, graphdef, old_params, model, weight_noise_key(spec, seed, state.step), hp)
         rollout = sample(sampler, prompts_N, step_key(seed, "sample", state.step), temperature, response_len,
                          logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
         responses, mask = rollout.responses, rollout.mask
@@ -140,7 +146,9 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             "ratio_first_dev_max": first_update_ratio_dev,
             **per_update,
         }
-        return RunState(params, opt_state, state.step + 1), metrics
+        lagged = None if not lag else jax.tree.map(lambda b, p: b.at[state.step % lag].set(p), state.lagged,
+                                                   state.params)
+        return RunState(params, opt_state, state.step + 1, lagged), metrics
 
     return step
 
