@@ -234,3 +234,14 @@ def test_weight_noise_is_held_for_hold_steps():
     spec = _spec(["perturbation.weight_noise.family=gaussian", "perturbation.weight_noise.hold_steps=5"])
     keys = [jax.random.key_data(weight_noise_key(spec, 0, s)).tolist() for s in range(11)]
     assert keys[0] == keys[4] and keys[5] == keys[9] and keys[0] != keys[5] and keys[9] != keys[10]
+
+
+def test_a_perturbation_that_breaks_the_numbers_is_reported_not_raised(tiny_overrides, tiny_base):
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=spikes", "perturbation.logit_noise.rate=0.5",
+                                              "perturbation.logit_noise.scale=.inf"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(metrics["nonfinite_frac"][:, 0] > 0)
+
+
+def test_finite_runs_report_no_nonfinite_tokens(zero_run):
+    assert np.all(zero_run["nonfinite_frac"] == 0.0)

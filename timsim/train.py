@@ -142,6 +142,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             **advantage_skew_metrics((logp_learner - logp_sampler) * mask, adv, mask,
                                      hp["grpo.clip_eps_low"], hp["grpo.clip_eps_high"]),
             "noise_scale": knobs["scale"] if spec.noise_fn is not None else jnp.zeros(()),
+            "nonfinite_frac": grpo.masked_mean(~jnp.isfinite(logp_sampler) | ~jnp.isfinite(logp_learner), mask),
             "delta_floor_max": jnp.abs(rollout.logp_decode - logp_sampler).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
             **per_update,
