@@ -71,3 +71,55 @@ def test_bf16_sampler_run_reports_mismatch(tiny_overrides, tiny_base):
     _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
     assert np.all(metrics["kl_sampler_learner"] > 0)
     assert np.all(np.isfinite(metrics["loss"]))
+
+
+def _dense_inputs(dtype, rows=64, depth=256, out=32):
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(rows, depth)).astype(dtype), rng.normal(size=(depth, out)).astype(dtype)
+
+
+def test_split_k_is_exact_in_float64_and_differs_with_bf16_partials():
+    with jax.enable_x64(True):
+        x, w = _dense_inputs(np.float64)
+        plain = np.asarray(jax.jit(Numerics().matmul)(x, w))
+        split = np.asarray(jax.jit(Numerics(split_k=8).matmul)(x, w))
+        np.testing.assert_allclose(split, x @ w, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(plain, x @ w, rtol=0, atol=1e-12)
+    x, w = _dense_inputs(np.float32)
+    exact = x.astype(np.float64) @ w.astype(np.float64)
+    bf16 = np.asarray(jax.jit(Numerics(split_k=8, partials="bf16").matmul)(x, w))
+    err = np.abs(bf16 - exact)
+    assert err.max() > 1e-3, "bf16 partials must change the result"
+    # each of the 8 partials is off by at most half a bf16 ulp of itself
+    partials = np.abs(np.einsum("rck,ckm->crm", x.reshape(64, 8, 32), w.reshape(8, 32, 32)))
+    assert np.all(err <= 2.0**-8 * partials.sum(0) + 1e-4)
+
+
+def test_chunked_softmax_is_exact_in_float64_and_differs_with_bf16_block_sums():
+    scores = np.random.default_rng(1).normal(size=(4, 2, 5, 23)) * 3
+    with jax.enable_x64(True):
+        chunked = np.asarray(jax.jit(Numerics(softmax_chunks=4).softmax)(scores))
+        np.testing.assert_allclose(chunked, np.asarray(jax.nn.softmax(scores, -1)), rtol=1e-13, atol=0)
+    bf16 = np.asarray(jax.jit(Numerics(softmax_chunks=4, partials="bf16").softmax)(scores.astype(np.float32)))
+    assert np.abs(bf16 - np.asarray(jax.nn.softmax(scores, -1))).max() > 1e-4
+
+
+def test_batch_variant_numerics_depend_on_the_batch_size():
+    """The same rows get different numbers in batches of different sizes, unless batch_variant is off."""
+    x, w = _dense_inputs(np.float32, rows=4096)
+    for nm, varies in [(Numerics(split_k=8, partials="bf16", batch_variant=True), True),
+                       (Numerics(split_k=8, partials="bf16"), False)]:
+        small = np.asarray(jax.jit(nm.matmul)(x[:16], w))
+        large = np.asarray(jax.jit(nm.matmul)(x, w))[:16]
+        assert (np.abs(small - large).max() > 0) == varies
+
+
+def test_reordered_sampler_forward_creates_mismatch(tiny_overrides, tiny_base):
+    plain = _kl(["perturbation.sampler_precision.split_k=4"], tiny_overrides, tiny_base)
+    bf16_partials = _kl(["perturbation.sampler_precision.split_k=4", "perturbation.sampler_precision.partials=bf16"],
+                        tiny_overrides, tiny_base)
+    softmax = _kl(["perturbation.sampler_precision.softmax_chunks=4", "perturbation.sampler_precision.partials=bf16"],
+                  tiny_overrides, tiny_base)
+    # fp32 reordering alone changes the last bits only; bf16 partials change far more
+    assert 0 <= plain < bf16_partials / 100
+    assert softmax > 0

@@ -19,8 +19,9 @@ from timsim.numerics import FP32, Numerics
 
 
 def dense(layer: nnx.Linear, x: jax.Array, nm: Numerics) -> jax.Array:
-    """`layer(x)` with the rounding of `nm` at the weights, the input and the result."""
-    y = nm.round(x, "matmul_in") @ nm.round(layer.kernel[...], "weights")
+    """`layer(x)` with the rounding of `nm` at the weights, the input and the result, and its
+    contraction order (split-K)."""
+    y = nm.matmul(nm.round(x, "matmul_in"), nm.round(layer.kernel[...], "weights"))
     y = nm.round(y, "matmul_out")
     return y if layer.bias is None else y + layer.bias[...]
 
@@ -50,7 +51,7 @@ class Block(nnx.Module):
         scores = nm.round(nm.round(q_NHQK, "matmul_in") @ nm.round(k_NHSK, "matmul_in").swapaxes(-1, -2),
                           "matmul_out") * scale
         scores = jnp.where(allowed_QS, scores, -1e30)
-        probs = nm.round(jax.nn.softmax(scores, axis=-1), "activations")
+        probs = nm.round(nm.softmax(scores), "activations")
         out = nm.round(probs @ nm.round(v_NHSK, "matmul_in"), "matmul_out")
         n, _, q_len, _ = out.shape
         return dense(self.attn_out, out.transpose(0, 2, 1, 3).reshape(n, q_len, -1), nm)
