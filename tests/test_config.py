@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import pydantic
@@ -229,11 +228,36 @@ def test_traced_values():
     assert values["grpo.kl_coef"] == pytest.approx(0.1)
     assert all(isinstance(v, float) for v in values.values())
     for key, value in values.items():
-        configured = C.get_dotted(cfg, key)
-        if configured is None:  # an unset host-resolved value (perturbation.target_kl) is NaN
-            assert math.isnan(value)
-        else:
-            assert configured == value
+        assert C.get_dotted(cfg, key) == value
+
+
+def test_host_values_select_no_program_and_reach_none():
+    """A calibration target is resolved on the host: cells that differ only by it share a program."""
+    host = C.traced_keys(kind=C.HOST)
+    assert "perturbation.target.token_kl" in host and not set(host) & set(C.traced_keys())
+    a = C.load_config(None, ["perturbation.logit_noise.family=gaussian", "perturbation.target.token_kl=1e-3"])
+    b = C.load_config(None, ["perturbation.logit_noise.family=gaussian", "perturbation.target.seq_kl=0.5",
+                             "perturbation.target.track=every_chunk"])
+    assert C.static_hash(a) == C.static_hash(b)
+    assert C.traced_values(a) == C.traced_values(b)
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["perturbation.target.token_kl=1e-3", "perturbation.target.seq_kl=1"], "set one target metric"),
+    (["perturbation.target.seq_kl=1", "perturbation.target.equivalent_length=4096"], "use it with token_kl"),
+    (["perturbation.target.token_kl=-1"], "perturbation.target.token_kl"),
+    (["perturbation.target.track=always"], "perturbation.target.track"),
+])
+def test_bad_targets_name_the_field(overrides, match):
+    with pytest.raises(C.ConfigError, match=match):
+        C.load_config(None, ["perturbation.logit_noise.family=gaussian"] + overrides)
+
+
+def test_equivalent_length_arithmetic():
+    cfg = C.load_config(None, ["perturbation.logit_noise.family=gaussian", "perturbation.target.token_kl=1e-3",
+                               "perturbation.target.equivalent_length=4096"])
+    metric, value = cfg.perturbation.target.resolved()
+    assert metric == "seq_kl" and value == pytest.approx(4.096)
 
 
 def test_static_view_blanks_traced_fields():

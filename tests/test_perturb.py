@@ -115,6 +115,19 @@ def test_calibration_hits_its_target(gaussian_measure, tiny_base, target):
     assert got["kl_sampler_learner"] == pytest.approx(target, rel=1e-2)
 
 
+def test_sequence_level_calibration_holds_on_fresh_samples(gaussian_measure, tiny_overrides, tiny_base):
+    """Calibrated on one batch, the per-response KL on an independent batch (other prompts,
+    samples and noise) is within 4 standard errors of the target."""
+    cfg, measure = gaussian_measure
+    target = 0.05
+    scale, got = calibrate_scale(measure, tiny_base[1], cfg, target, "seq_kl")
+    assert got["seq_kl"] == pytest.approx(target, rel=1e-2)
+    fresh = jax.device_get(make_measure(cfg, tiny_base[0], seed=7)(tiny_base[1], hyperparams(cfg, scale)))
+    assert abs(float(fresh["seq_kl"]) - target) < 4 * float(fresh["seq_kl_se"])
+    assert float(fresh["seq_kl"]) == pytest.approx(float(fresh["kl_sampler_learner"]) * float(
+        fresh["response_tokens"]), rel=0.5)  # per response ~ per token x tokens per response
+
+
 def test_unreachable_target_names_the_reachable_range(tiny_overrides, tiny_base):
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=spikes",
                                               "perturbation.logit_noise.rate=0.0"])
@@ -127,7 +140,7 @@ def test_unreachable_target_names_the_reachable_range(tiny_overrides, tiny_base)
     ("perturbation.logit_noise.nu=2", "perturbation.logit_noise.nu"),
     ("perturbation.logit_noise.scale=-1", "perturbation.logit_noise.scale"),
     ("perturbation.logit_noise.rate=1.5", "perturbation.logit_noise.rate"),
-    ("perturbation.target_kl=1e-3", "perturbation"),
+    ("perturbation.target.token_kl=1e-3", "perturbation"),
     ("perturbation.logit_noise.top_k=17", "perturbation.logit_noise.top_k"),
     ("perturbation.logit_noise.top_k=0", "perturbation.logit_noise.top_k"),
     ("perturbation.logit_noise.top_p=0", "perturbation.logit_noise.top_p"),
@@ -159,11 +172,35 @@ def test_mismatch_metrics_hand_computed():
     assert m["dp_abs_max"] == pytest.approx(0.3, rel=1e-5)
     assert m["argmax_flip_frac"] == 0.0
     assert m["seq_k3_sum"] == pytest.approx(np.exp(delta) - 1 - delta, rel=1e-5)
+    assert m["mismatch_k2"] == pytest.approx(delta**2 / 2, rel=1e-5)
+    assert m["log_ppl_diff"] == pytest.approx(delta, rel=1e-5)  # one token: mean_t delta
+    assert m["ppl_ratio"] == pytest.approx(0.5 / 0.8, rel=1e-5)
+    assert m["seq_kl"] == pytest.approx(m["kl_sampler_learner"], rel=1e-6)  # one response token
+    assert m["delta_abs_q50"] == m["delta_abs_q99"] == pytest.approx(abs(delta), rel=1e-5)
+    assert m["entropy_learner"] == pytest.approx(np.log(2), rel=1e-6)
 
 
-def test_target_kl_needs_a_scaled_family():
+def test_pearson_and_quantiles_over_masked_tokens():
+    from timsim.diagnostics import masked_pearson
+
+    x = jnp.array([[0.1, 0.5, 0.9, 7.0]])
+    y = jnp.array([[0.2, 0.4, 1.0, -3.0]])
+    mask = jnp.array([[1.0, 1.0, 1.0, 0.0]])  # the outlier is padding
+    assert float(masked_pearson(x, y, mask)) == pytest.approx(np.corrcoef([0.1, 0.5, 0.9], [0.2, 0.4, 1.0])[0, 1],
+                                                              rel=1e-5)
+    assert float(masked_pearson(x, x, mask)) == 1.0
+    # quantiles of |delta| ignore padding: |delta| = (log 2, log 4, 0) on the real tokens
+    pi = jnp.log(jnp.array([[[0.5, 0.5], [0.8, 0.2], [0.5, 0.5], [0.5, 0.5]]]))
+    mu = jnp.log(jnp.array([[[0.25, 0.75], [0.2, 0.8], [0.5, 0.5], [0.01, 0.99]]]))
+    tokens = jnp.zeros((1, 4), jnp.int32)
+    m = mismatch_metrics(pi, mu, tokens, mask)
+    assert float(m["delta_abs_q50"]) == pytest.approx(np.log(2), rel=1e-5)
+    assert float(m["delta_abs_max"]) == pytest.approx(np.log(4), rel=1e-5)
+
+
+def test_a_target_needs_a_scaled_family():
     with pytest.raises(ConfigError, match="with a scale"):
-        load_config(None, ["perturbation.logit_noise.family=top_k", "perturbation.target_kl=1e-3"])
+        load_config(None, ["perturbation.logit_noise.family=top_k", "perturbation.target.token_kl=1e-3"])
 
 
 def test_advantage_skew_and_is_weights_hand_computed():
@@ -245,3 +282,30 @@ def test_a_perturbation_that_breaks_the_numbers_is_reported_not_raised(tiny_over
 
 def test_finite_runs_report_no_nonfinite_tokens(zero_run):
     assert np.all(zero_run["nonfinite_frac"] == 0.0)
+
+
+def test_delta_quantiles_by_bin_hand_computed():
+    from timsim.diagnostics import delta_quantiles_by_bin
+
+    logp_old = np.log(np.array([[0.05, 0.95, 0.5, 0.5]]))
+    logp_sampler = logp_old - np.array([[0.1, 0.2, 0.3, 9.0]])
+    mask = np.array([[1.0, 1.0, 1.0, 0.0]])  # the last token is padding
+    table = delta_quantiles_by_bin(logp_old, logp_sampler, mask, position_bins=2).set_index(["by", "bin"])
+    assert table.loc[("p", "[0, 0.1)"), "max"] == pytest.approx(0.1)
+    assert table.loc[("p", "[0.9, 0.99)"), "q50"] == pytest.approx(0.2)
+    assert table.loc[("p", "[0.5, 0.9)"), "tokens"] == 1  # padding is not counted
+    assert table.loc[("position", "[0, 2)"), "max"] == pytest.approx(0.2)
+    assert table.loc[("position", "[2, 4)"), "max"] == pytest.approx(0.3)
+
+
+def test_report_only_noise_keeps_the_clean_samples(tiny_overrides, tiny_base, zero_run):
+    """Report-only noise: the tokens are the zero-mismatch run's (same reward and accuracy at
+    the first step, same common random numbers), only the reported log mu differs."""
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
+                                              "perturbation.logit_noise.scale=0.5",
+                                              "perturbation.logit_noise.report_only=true"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    for name in ("reward_mean", "accuracy", "response_len"):
+        assert np.array_equal(metrics[name][:, 0], zero_run[name][:, 0]), name
+    assert np.all(metrics["kl_sampler_learner"] > 0)
+    assert np.all(metrics["delta_floor_max"] > 1e-2)  # sampled from pi, reported log mu: the two differ

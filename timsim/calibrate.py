@@ -1,11 +1,12 @@
-"""Calibration: map a mismatch target (mean per-token KL(mu || pi)) to a noise scale.
+"""Calibration: map a mismatch target (per token or per response) to a noise scale.
 
 Users think in mismatch size, not in sigma. For a given model and token distribution (the
 sampler's own responses to training prompts) `measure` computes the DESIGN §5 mismatch
-metrics at a noise scale; `calibrate_scale` finds the scale whose *exact* mean per-token
-KL(mu || pi) over sampled response positions equals the target, by geometric bisection on the
-measured curve (fixed prompts, sampling uniforms and noise draws make it a deterministic,
-almost monotone function of the scale). For Gaussian logit noise the small-sigma closed form
+metrics at a noise scale; `calibrate_scale` finds the scale at which one of them (by default
+the *exact* mean per-token KL(mu || pi); `perturbation.target` offers per-token k3, mean or
+99th-percentile |delta|, per-response KL, or the variance of the sequence log-ratio) equals
+the target, by geometric bisection on the measured curve (fixed prompts, sampling uniforms
+and noise draws make it a deterministic, almost monotone function of the scale). For Gaussian logit noise the small-sigma closed form
 E[KL] ~= 1/2 sigma^2 (1 - sum_v p_v^2) (temperature 1; sigma / tau otherwise) gives the
 starting point and is reported beside the measurement.
 """
@@ -29,13 +30,14 @@ CALIBRATION_SEED = 2024
 MAX_SCALE = 1e3
 
 
-def make_measure(cfg: Config, graphdef) -> Callable:
+def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token: bool = False) -> Callable:
     """`measure(params, hp) -> metrics` on a fixed batch of the sampler's own responses to
     training prompts; `hp` holds a config's traced values (`hyperparams`). The sampler is the
-    config's whole sampler side (numerics, weight noise, logit noise)."""
+    config's whole sampler side (numerics, weight noise, logit noise). With `per_token` the
+    result also holds the [N, T] arrays `logp_old`, `logp_sampler` and `mask`."""
     task = cfg.task.build()
     spec = sampler_spec(cfg)
-    key = jax.random.key(CALIBRATION_SEED)
+    key = jax.random.key(seed)
     prompts = jnp.repeat(task.sample(jax.random.fold_in(key, 0), cfg.grpo.prompts_per_step), cfg.grpo.group_size, 0)
     noise_key, sample_key, weight_key = (jax.random.fold_in(key, i) for i in (1, 2, 3))
 
@@ -54,6 +56,11 @@ def make_measure(cfg: Config, graphdef) -> Callable:
         collision = (jnp.exp(logp_all) ** 2).sum(-1)
         metrics["one_minus_sum_p2"] = ((1 - collision) * rollout.mask).sum() / rollout.mask.sum()
         metrics["response_tokens"] = rollout.mask.sum(-1).mean()
+        seq_kl_N = ((jnp.exp(logp_all_sampler) * (logp_all_sampler - logp_all)).sum(-1) * rollout.mask).sum(-1)
+        metrics["seq_kl_se"] = seq_kl_N.std() / jnp.sqrt(seq_kl_N.shape[0])  # standard error of seq_kl
+        if per_token:
+            take = lambda a: jnp.take_along_axis(a, rollout.responses[..., None], -1)[..., 0]  # noqa: E731
+            metrics.update(logp_old=take(logp_all), logp_sampler=take(logp_all_sampler), mask=rollout.mask)
         return metrics
 
     return measure
@@ -69,34 +76,37 @@ def gaussian_closed_form_kl(scale: float, one_minus_sum_p2: float, temperature: 
     return 0.5 * (scale / temperature) ** 2 * one_minus_sum_p2
 
 
-def calibrate_scale(measure: Callable, params, cfg: Config, target: float, iters: int = 40) -> tuple[float, dict]:
-    """The scale whose measured mean per-token KL(mu || pi) equals `target` (relative error
-    below 1e-3, or the bisection's resolution), and the metrics measured there."""
+def calibrate_scale(measure: Callable, params, cfg: Config, target: float, metric: str = "kl_sampler_learner",
+                    iters: int = 40) -> tuple[float, dict]:
+    """The scale at which the measured `metric` (a `mismatch_metrics` name; mean per-token
+    KL(mu || pi) by default) equals `target` (relative error below 1e-3, or the bisection's
+    resolution), and the metrics measured there. Every target metric grows with the scale."""
     family = cfg.perturbation.logit_noise.family
     if family not in SCALED:
         raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale; accepted: "
                           f"{', '.join(SCALED)} (got {family!r}).")
     at = lambda s: {k: float(v) for k, v in jax.device_get(measure(params, hyperparams(cfg, s))).items()}  # noqa: E731
     hi = 1.0
-    if family == "gaussian":
+    if family == "gaussian" and metric == "kl_sampler_learner":
         hi = max(1e-6, 2.0 * math.sqrt(2.0 * target / max(at(0.0)["one_minus_sum_p2"], 1e-12)))
     top = at(hi)
-    while top["kl_sampler_learner"] < target:
+    while top[metric] < target:
         if hi >= MAX_SCALE:
-            raise ConfigError(f"perturbation.target_kl={target:g} is out of reach for family {family!r} on this model: "
-                              f"the largest scale tried ({MAX_SCALE:g}) gives mean KL {top['kl_sampler_learner']:.3g}; "
-                              f"reachable range is (0, {top['kl_sampler_learner']:.3g}].")
+            raise ConfigError(f"A calibration target of {metric} = {target:g} is out of reach for family {family!r} "
+                              f"on this model and response length: the largest scale tried ({MAX_SCALE:g}) gives "
+                              f"{top[metric]:.3g}; reachable range is (0, {top[metric]:.3g}] (set a smaller "
+                              f"perturbation.target, or use longer responses for a per-response target).")
         hi = min(hi * 4.0, MAX_SCALE)
         top = at(hi)
     lo, best, best_scale = hi * 1e-6, top, hi
     for _ in range(iters):
         mid = math.sqrt(lo * hi)
         got = at(mid)
-        if abs(got["kl_sampler_learner"] - target) < abs(best["kl_sampler_learner"] - target):
+        if abs(got[metric] - target) < abs(best[metric] - target):
             best, best_scale = got, mid
-        if abs(got["kl_sampler_learner"] / target - 1.0) < 1e-3:
+        if abs(got[metric] / target - 1.0) < 1e-3:
             break
-        lo, hi = (mid, hi) if got["kl_sampler_learner"] < target else (lo, mid)
+        lo, hi = (mid, hi) if got[metric] < target else (lo, mid)
     return best_scale, best
 
 
@@ -113,24 +123,26 @@ def calibration_table(measure: Callable, params, cfg: Config, scales: list[float
 
 
 def resolve_targets(cells: list, graphdef, params) -> tuple[list, dict[str, dict]]:
-    """Replace `perturbation.target_kl` by the calibrated scale (once, at the base model) in
-    every cell that sets one; returns the new cells and what was achieved per cell."""
+    """Replace each cell's `perturbation.target` by the calibrated `logit_noise.scale` (at the
+    base model); returns the new cells and what was achieved per cell (for the manifest)."""
     from timsim.runner import Cell
 
     out, report, programs = [], {}, {}
     for cell in cells:
-        target = cell.cfg.perturbation.target_kl
-        if target is None:
+        target = cell.cfg.perturbation.target
+        if target.metric is None:
             out.append(cell)
             continue
+        metric, value = target.resolved()
         if "measure" not in programs:
             programs["measure"] = make_measure(cell.cfg, graphdef)
-        scale, got = calibrate_scale(programs["measure"], params, cell.cfg, target)
+        scale, got = calibrate_scale(programs["measure"], params, cell.cfg, value, metric)
         noise = cell.cfg.perturbation.logit_noise.model_copy(update={"scale": scale})
         perturbation = cell.cfg.perturbation.model_copy(update={"logit_noise": noise})
         out.append(Cell(cell.cell_id, cell.cfg.model_copy(update={"perturbation": perturbation}), cell.swept))
-        report[cell.cell_id] = {"mode": "once_at_base", "target_kl": target, "scale": scale,
-                                "achieved_kl": got["kl_sampler_learner"], "achieved_k3": got["mismatch_k3"],
-                                "delta_abs_mean": got["delta_abs_mean"], "delta_abs_max": got["delta_abs_max"]}
+        report[cell.cell_id] = {"track": target.track, "metric": metric, "target": value, "scale": scale,
+                                "achieved": got[metric], **{k: got[k] for k in REPORTED}}
     return out, report
 
+
+REPORTED = ("kl_sampler_learner", "mismatch_k3", "seq_kl", "delta_abs_mean", "delta_abs_max", "response_tokens")

@@ -45,9 +45,15 @@ def _parser() -> argparse.ArgumentParser:
     calibrate = sub.add_parser("calibrate", help="map mismatch targets (mean per-token KL) to noise scales on the base model")
     calibrate.add_argument("config")
     calibrate.add_argument("overrides", nargs="*")
-    calibrate.add_argument("--targets", default="1e-4,1e-3,1e-2,1e-1", help="comma-separated KL targets")
+    calibrate.add_argument("--targets", default="1e-4,1e-3,1e-2,1e-1", help="comma-separated target values")
+    calibrate.add_argument("--metric", default="token_kl",
+                           help="what the targets measure: token_kl (default), token_k3, delta_abs_mean, "
+                                "delta_abs_q99, seq_kl, seq_delta_var")
+    calibrate.add_argument("--real-length", type=int, default=4096,
+                           help="response length of the real engine the equivalent per-token KL refers to")
+    calibrate.add_argument("--bins", action="store_true", help="also print |delta| quantiles by probability and position")
     calibrate.add_argument("--modes", action="store_true",
-                           help="instead: the mismatch each sampler precision mode produces (base model)")
+                           help="instead: the mismatch each sampler precision and reduction-order mode produces (base model)")
     calibrate.add_argument("--trained", default=None, metavar="RUN_DIR",
                            help="with --modes: also on the final weights of a results directory's first run")
 
@@ -57,6 +63,18 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("overrides", nargs="*")
     bench.add_argument("--runs", type=int, default=4, help="runs on the run axis for the vmap/map comparison")
     return parser
+
+
+def _floats(text: str, option: str) -> list[float]:
+    from timsim.config import ConfigError
+
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{option} takes comma-separated positive numbers, e.g. 1e-3,1e-2; got {text!r}.") from None
+    if not all(v > 0 for v in values):
+        raise ConfigError(f"{option} takes positive numbers; got {text!r}.")
+    return values
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,7 +128,7 @@ def _dispatch(args, console) -> int:
         if args.modes:
             print_precision_modes(cfg, console, args.trained)
         else:
-            print_calibration(cfg, [float(t) for t in args.targets.split(",")], console)
+            print_calibration(cfg, _floats(args.targets, "--targets"), console, args.metric, args.real_length, args.bins)
         return 0
     if args.command == "pretrain":
         from timsim.base import get_base

@@ -32,8 +32,10 @@ class ConfigError(ValueError):
 
 TRACED = "traced"
 Traced = Annotated[float, TRACED]
-# Resolved on the host before a program runs (e.g. a calibration target): never selects a program.
-TracedOptional = Annotated[float | None, TRACED]
+# Resolved on the host before a program runs (e.g. a calibration target): never selects a
+# program and never reaches one (not in `traced_values`).
+HOST = "host"
+HostValue = Annotated[float | None, HOST]
 
 
 class _Section(BaseModel):
@@ -91,6 +93,9 @@ class LogitNoiseConfig(_Section):
     mode: Literal["fresh", "context"] = Field("fresh", description=(
         "fresh: new draws every step and sample; context: a deterministic function of the context "
         "(prompt + response so far), the same at every step, as a real engine's error is"))
+    report_only: bool = Field(False, description=(
+        "sample from the clean policy and perturb only the reported log-probs (a logging or "
+        "scoring bug: the tokens are pi's, the reported log mu is not)"))
     scale: Traced = Field(0.0, ge=0.0, description="sigma (gaussian, magnitude), t scale, or spike size")
     nu: Traced = Field(3.0, gt=2.0, description="student_t degrees of freedom (> 2: finite variance)")
     rate: Traced = Field(0.01, ge=0.0, le=1.0, description="spikes: probability per vocabulary entry")
@@ -116,9 +121,26 @@ class PrecisionConfig(_Section):
 
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     sites: list[Site] = Field(default_factory=lambda: list(Site.__args__), min_length=1)
+    split_k: int = Field(1, ge=1, le=64, description=(
+        "dense-layer contractions cut into this many chunks, partials added in reverse order"))
+    softmax_chunks: int = Field(1, ge=1, le=64, description="attention normaliser summed in this many key blocks")
+    partials: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "rounding of each split-K partial and softmax block sum (GPU split-K writes them in bf16)"))
+    batch_variant: bool = Field(False, description=(
+        "the split count shrinks as the matmul's row count grows past 1024 (batch-size-dependent numerics)"))
+
+    @model_validator(mode="after")
+    def _reordering_consistent(self):
+        if self.batch_variant and self.split_k == 1:
+            raise ValueError("batch_variant=true needs split_k > 1 (it varies the split count with the batch size)")
+        if self.partials != "fp32" and self.split_k == 1 and self.softmax_chunks == 1:
+            raise ValueError(f"partials={self.partials} rounds split-K partials and softmax block sums: "
+                             "set split_k > 1 or softmax_chunks > 1")
+        return self
 
     def numerics(self) -> Numerics:
-        return Numerics() if self.dtype == "fp32" else Numerics(self.dtype, tuple(self.sites))
+        sites = tuple(self.sites) if self.dtype != "fp32" else Numerics.sites
+        return Numerics(self.dtype, sites, self.split_k, self.partials, self.softmax_chunks, self.batch_variant)
 
 
 class WeightNoiseConfig(_Section):
@@ -129,6 +151,57 @@ class WeightNoiseConfig(_Section):
     hold_steps: int = Field(1, ge=1, description="keep one draw for this many updates (1: re-drawn every step)")
 
 
+TARGET_METRICS = {  # target field -> the measured metric it sets (timsim.diagnostics)
+    "token_kl": "kl_sampler_learner",
+    "token_k3": "mismatch_k3",
+    "delta_abs_mean": "delta_abs_mean",
+    "delta_abs_q99": "delta_abs_q99",
+    "seq_kl": "seq_kl",
+    "seq_delta_var": "seq_delta_var",
+}
+
+
+class TargetConfig(_Section):
+    """A mismatch size that sets `logit_noise.scale` by calibration (`timsim.calibrate`); set
+    exactly one of the metrics, or none (the raw scale is used)."""
+
+    token_kl: HostValue = Field(None, gt=0.0, description="mean per-token exact KL(mu || pi) over response tokens")
+    token_k3: HostValue = Field(None, gt=0.0, description="mean per-token k3 estimate of KL(mu || pi)")
+    delta_abs_mean: HostValue = Field(None, gt=0.0, description="mean |delta| over response tokens")
+    delta_abs_q99: HostValue = Field(None, gt=0.0, description="99th percentile of |delta| over response tokens")
+    seq_kl: HostValue = Field(None, gt=0.0, description="mean per-response KL: sum over the response of token KLs")
+    seq_delta_var: HostValue = Field(None, gt=0.0, description="variance of the sequence log-ratio sum_t delta_t")
+    equivalent_length: int | None = Field(None, ge=1, description=(
+        "with token_kl: match the per-response KL that a real response of this many tokens carries at "
+        "token_kl (calibrates seq_kl = token_kl * equivalent_length on this task's responses)"))
+    track: Annotated[Literal["once", "every_chunk"], HOST] = Field("once", description=(
+        "once: calibrate at the base model; every_chunk: re-calibrate each run at every chunk boundary "
+        "(the KL of a fixed scale shrinks as the policy sharpens)"))
+
+    @model_validator(mode="after")
+    def _one_metric(self):
+        set_ = [k for k in TARGET_METRICS if getattr(self, k) is not None]
+        if len(set_) > 1:
+            raise ValueError(f"set one target metric, got {', '.join(set_)}; accepted: {', '.join(TARGET_METRICS)}")
+        if self.equivalent_length is not None and set_ != ["token_kl"]:
+            raise ValueError("equivalent_length scales a per-token target: use it with token_kl")
+        return self
+
+    @property
+    def metric(self) -> str | None:
+        """The target field that is set, or None."""
+        return next((k for k in TARGET_METRICS if getattr(self, k) is not None), None)
+
+    def resolved(self) -> tuple[str, float] | None:
+        """(measured metric name, value to reach), or None without a target."""
+        if self.metric is None:
+            return None
+        value = getattr(self, self.metric)
+        if self.equivalent_length is not None:
+            return "seq_kl", value * self.equivalent_length
+        return TARGET_METRICS[self.metric], value
+
+
 class PerturbationConfig(_Section):
     logit_noise: LogitNoiseConfig = LogitNoiseConfig()
     sampler_precision: PrecisionConfig = PrecisionConfig()
@@ -136,17 +209,15 @@ class PerturbationConfig(_Section):
     weight_noise: WeightNoiseConfig = WeightNoiseConfig()
     lag_steps: int = Field(0, ge=0, description=(
         "staleness, not mismatch: the sampler runs the weights of this many updates ago (async RL)"))
-    target_kl: TracedOptional = Field(None, gt=0.0, description=(
-        "calibrate logit_noise.scale once, at the base model, so that the mean per-token KL(mu || pi) "
-        "over sampled response tokens equals this; overrides scale"))
+    target: TargetConfig = TargetConfig()
 
     @model_validator(mode="after")
     def _target_needs_family(self):
         from timsim.perturb import SCALED
 
-        if self.target_kl is not None and self.logit_noise.family not in SCALED:
-            raise ValueError(f"perturbation.target_kl needs a perturbation.logit_noise.family with a scale "
-                             f"({', '.join(SCALED)}), got {self.logit_noise.family!r}")
+        if self.target.metric is not None and self.logit_noise.family not in SCALED:
+            raise ValueError(f"perturbation.target.{self.target.metric} needs a perturbation.logit_noise.family "
+                             f"with a scale ({', '.join(SCALED)}), got {self.logit_noise.family!r}")
         return self
 
 
@@ -291,16 +362,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 # ----------------------------------------------------------------------------- static / traced
 
 
-def traced_keys(model: type[BaseModel] = Config, prefix: str = "") -> list[str]:
-    """Dotted keys of every traced field, e.g. ``["sampler.temperature", "grpo.lr", ...]``."""
+def traced_keys(model: type[BaseModel] = Config, prefix: str = "", kind: str = TRACED) -> list[str]:
+    """Dotted keys of every traced field, e.g. ``["sampler.temperature", "grpo.lr", ...]``
+    (`kind=HOST`: of every host-resolved field instead)."""
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += traced_keys(ann, f"{prefix}{name}.")
-        elif TRACED in field.metadata:
+            keys += traced_keys(ann, f"{prefix}{name}.", kind)
+        elif kind in field.metadata:
             keys.append(f"{prefix}{name}")
     return keys
+
+
+def _not_static() -> list[str]:
+    return traced_keys() + traced_keys(kind=HOST)
 
 
 def get_dotted(cfg: BaseModel, dotted: str) -> Any:
@@ -312,8 +388,7 @@ def get_dotted(cfg: BaseModel, dotted: str) -> Any:
 
 def traced_values(cfg: Config) -> dict[str, float]:
     """The traced hyperparameters of one config, by dotted key."""
-    values = {k: get_dotted(cfg, k) for k in traced_keys()}
-    return {k: float("nan") if v is None else float(v) for k, v in values.items()}
+    return {k: float(get_dotted(cfg, k)) for k in traced_keys()}
 
 
 def _construct(model: type[BaseModel], data: dict) -> BaseModel:
@@ -327,9 +402,9 @@ def _construct(model: type[BaseModel], data: dict) -> BaseModel:
 
 
 def static_view(cfg: Config) -> Config:
-    """`cfg` with every traced field set to None: what may select a compiled program."""
+    """`cfg` with every traced and host field set to None: what may select a compiled program."""
     dump = cfg.model_dump()
-    for key in traced_keys():
+    for key in _not_static():
         set_dotted(dump, key, None)
     dump["run"]["seeds"] = []
     return _construct(Config, dump)
@@ -338,7 +413,7 @@ def static_view(cfg: Config) -> Config:
 def static_hash(cfg: Config) -> str:
     """Hash of everything that selects the compiled program (not run names or paths)."""
     dump = cfg.model_dump()
-    for key in traced_keys():
+    for key in _not_static():
         set_dotted(dump, key, None)
     dump["run"]["seeds"] = []
     dump["run"].pop("name"), dump["run"].pop("out_dir")

@@ -125,6 +125,7 @@ class SamplerSpec:
     learner_nm: Numerics
     weight_noise: bool
     weight_hold_steps: int = 1
+    report_only: bool = False  # the logit noise perturbs the reported log-probs, not the sampling
 
     @property
     def separate_forward(self) -> bool:
@@ -136,7 +137,7 @@ def sampler_spec(cfg) -> SamplerSpec:
     p = cfg.perturbation
     return SamplerSpec(make_logits_fn(p.logit_noise.family), p.logit_noise.mode, p.sampler_precision.numerics(),
                        p.learner_precision.numerics(), p.weight_noise.family != "none",
-                       p.weight_noise.hold_steps)
+                       p.weight_noise.hold_steps, p.logit_noise.report_only)
 
 
 def with_weight_noise(params, key: jax.Array, scale) -> nnx.State:
@@ -172,7 +173,7 @@ def _per_sequence(fn: Callable, key: jax.Array, logits_NV, hashes_N, knobs):
 
 def decode_logits_fn(spec: SamplerSpec, noise_key: jax.Array, knobs: dict) -> Callable | None:
     """`fn(logits_NV, t, context_hash_N)` applied on the KV-cache path while sampling, or None."""
-    if spec.noise_fn is None:
+    if spec.noise_fn is None or spec.report_only:
         return None
     if spec.noise_mode == "context":
         return lambda logits, t, hashes: _per_sequence(spec.noise_fn, noise_key, logits, hashes, knobs)

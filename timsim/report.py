@@ -9,7 +9,9 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from timsim.config import Config
+import jax
+
+from timsim.config import Config, ConfigError
 from timsim.plots import plot_curves
 from timsim.runner import Cell, run_cells
 from timsim.store import Store, load
@@ -42,37 +44,71 @@ def print_summary(summary: pd.DataFrame, console: Console) -> None:
     console.print(table)
 
 
-def print_calibration(cfg: Config, targets: list[float], console: Console) -> None:
-    """`timsim calibrate`: the scale reaching each target KL on the config's base model, and what it gives."""
+def print_calibration(cfg: Config, targets: list[float], console: Console, metric: str = "token_kl",
+                      real_length: int = 4096, bins: bool = False) -> None:
+    """`timsim calibrate`: the scale reaching each target on the config's base model, what it
+    gives per token and per response, and the per-token KL a real response of `real_length`
+    tokens would need to carry the same per-response KL (the equivalent real-engine setting)."""
     from timsim.base import get_base
-    from timsim.calibrate import calibrate_scale, calibration_table, make_measure
+    from timsim.calibrate import calibrate_scale, calibration_table, hyperparams, make_measure
+    from timsim.config import TARGET_METRICS
+    from timsim.diagnostics import delta_quantiles_by_bin
 
+    if metric not in TARGET_METRICS:
+        raise ConfigError(f"--metric {metric!r} is not a calibration target; accepted: {', '.join(TARGET_METRICS)}.")
     graphdef, params, info = get_base(cfg, announce=console.print)
     measure = make_measure(cfg, graphdef)
     family = cfg.perturbation.logit_noise.family
-    scales = [calibrate_scale(measure, params, cfg, t)[0] for t in targets]
-    table = Table(title=f"{family} logit noise on base {info['base_key']} (greedy acc {info['greedy_accuracy']:.2f}); "
-                        f"{cfg.grpo.prompts_per_step}x{cfg.grpo.group_size} sampled responses to training prompts")
+    scales = [calibrate_scale(measure, params, cfg, t, TARGET_METRICS[metric])[0] for t in targets]
+    table = Table(title=f"{family} logit noise ({cfg.perturbation.logit_noise.mode}) on base {info['base_key']} "
+                        f"(greedy acc {info['greedy_accuracy']:.2f}); {cfg.grpo.prompts_per_step}x"
+                        f"{cfg.grpo.group_size} sampled responses to training prompts")
     columns = {"scale": "scale", "kl_sampler_learner": "KL(mu||pi)", "mismatch_k3": "k3", "delta_abs_mean": "mean |delta|",
-               "delta_abs_max": "max |delta|", "ratio_out_band_frac": "r outside [0.5,2]", "seq_k3_sum": "per-response k3"}
+               "delta_abs_q99": "q99 |delta|", "delta_abs_max": "max |delta|", "ratio_out_band_frac": "r outside [0.5,2]",
+               "response_tokens": "tokens/resp", "seq_kl": "per-response KL", "equivalent": f"token KL @ {real_length}"}
     if family == "gaussian":
         columns["closed_form_kl"] = "closed form KL"
-    table.add_column("target KL", justify="right")
+    table.add_column(f"target {metric}", justify="right")
     for header in columns.values():
         table.add_column(header, justify="right")
-    for target, row in zip(targets, calibration_table(measure, params, cfg, scales)):
+    rows = calibration_table(measure, params, cfg, scales)
+    for target, row in zip(targets, rows):
+        row["equivalent"] = row["seq_kl"] / real_length
         table.add_row(f"{target:.3g}", *(f"{row[k]:.3g}" for k in columns))
     console.print(table)
-    console.print("Configs can say perturbation.target_kl: <value> instead of a raw scale (calibrated once at the base model).")
+    console.print(f"'token KL @ {real_length}': the per-token KL at which a {real_length}-token response carries the "
+                  f"same per-response KL. Configs can say perturbation.target.{metric}: <value> instead of a raw "
+                  "scale (target.equivalent_length: L turns a token_kl into a per-response target; target.track: "
+                  "once | every_chunk).")
+    if bins:
+        tokens_at = make_measure(cfg, graphdef, per_token=True)
+        for target, scale in zip(targets, scales):
+            got = jax.device_get(tokens_at(params, hyperparams(cfg, scale)))
+            frame = delta_quantiles_by_bin(got["logp_old"], got["logp_sampler"], got["mask"])
+            bin_table = Table(title=f"|delta| quantiles by bin at target {metric} {target:.3g} (scale {scale:.3g}): "
+                                    "p = learner probability of the sampled token, position in the response")
+            for col in frame.columns:
+                bin_table.add_column(col, justify="left" if col in ("by", "bin") else "right")
+            for rec in frame.itertuples(index=False):
+                bin_table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in rec))
+            console.print(bin_table)
 
 
-PRECISION_MODES = [("bf16", None), ("bf16", "weights"), ("bf16", "matmul_in"), ("bf16", "matmul_out"),
-                   ("bf16", "activations"), ("bf16", "logits"), ("fp16", None)]
+PRECISION_MODES = {  # label -> perturbation.sampler_precision
+    "bf16 all sites": {"dtype": "bf16"},
+    **{f"bf16 {site}": {"dtype": "bf16", "sites": [site]}
+       for site in ("weights", "matmul_in", "matmul_out", "activations", "logits")},
+    "fp16 all sites": {"dtype": "fp16"},
+    "split-K 4, fp32 partials": {"split_k": 4},
+    "split-K 4, bf16 partials": {"split_k": 4, "partials": "bf16"},
+    "softmax 4 blocks, bf16 sums": {"softmax_chunks": 4, "partials": "bf16"},
+    "batch-variant split-K 8, bf16": {"split_k": 8, "partials": "bf16", "batch_variant": True},
+}
 
 
 def print_precision_modes(cfg: Config, console: Console, trained: str | None = None) -> None:
-    """`timsim calibrate --modes`: the mismatch each sampler precision mode produces against an
-    fp32 learner, on the base model and (with `trained`) on a trained run's final weights."""
+    """`timsim calibrate --modes`: the mismatch each sampler precision or reduction-order mode
+    produces against an fp32 learner, on the base model and (with `trained`) on a trained run's final weights."""
     from timsim.base import get_base
     from timsim.calibrate import hyperparams, make_measure
     from timsim.config import config_from_dict, traced_values
@@ -84,18 +120,18 @@ def print_precision_modes(cfg: Config, console: Console, trained: str | None = N
         models["trained"], step = load_trained_params(trained, params, {**traced_values(cfg), "seed": 0.0},
                                                       lag_steps=cfg.perturbation.lag_steps)
         console.print(f"trained weights: {trained}, step {step}, run 0")
-    table = Table(title=f"sampler precision vs fp32 learner (base {info['base_key']}, greedy acc "
+    table = Table(title=f"sampler numerics vs fp32 learner (base {info['base_key']}, greedy acc "
                         f"{info['greedy_accuracy']:.2f}); {cfg.grpo.prompts_per_step}x{cfg.grpo.group_size} responses")
     for col in ["mode", "weights", "KL(mu||pi)", "k3", "mean |delta|", "max |delta|", "argmax flips", "r outside [0.5,2]"]:
         table.add_column(col, justify="left" if col in ("mode", "weights") else "right")
-    for dtype, site in PRECISION_MODES:
+    for label, precision in PRECISION_MODES.items():
         raw = cfg.model_dump()
-        raw["perturbation"]["sampler_precision"] = {"dtype": dtype, **({"sites": [site]} if site else {})}
+        raw["perturbation"]["sampler_precision"] = precision
         mode_cfg = config_from_dict(raw)
         measure = make_measure(mode_cfg, graphdef)
         for name, weights in models.items():
             m = {k: float(v) for k, v in measure(weights, hyperparams(mode_cfg, 0.0)).items()}
-            table.add_row(f"{dtype} {site or 'all sites'}", name, f"{m['kl_sampler_learner']:.3g}", f"{m['mismatch_k3']:.3g}",
+            table.add_row(label, name, f"{m['kl_sampler_learner']:.3g}", f"{m['mismatch_k3']:.3g}",
                           f"{m['delta_abs_mean']:.3g}", f"{m['delta_abs_max']:.3g}", f"{m['argmax_flip_frac']:.3g}",
                           f"{m['ratio_out_band_frac']:.3g}")
     console.print(table)

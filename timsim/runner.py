@@ -110,8 +110,9 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
     cells, calibration = resolve_targets(cells, graphdef, base_params)
     for cell_id, got in calibration.items():
         manifest["cells"][cell_id]["calibration"] = got
-        console.print(f"  {cell_id}: target KL {got['target_kl']:.3g} -> noise scale {got['scale']:.4g} "
-                      f"(achieved KL {got['achieved_kl']:.3g} at the base model)")
+        console.print(f"  {cell_id}: target {got['metric']} {got['target']:.3g} -> noise scale {got['scale']:.4g} "
+                      f"(achieved {got['achieved']:.3g} at the base model; per-token KL "
+                      f"{got['kl_sampler_learner']:.3g}, per-response KL {got['seq_kl']:.3g})")
     hp, runs = stack_hyperparams(cells)
     n_runs = len(runs)
     width = len(hp["seed"])
