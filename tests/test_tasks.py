@@ -24,6 +24,7 @@ N_DIGITS = {
     "add": (1, 3, 5, 8),
     "modmul": (1, 3, 4),
     "count": (1, 3, 5, 12),
+    "cumsum": (1, 3, 5),
 }
 CASES = [(name, n) for name, ns in N_DIGITS.items() for n in ns]
 CASE_IDS = [f"{name}-{n}" for name, n in CASES]
@@ -154,11 +155,14 @@ def _reference_answer(task: T.Task, row) -> list[int]:
         assert len(digits) == n and len(q) == 1
         width = len(str(n))
         return [int(c) for c in str(digits.count(q[0])).zfill(width)]
+    if task.name == "cumsum":
+        assert len(body) == n and all(t.isdigit() for t in body)
+        return [sum(int(t) for t in body[: i + 1]) % 10 for i in range(n)]
     raise AssertionError(f"no reference for {task.name}")
 
 
 def _expected_prompt_len(name: str, n: int) -> int:
-    return {"reverse": n + 1, "sort": n + 1, "add": 2 * n + 2, "modmul": 2 * n + 2, "count": n + 3}[name]
+    return {"reverse": n + 1, "sort": n + 1, "cumsum": n + 1, "add": 2 * n + 2, "modmul": 2 * n + 2, "count": n + 3}[name]
 
 
 def _edge_digits(task: T.Task) -> np.ndarray:
@@ -174,8 +178,8 @@ def _edge_digits(task: T.Task) -> np.ndarray:
 # ----------------------------------------------------------------------------- registry / construction
 
 
-def test_registry_contains_the_five_tasks():
-    assert set(T.TASKS) == {"reverse", "sort", "add", "modmul", "count"}
+def test_registry_contains_the_six_tasks():
+    assert set(T.TASKS) == {"reverse", "sort", "add", "modmul", "count", "cumsum"}
     for name, cls in T.TASKS.items():
         assert cls.name == name
         assert issubclass(cls, T.Task)
@@ -529,3 +533,20 @@ def test_sampler_is_deterministic_given_key():
 def test_eval_fraction_of_uniform_draws_is_about_ten_percent():
     rows = np.random.default_rng(0).integers(0, 10, size=(20000, 6)).astype(np.int32)
     assert 0.09 < _held(rows).mean() < 0.11
+
+
+@pytest.mark.parametrize("name", ["reverse", "sort", "cumsum"])
+@pytest.mark.parametrize("n", [64, 255])
+def test_long_responses_verify_the_answer_and_reject_every_single_token_corruption(name, n):
+    """Long tasks (64-256 response tokens): the right answer passes, and every response that
+    differs from it in one checked position (any of the 15 other tokens) fails."""
+    task = _task(name, n)
+    prompts = _sample(task, 0, n=1)
+    target = np.asarray(task.target(jnp.asarray(prompts), n + 1))
+    assert target.shape == (1, n + 1)
+    np.testing.assert_array_equal(target[0, :n], _reference_answer(task, prompts[0]))
+    ps, rs = _all_single_corruptions(prompts, target, n + 1)
+    assert len(rs) == (n + 1) * (T.VOCAB_SIZE - 1)
+    verify = jax.jit(task.verify)
+    assert bool(verify(jnp.asarray(prompts), jnp.asarray(target))[0])
+    assert not np.asarray(verify(jnp.asarray(ps), jnp.asarray(rs))).any()

@@ -57,6 +57,18 @@ def _parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--trained", default=None, metavar="RUN_DIR",
                            help="with --modes: also on the final weights of a results directory's first run")
 
+    critical = sub.add_parser("critical", help="find the smallest mismatch at which training degrades against "
+                                               "its zero-mismatch twin (paired over seeds)")
+    critical.add_argument("config")
+    critical.add_argument("overrides", nargs="*")
+    critical.add_argument("--levels", default="1e-3,1e-2,1e-1", help="initial log-spaced target values")
+    critical.add_argument("--target", default="token_kl", help="what a level measures (a perturbation.target key)")
+    critical.add_argument("--margin", type=float, default=0.05, help="accuracy drop that counts as degradation")
+    critical.add_argument("--confidence", type=float, default=0.95, help="confidence level of the paired interval")
+    critical.add_argument("--bisect", type=int, default=2, help="geometric bisection rounds after the grid")
+    critical.add_argument("--out-dir", default=None, help="results parent directory (default: run.out_dir)")
+    critical.add_argument("--restart", action="store_true", help="discard earlier results of this study")
+
     sub.add_parser("metrics", help="list every metric with its formula")
 
     bench = sub.add_parser("bench", help="time one GRPO step (standard shape: 32 prompts x 8 samples x 16 tokens)")
@@ -129,6 +141,11 @@ def _dispatch(args, console) -> int:
             print_precision_modes(cfg, console, args.trained)
         else:
             print_calibration(cfg, _floats(args.targets, "--targets"), console, args.metric, args.real_length, args.bins)
+        return 0
+    if args.command == "critical":
+        from timsim.report import critical
+
+        critical(cfg, args, _floats(args.levels, "--levels"), console)
         return 0
     if args.command == "pretrain":
         from timsim.base import get_base

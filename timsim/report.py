@@ -179,3 +179,38 @@ def sweep(path: str, overrides: list[str], console: Console, dry_run: bool = Fal
                         restart=restart)
     finish(root, summary, console)
     return root
+
+
+def critical(cfg: Config, args, levels: list[float], console: Console) -> Path:
+    """`timsim critical`: run (or resume) the finder, print the dose-response table."""
+    from timsim.critical import FinderSettings, run_finder
+
+    settings = FinderSettings(levels, args.target, args.margin, args.confidence, args.bisect)
+    settings.validate(cfg)
+    root = Path(args.out_dir or cfg.run.out_dir) / f"critical-{cfg.run.name}"
+    record = run_finder(cfg, settings, root, console, restart=args.restart)
+    table = pd.read_parquet(root / "critical.parquet")
+    out = Table(title=f"dose-response: {record['family']} ({record['mode']}), {record['old_logprobs']}, "
+                      f"{record['response_len']}-token responses, {len(record['seeds'])} paired seeds, "
+                      f"{record['steps']} steps (final = held-out greedy accuracy)")
+    for col in ["level", "scale", "token KL", "per-resp KL", "mean k3 (train)", "final acc", "peak acc", "collapsed",
+                "paired diff", "degrades", "first signif. step"]:
+        out.add_column(col, justify="right")
+    for r in table.itertuples():
+        out.add_row(f"{r.level:.3g}", f"{r.scale:.3g}", f"{r.token_kl_base:.3g}", f"{r.seq_kl_base:.3g}",
+                    f"{r.mean_k3_training:.3g}", _fmt(r.final_accuracy, r.final_accuracy_ci),
+                    _fmt(r.peak_accuracy, r.peak_accuracy_ci), f"{r.collapse_rate:.2f}",
+                    _fmt(r.paired_diff, r.paired_diff_ci), "yes" if r.degrades else "no",
+                    "-" if math.isnan(r.first_significant_step) else f"{r.first_significant_step:g}")
+    console.print(out)
+    if record["critical_level"] is None:
+        console.print(f"No level degrades by more than {record['margin']:g} at {record['confidence']:.0%} confidence: "
+                      f"the critical level lies above {max(levels):g} (try larger --levels).")
+    else:
+        where = (f"between {record['below']:.3g} and {record['critical_level']:.3g}" if record["below"] is not None
+                 else f"at or below {record['critical_level']:.3g} (the smallest level tried; try smaller --levels)")
+        console.print(f"[bold]critical {record['target']}[/]: {where} (per-token KL {record['critical_token_kl']:.3g}, "
+                      f"per-response KL {record['critical_seq_kl']:.3g} at the base model); degradation significant "
+                      f"from step {record['first_significant_step']:g}.")
+    console.print(f"results: {root}/ (critical.parquet, critical.json, critical.png, metrics/)")
+    return root

@@ -159,6 +159,18 @@ class Sort(Reverse):
 
 
 @dataclasses.dataclass(frozen=True)
+class CumSum(Reverse):
+    """`d1 .. dn =` -> running sums mod 10: (d1) (d1+d2) ... (d1+..+dn), one digit each.
+    A long-response task whose every answer token depends on the previous one: an error
+    early in the response carries into the rest unless the model recomputes from the prompt."""
+
+    name: ClassVar[str] = "cumsum"
+
+    def solve(self, prompts):
+        return jnp.cumsum(prompts[:, : self.n_digits], axis=1) % 10
+
+
+@dataclasses.dataclass(frozen=True)
 class Add(Task):
     """`a + b =` with n-digit operands (most significant first) -> a+b, n+1 digits,
     least significant first (as in minGPT's adder: the carry flows left to right)."""
@@ -240,6 +252,7 @@ TASKS: dict[str, type[Task]] = {
     "add": Add,
     "modmul": ModMul,
     "count": Count,
+    "cumsum": CumSum,
 }
 
 

@@ -1,0 +1,96 @@
+"""The critical-mismatch finder: statistics and search on synthetic dose-responses (no
+training), plus one tiny end-to-end run that checks the study's files and resume."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from timsim.config import ConfigError, load_config
+from timsim.critical import FinderSettings, degrades, find_critical, paired_ci
+
+
+def synthetic(threshold: float, seeds: int = 8, noise: float = 0.01, calls: list | None = None):
+    """A monotone dose-response: no effect below `threshold`, a drop of 0.3 per decade above it,
+    plus seed noise; returns paired differences per level as `evaluate` would."""
+    rng = np.random.default_rng(0)
+
+    def evaluate(levels):
+        if calls is not None:
+            calls.append(list(levels))
+        return {lv: -0.3 * max(0.0, math.log10(lv / threshold)) + noise * rng.standard_normal(seeds) for lv in levels}
+
+    return evaluate
+
+
+def test_paired_ci_matches_the_t_interval():
+    diffs = np.array([-0.1, -0.2, 0.0, -0.15, -0.05])
+    mean, half = paired_ci(diffs, 0.95)
+    assert mean == pytest.approx(-0.1)
+    assert half == pytest.approx(2.776 * diffs.std(ddof=1) / math.sqrt(5), rel=1e-3)
+    assert degrades(diffs, 0.05, 0.95) and not degrades(diffs, 0.15, 0.95)
+    assert not degrades(np.array([-0.3, 0.3, -0.3, 0.3, -0.31]), 0.0, 0.95)  # not significant
+
+
+@pytest.mark.parametrize("threshold", [3e-3, 2e-2])
+def test_finder_recovers_a_known_threshold(threshold):
+    """With margin m the true critical level is threshold * 10^(m / 0.3); after the grid and
+    `rounds` bisections the bracket is (grid step)^(1/2^rounds) wide and contains it."""
+    margin, rounds = 0.05, 4
+    truth = threshold * 10 ** (margin / 0.3)
+    calls = []
+    found = find_critical(synthetic(threshold, calls=calls), [1e-4, 1e-3, 1e-2, 1e-1, 1.0], rounds, margin, 0.95)
+    assert found.below < truth <= found.critical * 1.02
+    assert found.critical / found.below <= 10 ** (1 / 2**rounds) * 1.0001
+    assert len(calls) == 1 + rounds and all(len(c) == 1 for c in calls[1:])  # one new level per round
+
+
+def test_finder_reports_no_critical_level_when_nothing_degrades():
+    found = find_critical(synthetic(10.0), [1e-3, 1e-2], 3, 0.05, 0.95)
+    assert found.critical is None and set(found.diffs) == {1e-3, 1e-2}
+
+
+def test_finder_says_when_even_the_smallest_level_degrades():
+    found = find_critical(synthetic(1e-6), [1e-3, 1e-2], 3, 0.05, 0.95)
+    assert found.critical == 1e-3 and found.below is None
+
+
+@pytest.mark.parametrize("flag, value, match", [
+    ("margin", 1.5, "--margin"), ("confidence", 1.0, "--confidence"), ("levels", [0.0, 1e-2], "--levels"),
+    ("target", "kl", "--target"),
+])
+def test_bad_finder_settings_name_the_option(flag, value, match):
+    cfg = load_config(None, ["perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]"])
+    kwargs = {"levels": [1e-3, 1e-2], flag: value}
+    with pytest.raises(ConfigError, match=match):
+        FinderSettings(**kwargs).validate(cfg)
+
+
+def test_finder_needs_five_seeds_and_a_scaled_family():
+    with pytest.raises(ConfigError, match="at least 5 seeds"):
+        FinderSettings([1e-2]).validate(load_config(None, ["perturbation.logit_noise.family=gaussian"]))
+    with pytest.raises(ConfigError, match="with a scale"):
+        FinderSettings([1e-2]).validate(load_config(None, ["run.seeds=[0,1,2,3,4]"]))
+
+
+def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides, tiny_base):
+    """Tiny and short: checks the files, the twin pairing and that a rerun recomputes nothing."""
+    from rich.console import Console
+
+    from timsim.critical import run_finder
+    from timsim.store import load
+
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]",
+                                              "run.steps=2", "run.chunk_steps=2", "run.name=tiny"])
+    settings = FinderSettings([1e-2, 1.0], bisect_rounds=1)
+    record = run_finder(cfg, settings, tmp_path / "crit", Console(width=120))
+    for name in ("critical.parquet", "critical.json", "critical.png", "manifest.json"):
+        assert (tmp_path / "crit" / name).exists(), name
+    assert json.loads((tmp_path / "crit" / "critical.json").read_text()) == record
+    _, summary = load(tmp_path / "crit")
+    assert set(summary.cell_id) >= {"zero", "level=0.01", "level=1"}
+    assert summary.groupby("cell_id").seed.apply(sorted).map(tuple).nunique() == 1  # every level is paired
+    parts = sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir())
+    assert run_finder(cfg, settings, tmp_path / "crit", Console(width=120)) == record
+    assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts  # nothing recomputed

@@ -1,0 +1,253 @@
+"""The critical-mismatch finder: how much mismatch can a run take before it degrades?
+
+A dose-response study for one noise family and mode. A zero-mismatch twin and each mismatch
+level (a calibrated `perturbation.target`, per-token KL by default) run over the same seeds,
+so each seed's level run shares prompts, sampling uniforms and noise draws with its twin
+(common random numbers) and the final held-out accuracies can be compared seed by seed.
+
+A level *degrades* when the mean paired difference (level minus twin) is below -margin and
+the upper end of its confidence interval (Student t over seeds) is below 0: worse by more
+than the margin on average, and significantly worse. The finder starts on a log-spaced grid
+and bisects geometrically between the highest level below the first degrading one and that
+level. All levels share one static config, so the runs of a round batch on the run axis of
+one compiled program. The study is a sweep directory: interrupt it and rerun the same
+command, and finished levels are kept.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from timsim.config import TARGET_METRICS, Config, ConfigError, set_dotted
+
+MIN_SEEDS = 5
+ZERO_CELL = "zero"
+
+
+def paired_ci(diffs: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Mean and two-sided confidence half-width (Student t) of paired differences."""
+    diffs = np.asarray(diffs, float)
+    if diffs.size < 2:
+        return float(diffs.mean()), math.inf
+    half = stats.t.ppf(0.5 + confidence / 2, diffs.size - 1) * diffs.std(ddof=1) / math.sqrt(diffs.size)
+    return float(diffs.mean()), float(half)
+
+
+def degrades(diffs: np.ndarray, margin: float, confidence: float) -> bool:
+    mean, half = paired_ci(diffs, confidence)
+    return mean < -margin and mean + half < 0
+
+
+@dataclasses.dataclass
+class Finding:
+    """The finder's answer: per-level paired differences, the critical level (None when no
+    level degrades) and the bracket it was narrowed to (`below`: highest non-degrading level
+    under it, None when even the smallest level degrades)."""
+
+    diffs: dict[float, np.ndarray]
+    critical: float | None
+    below: float | None
+
+
+def find_critical(evaluate: Callable[[list[float]], dict[float, np.ndarray]], levels: list[float],
+                  bisect_rounds: int, margin: float, confidence: float) -> Finding:
+    """`evaluate(levels) -> {level: paired differences per seed}` (it may return earlier levels
+    too); grid first, then `bisect_rounds` geometric bisections of the bracket."""
+    diffs = dict(evaluate(sorted(levels)))
+    for _ in range(bisect_rounds):
+        critical, below = _bracket(diffs, margin, confidence)
+        if critical is None or below is None:
+            break
+        diffs.update(evaluate([math.sqrt(critical * below)]))
+    critical, below = _bracket(diffs, margin, confidence)
+    return Finding(dict(sorted(diffs.items())), critical, below)
+
+
+def _bracket(diffs, margin, confidence) -> tuple[float | None, float | None]:
+    bad = [lv for lv in sorted(diffs) if degrades(diffs[lv], margin, confidence)]
+    if not bad:
+        return None, None
+    below = [lv for lv in sorted(diffs) if lv < bad[0]]
+    return bad[0], (below[-1] if below else None)
+
+
+# ----------------------------------------------------------------------------- on real runs
+
+
+@dataclasses.dataclass(frozen=True)
+class FinderSettings:
+    levels: list[float]
+    target: str = "token_kl"
+    margin: float = 0.05
+    confidence: float = 0.95
+    bisect_rounds: int = 2
+    collapse_fraction: float = 0.5
+
+    def validate(self, cfg: Config) -> None:
+        from timsim.perturb import SCALED
+
+        problems = []
+        if self.target not in TARGET_METRICS:
+            problems.append(f"--target must be one of {', '.join(TARGET_METRICS)} (got {self.target!r})")
+        if not 0.0 <= self.margin < 1.0:
+            problems.append(f"--margin is an accuracy difference in [0, 1) (got {self.margin})")
+        if not 0.5 <= self.confidence < 1.0:
+            problems.append(f"--confidence must be in [0.5, 1) (got {self.confidence})")
+        if not self.levels or min(self.levels) <= 0:
+            problems.append(f"--levels must be positive target values (got {self.levels})")
+        if self.bisect_rounds < 0:
+            problems.append(f"--bisect must be >= 0 (got {self.bisect_rounds})")
+        if cfg.perturbation.logit_noise.family not in SCALED:
+            problems.append(f"perturbation.logit_noise.family must be a family with a scale ({', '.join(SCALED)}), "
+                            f"got {cfg.perturbation.logit_noise.family!r}")
+        if len(cfg.run.seeds) < MIN_SEEDS:
+            problems.append(f"run.seeds needs at least {MIN_SEEDS} seeds for a paired confidence interval "
+                            f"(got {len(cfg.run.seeds)}; e.g. run.seeds=[0,1,2,3,4])")
+        if cfg.perturbation.target.metric is not None:
+            problems.append("perturbation.target must be unset: the finder sets it per level")
+        if problems:
+            raise ConfigError("Invalid critical-mismatch finder settings: " + "; ".join(problems) + ".")
+
+
+def level_cell_id(level: float) -> str:
+    return f"level={level:.4g}"
+
+
+def make_cells(cfg: Config, settings: FinderSettings, levels: list[float]) -> list:
+    """The zero-mismatch twin and one cell per level (same seeds, same static config)."""
+    from timsim.config import config_from_dict
+    from timsim.runner import Cell
+
+    zero = cfg.model_dump()
+    set_dotted(zero, "perturbation.logit_noise.scale", 0.0)
+    cells = [Cell(ZERO_CELL, config_from_dict(zero), {f"perturbation.target.{settings.target}": 0.0})]
+    for level in levels:
+        raw = cfg.model_dump()
+        set_dotted(raw, f"perturbation.target.{settings.target}", level)
+        cells.append(Cell(level_cell_id(level), config_from_dict(raw), {f"perturbation.target.{settings.target}": level}))
+    return cells
+
+
+def paired_differences(summary: pd.DataFrame, cell_id: str, column: str = "final_accuracy") -> np.ndarray:
+    """Per seed: `column` of the level's run minus the zero-mismatch twin's (same seed)."""
+    twin = summary[summary.cell_id == ZERO_CELL].set_index("seed")[column]
+    runs = summary[summary.cell_id == cell_id].set_index("seed")[column]
+    return (runs - twin.loc[runs.index]).to_numpy(float)
+
+
+def first_significant_step(metrics: pd.DataFrame, cell_id: str, margin: float, confidence: float) -> float:
+    """The first evaluation step at which the level degrades against its twin (NaN: never)."""
+    ev = metrics.dropna(subset=["eval_greedy_accuracy"])
+    wide = ev.pivot_table(index="step", columns=["cell_id", "seed"], values="eval_greedy_accuracy")
+    if cell_id not in wide.columns.get_level_values(0):
+        return float("nan")
+    diff = wide[cell_id] - wide[ZERO_CELL][wide[cell_id].columns]
+    for step, row in diff.iterrows():
+        if step > 0 and degrades(row.to_numpy(float), margin, confidence):
+            return float(step)
+    return float("nan")
+
+
+def dose_response(finding: Finding, metrics: pd.DataFrame, summary: pd.DataFrame, manifest: dict,
+                  settings: FinderSettings) -> pd.DataFrame:
+    """One row per level (the twin first): calibration, accuracy, collapse rate, paired difference."""
+    rows = []
+    for level in [0.0, *finding.diffs]:
+        cell_id = ZERO_CELL if level == 0.0 else level_cell_id(level)
+        runs = summary[summary.cell_id == cell_id]
+        calib = manifest["cells"][cell_id].get("calibration", {})
+        acc, acc_ci = paired_ci(runs.final_accuracy.to_numpy(), settings.confidence)
+        peak, peak_ci = paired_ci(runs.peak_accuracy.to_numpy(), settings.confidence)
+        collapsed = runs.final_accuracy < settings.collapse_fraction * runs.peak_accuracy
+        row = {"level": level, "scale": calib.get("scale", 0.0),
+               "token_kl_base": calib.get("kl_sampler_learner", 0.0), "seq_kl_base": calib.get("seq_kl", 0.0),
+               "mean_k3_training": float(runs.mean_mismatch_k3.mean()), "seeds": len(runs),
+               "final_accuracy": acc, "final_accuracy_ci": acc_ci, "peak_accuracy": peak, "peak_accuracy_ci": peak_ci,
+               "collapse_rate": float(collapsed.mean())}
+        if level == 0.0:
+            row.update(paired_diff=0.0, paired_diff_ci=0.0, degrades=False, first_significant_step=float("nan"))
+        else:
+            mean, half = paired_ci(finding.diffs[level], settings.confidence)
+            row.update(paired_diff=mean, paired_diff_ci=half,
+                       degrades=degrades(finding.diffs[level], settings.margin, settings.confidence),
+                       first_significant_step=first_significant_step(metrics, cell_id, settings.margin,
+                                                                     settings.confidence))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, restart: bool = False) -> dict:
+    """Run (or resume) the finder into `root`; writes critical.parquet, critical.json and
+    critical.png there and returns the record of critical.json."""
+    from timsim.runner import run_cells
+    from timsim.store import Store, atomic_write_bytes, atomic_write_parquet, load
+
+    settings.validate(cfg)
+    store = Store(root)
+    if restart:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+    known = sorted(c["swept"][f"perturbation.target.{settings.target}"]
+                   for cid, c in store.read_manifest().get("cells", {}).items() if cid != ZERO_CELL)
+    tried: list[float] = []
+    sweep = {"name": f"critical-{cfg.run.name}", "sweep_hash": None}
+
+    def evaluate(levels: list[float]) -> dict[float, np.ndarray]:
+        nonlocal tried
+        tried = sorted(set(tried) | set(levels))
+        plan = sorted(set(tried) | set(known))  # levels an interrupted invocation started stay in the plan
+        console.print(f"[bold]critical finder[/]: levels {', '.join(f'{lv:.3g}' for lv in plan)} "
+                      f"({settings.target}) x {len(cfg.run.seeds)} seeds, against the zero-mismatch twin")
+        summary = run_cells(make_cells(cfg, settings, plan), store, console, sweep=sweep)
+        return {lv: paired_differences(summary, level_cell_id(lv)) for lv in plan}
+
+    finding = find_critical(evaluate, settings.levels, settings.bisect_rounds, settings.margin, settings.confidence)
+    metrics, summary = load(root)
+    table = dose_response(finding, metrics, summary, store.read_manifest(), settings)
+    atomic_write_parquet(root / "critical.parquet", table)
+    record = {"critical_level": finding.critical, "below": finding.below, "target": settings.target,
+              "margin": settings.margin, "confidence": settings.confidence, "seeds": list(cfg.run.seeds),
+              "family": cfg.perturbation.logit_noise.family, "mode": cfg.perturbation.logit_noise.mode,
+              "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps}
+    if finding.critical is not None:
+        row = table[table.level == finding.critical].iloc[0]
+        record.update(critical_token_kl=float(row.token_kl_base), critical_seq_kl=float(row.seq_kl_base),
+                      first_significant_step=float(row.first_significant_step))
+    atomic_write_bytes(root / "critical.json", json.dumps(record, indent=2).encode())
+    plot_dose_response(table, record, root / "critical.png")
+    return record
+
+
+def plot_dose_response(table: pd.DataFrame, record: dict, path: Path) -> Path:
+    """Paired accuracy difference (± CI) against the level, with the margin and the critical level."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = table[table.level > 0]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.errorbar(levels.level, levels.paired_diff, yerr=levels.paired_diff_ci, marker="o", capsize=3)
+    ax.axhline(0.0, color="gray", lw=0.8)
+    ax.axhline(-record["margin"], color="red", ls="--", lw=0.8, label=f"-margin ({record['margin']:g})")
+    if record["critical_level"] is not None:
+        ax.axvline(record["critical_level"], color="red", lw=0.8, label=f"critical {record['critical_level']:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"mismatch level ({record['target']}, calibrated at the base model)")
+    ax.set_ylabel("final accuracy minus zero-mismatch twin")
+    ax.set_title(f"{record['family']} {record['mode']}, {record['old_logprobs']}, {record['response_len']}-token "
+                 f"responses", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
