@@ -250,17 +250,50 @@ def test_context_noise_is_a_deterministic_function_of_the_context():
     assert not np.array_equal(jax.random.key_data(noise_key_for(fresh, 3, 1)), jax.random.key_data(noise_key_for(fresh, 3, 9)))
 
 
-def test_context_noise_at_scale_zero_is_bit_identical(tiny_overrides, tiny_base, zero_run):
+def test_state_noise_is_a_deterministic_function_of_the_predictive_distribution():
+    """Mode state: rows whose distributions round alike get identical noise, whatever their
+    context; a different distribution gets a different draw."""
+    from timsim.perturb import noise_key_for, report_logits
+
+    spec = _spec(["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.mode=state"])
+    prompts = jnp.array([[1, 2, 12], [3, 4, 12], [1, 2, 12]])
+    responses = jnp.array([[4, 5, 11], [7, 8, 11], [4, 5, 11]])
+    confident = jnp.zeros(16).at[3].set(8.0)
+    logits = jnp.stack([jnp.stack([confident, confident + 1e-3, jnp.zeros(16)])] * 2
+                       + [jnp.stack([jnp.zeros(16).at[5].set(8.0)] * 3)])
+    knobs = {"scale": jnp.float32(1.0), "state_bin": jnp.float32(0.1)}
+    out = np.asarray(report_logits(spec, logits, None, prompts, responses, noise_key_for(spec, 0, 0), knobs))
+    noise = out - np.asarray(logits)
+    np.testing.assert_allclose(noise[0], noise[1], rtol=0, atol=1e-6)  # other context, same states
+    np.testing.assert_allclose(noise[0, 0], noise[0, 1], rtol=0, atol=1e-6)  # near-identical states share it
+    assert not np.allclose(noise[0, 0], noise[0, 2]) and not np.allclose(noise[0, 0], noise[2, 0])
+
+
+def test_persistent_noise_follows_the_weights_version():
+    from timsim.perturb import noise_key_for
+
+    spec = _spec(["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.mode=context",
+                  "perturbation.logit_noise.version_steps=4"])
+    key = lambda step: jax.random.key_data(noise_key_for(spec, 3, step)).tolist()  # noqa: E731
+    assert key(0) == key(3) != key(4) == key(7) != key(8)
+
+
+@pytest.mark.parametrize("mode", ["context", "state"])
+def test_persistent_noise_at_scale_zero_is_bit_identical(tiny_overrides, tiny_base, zero_run, mode):
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
-                                              "perturbation.logit_noise.mode=context"])
+                                              f"perturbation.logit_noise.mode={mode}"])
     _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
     for name, values in zero_run.items():
         assert np.array_equal(values, metrics[name], equal_nan=True), name
 
 
-def test_context_noise_samples_from_reported_mu(tiny_overrides, tiny_base):
+@pytest.mark.parametrize("mode", ["context", "state"])
+def test_persistent_noise_samples_from_reported_mu(tiny_overrides, tiny_base, mode):
+    """The decode path and the teacher-forced report draw the same persistent noise. (In
+    state mode a probability within ~1e-6 of a rounding boundary could round differently on
+    the two paths; with bins of 0.1 that did not happen here.)"""
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
-                                              "perturbation.logit_noise.mode=context", "perturbation.logit_noise.scale=1"])
+                                              f"perturbation.logit_noise.mode={mode}", "perturbation.logit_noise.scale=1"])
     _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
     assert np.all(metrics["kl_sampler_learner"] > 0) and np.all(metrics["delta_floor_max"] < 1e-4)
 
@@ -309,3 +342,31 @@ def test_report_only_noise_keeps_the_clean_samples(tiny_overrides, tiny_base, ze
         assert np.array_equal(metrics[name][:, 0], zero_run[name][:, 0]), name
     assert np.all(metrics["kl_sampler_learner"] > 0)
     assert np.all(metrics["delta_floor_max"] > 1e-2)  # sampled from pi, reported log mu: the two differ
+
+
+@pytest.mark.parametrize("track", ["once", "every_chunk"])
+def test_tracked_target_recalibrates_each_run_at_chunk_boundaries(tiny_overrides, tiny_base, tmp_path, track):
+    """track=once: one scale for the whole run (calibrated at the base). every_chunk: each run
+    gets a new scale at each chunk boundary, calibrated on its own weights, saved in the manifest."""
+    from rich.console import Console
+
+    from timsim.runner import Cell, run_cells
+    from timsim.store import Store, load
+
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
+                                              "perturbation.target.token_kl=0.05", f"perturbation.target.track={track}",
+                                              "run.seeds=[0,1]", "run.steps=4", "run.chunk_steps=2"])
+    run_cells([Cell("c", cfg)], Store(tmp_path / track), Console(width=120))
+    metrics, _ = load(tmp_path / track)
+    scales = metrics[metrics.step > 0].pivot_table(index="step", columns="seed", values="noise_scale")
+    chunk_of = (scales.index - 1) // 2
+    assert (scales.groupby(chunk_of).nunique() == 1).all().all()  # constant within a chunk
+    manifest = Store(tmp_path / track).read_manifest()
+    (group,) = manifest["groups"].values()
+    if track == "once":
+        assert scales.nunique().max() == 1 and "tracked_scales" not in group
+    else:
+        per_chunk = scales.groupby(chunk_of).first()
+        assert per_chunk.nunique().min() == 2  # a new scale at the boundary
+        assert per_chunk.iloc[1].nunique() == 2  # each run its own, from its own weights
+        np.testing.assert_allclose(group["tracked_scales"], per_chunk.iloc[-1].to_numpy(), rtol=1e-6)

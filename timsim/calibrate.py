@@ -77,17 +77,20 @@ def gaussian_closed_form_kl(scale: float, one_minus_sum_p2: float, temperature: 
 
 
 def calibrate_scale(measure: Callable, params, cfg: Config, target: float, metric: str = "kl_sampler_learner",
-                    iters: int = 40) -> tuple[float, dict]:
+                    iters: int = 40, start: float | None = None) -> tuple[float, dict]:
     """The scale at which the measured `metric` (a `mismatch_metrics` name; mean per-token
     KL(mu || pi) by default) equals `target` (relative error below 1e-3, or the bisection's
-    resolution), and the metrics measured there. Every target metric grows with the scale."""
+    resolution), and the metrics measured there. Every target metric grows with the scale.
+    `start`: a scale near the answer, to begin the search from."""
     family = cfg.perturbation.logit_noise.family
     if family not in SCALED:
         raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale; accepted: "
                           f"{', '.join(SCALED)} (got {family!r}).")
     at = lambda s: {k: float(v) for k, v in jax.device_get(measure(params, hyperparams(cfg, s))).items()}  # noqa: E731
     hi = 1.0
-    if family == "gaussian" and metric == "kl_sampler_learner":
+    if start is not None and start > 0:  # e.g. the previous chunk's scale when tracking a target
+        hi = 2.0 * start
+    elif family == "gaussian" and metric == "kl_sampler_learner":
         hi = max(1e-6, 2.0 * math.sqrt(2.0 * target / max(at(0.0)["one_minus_sum_p2"], 1e-12)))
     top = at(hi)
     while top[metric] < target:

@@ -58,14 +58,17 @@ def _parser() -> argparse.ArgumentParser:
                            help="with --modes: also on the final weights of a results directory's first run")
 
     critical = sub.add_parser("critical", help="find the smallest mismatch at which training degrades against "
-                                               "its zero-mismatch twin (paired over seeds)")
-    critical.add_argument("config")
+                                               "its zero-mismatch twin (paired over seeds); CONFIG may be a "
+                                               "study file with variants")
+    critical.add_argument("config", help="a config, or a study file (base + finder + variants)")
     critical.add_argument("overrides", nargs="*")
-    critical.add_argument("--levels", default="1e-3,1e-2,1e-1", help="initial log-spaced target values")
-    critical.add_argument("--target", default="token_kl", help="what a level measures (a perturbation.target key)")
-    critical.add_argument("--margin", type=float, default=0.05, help="accuracy drop that counts as degradation")
-    critical.add_argument("--confidence", type=float, default=0.95, help="confidence level of the paired interval")
-    critical.add_argument("--bisect", type=int, default=2, help="geometric bisection rounds after the grid")
+    critical.add_argument("--levels", default=None, help="initial log-spaced target values (default 1e-3,1e-2,1e-1)")
+    critical.add_argument("--target", default=None, help="what a level measures, a perturbation.target key "
+                                                         "(default token_kl)")
+    critical.add_argument("--margin", type=float, default=None, help="accuracy drop that counts (default 0.05)")
+    critical.add_argument("--confidence", type=float, default=None, help="of the paired interval (default 0.95)")
+    critical.add_argument("--bisect", type=int, default=None, help="bisection rounds after the grid (default 2)")
+    critical.add_argument("--only", default=None, help="study file: comma-separated variants to run")
     critical.add_argument("--out-dir", default=None, help="results parent directory (default: run.out_dir)")
     critical.add_argument("--restart", action="store_true", help="discard earlier results of this study")
 
@@ -131,6 +134,15 @@ def _dispatch(args, console) -> int:
         bench(args.overrides, args.runs, console)
         return 0
 
+    if args.command == "critical":
+        from timsim.report import critical
+
+        cli = {"levels": _floats(args.levels, "--levels") if args.levels else None, "target": args.target,
+               "margin": args.margin, "confidence": args.confidence, "bisect": args.bisect}
+        critical(args.config, args.overrides, cli, console, only=args.only, out_dir=args.out_dir,
+                 restart=args.restart)
+        return 0
+
     from timsim.config import load_config
 
     cfg = load_config(args.config, args.overrides)
@@ -141,11 +153,6 @@ def _dispatch(args, console) -> int:
             print_precision_modes(cfg, console, args.trained)
         else:
             print_calibration(cfg, _floats(args.targets, "--targets"), console, args.metric, args.real_length, args.bins)
-        return 0
-    if args.command == "critical":
-        from timsim.report import critical
-
-        critical(cfg, args, _floats(args.levels, "--levels"), console)
         return 0
     if args.command == "pretrain":
         from timsim.base import get_base

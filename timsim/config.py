@@ -90,9 +90,15 @@ class LogitNoiseConfig(_Section):
     """Noise on the sampler's logits (log-odds); see `timsim.perturb.LOGIT_NOISE`."""
 
     family: str = "none"
-    mode: Literal["fresh", "context"] = Field("fresh", description=(
+    mode: Literal["fresh", "context", "state"] = Field("fresh", description=(
         "fresh: new draws every step and sample; context: a deterministic function of the context "
-        "(prompt + response so far), the same at every step, as a real engine's error is"))
+        "(prompt + response so far), the same at every step, as a real engine's error is; state: a "
+        "deterministic function of the sampler's predictive distribution (probabilities rounded to "
+        "state_bin), so contexts the model treats alike share one error"))
+    version_steps: int = Field(0, ge=0, description=(
+        "context/state modes: the persistent error changes every this many updates, as if keyed by the "
+        "weights' version (0: never)"))
+    state_bin: Traced = Field(0.1, gt=0.0, le=1.0, description="state mode: probability rounding step")
     report_only: bool = Field(False, description=(
         "sample from the clean policy and perturb only the reported log-probs (a logging or "
         "scoring bug: the tokens are pi's, the reported log mu is not)"))

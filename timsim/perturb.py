@@ -10,7 +10,13 @@ so the tokens are drawn from the mu that is reported (up to the ~1e-6 decode flo
 
 Noise keys: ``fold_in(step_key(seed, "noise", step), t)`` for response position t, the same
 draws for every noise scale of a seed (common random numbers). A scale of 0 adds an exact
-zero, so the run is bit-identical to the zero-mismatch run.
+zero, so the run is bit-identical to the zero-mismatch run. Persistent modes replace the
+per-step draw by a deterministic function of the state, as a real engine's error is: mode
+``context`` keys each position by a hash of its context (prompt + response so far), mode
+``state`` by a hash of the sampler's own predictive distribution rounded to ``state_bin`` (a
+fixed random function of the state, shared by every context that the model treats alike);
+``version_steps`` re-keys either every k updates, as if the error followed the weights'
+version.
 
 A new family is one function ``(key, logits [..., V], knobs) -> logits`` plus one line in
 `LOGIT_NOISE` (and in `SCALED` if calibration may tune its `scale`). The name is historical
@@ -120,12 +126,17 @@ class SamplerSpec:
     """Static description of how the sampler differs from the learner."""
 
     noise_fn: Callable | None
-    noise_mode: str  # "fresh" | "context"
+    noise_mode: str  # "fresh" | "context" | "state"
     sampler_nm: Numerics
     learner_nm: Numerics
     weight_noise: bool
     weight_hold_steps: int = 1
     report_only: bool = False  # the logit noise perturbs the reported log-probs, not the sampling
+    version_steps: int = 0  # persistent modes: a new error every this many updates (0: never)
+
+    @property
+    def persistent(self) -> bool:
+        return self.noise_mode != "fresh"
 
     @property
     def separate_forward(self) -> bool:
@@ -137,7 +148,7 @@ def sampler_spec(cfg) -> SamplerSpec:
     p = cfg.perturbation
     return SamplerSpec(make_logits_fn(p.logit_noise.family), p.logit_noise.mode, p.sampler_precision.numerics(),
                        p.learner_precision.numerics(), p.weight_noise.family != "none",
-                       p.weight_noise.hold_steps, p.logit_noise.report_only)
+                       p.weight_noise.hold_steps, p.logit_noise.report_only, p.logit_noise.version_steps)
 
 
 def with_weight_noise(params, key: jax.Array, scale) -> nnx.State:
@@ -161,22 +172,35 @@ def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.A
 
 
 def noise_key_for(spec: SamplerSpec, seed: jax.Array, step: jax.Array) -> jax.Array:
-    """Fresh noise: a key per step. Persistent (context) noise: one key per run, so the same
-    context gets the same error at every step, as a deterministic engine would give it."""
-    return step_key(seed, "noise", 0 if spec.noise_mode == "context" else step)
+    """Fresh noise: a key per step. Persistent noise: one key per run (or per weights' version,
+    every `version_steps` updates), so the same context or state gets the same error at every
+    step, as a deterministic engine would give it."""
+    if not spec.persistent:
+        return step_key(seed, "noise", step)
+    return step_key(seed, "noise", step // spec.version_steps if spec.version_steps else 0)
 
 
-def _per_sequence(fn: Callable, key: jax.Array, logits_NV, hashes_N, knobs):
+def state_hash(logits_NV: jax.Array, state_bin) -> jax.Array:
+    """Hash [N] of the predictive distribution softmax(logits), each probability rounded to a
+    multiple of `state_bin`: positions whose distributions round alike get one noise draw."""
+    levels = jnp.round(jax.nn.softmax(logits_NV, axis=-1) / state_bin).astype(jnp.uint32)
+    weights = jnp.uint32(2_654_435_761) ** jnp.arange(1, logits_NV.shape[-1] + 1, dtype=jnp.uint32)
+    return (levels * weights).sum(-1, dtype=jnp.uint32)
+
+
+def _per_sequence(spec: SamplerSpec, key: jax.Array, logits_NV, context_hash_N, knobs):
+    """Persistent noise: each row's draw keyed by its context hash or by its state's hash."""
+    hashes_N = context_hash_N if spec.noise_mode == "context" else state_hash(logits_NV, knobs["state_bin"])
     keys = jax.vmap(lambda h: jax.random.fold_in(key, h))(hashes_N)
-    return jax.vmap(lambda k, x: fn(k, x, knobs))(keys, logits_NV)
+    return jax.vmap(lambda k, x: spec.noise_fn(k, x, knobs))(keys, logits_NV)
 
 
 def decode_logits_fn(spec: SamplerSpec, noise_key: jax.Array, knobs: dict) -> Callable | None:
     """`fn(logits_NV, t, context_hash_N)` applied on the KV-cache path while sampling, or None."""
     if spec.noise_fn is None or spec.report_only:
         return None
-    if spec.noise_mode == "context":
-        return lambda logits, t, hashes: _per_sequence(spec.noise_fn, noise_key, logits, hashes, knobs)
+    if spec.persistent:
+        return lambda logits, t, hashes: _per_sequence(spec, noise_key, logits, hashes, knobs)
     return lambda logits, t, hashes: spec.noise_fn(jax.random.fold_in(noise_key, t), logits, knobs)
 
 
@@ -188,9 +212,9 @@ def report_logits(spec: SamplerSpec, learner_logits_NTV, model, prompts_NP, resp
         logits = response_logits(model, prompts_NP, responses_NT, spec.sampler_nm)
     if spec.noise_fn is None:
         return logits
-    if spec.noise_mode == "context":
+    if spec.persistent:
         hashes_TN = prefix_hashes(prompts_NP, responses_NT).T
-        out_TNV = jax.vmap(lambda x, h: _per_sequence(spec.noise_fn, noise_key, x, h, knobs), in_axes=(1, 0))(
+        out_TNV = jax.vmap(lambda x, h: _per_sequence(spec, noise_key, x, h, knobs), in_axes=(1, 0))(
             logits, hashes_TN)
         return out_TNV.swapaxes(0, 1)
     return perturb_teacher_forced(spec.noise_fn, noise_key, logits, knobs)

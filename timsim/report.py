@@ -181,15 +181,63 @@ def sweep(path: str, overrides: list[str], console: Console, dry_run: bool = Fal
     return root
 
 
-def critical(cfg: Config, args, levels: list[float], console: Console) -> Path:
-    """`timsim critical`: run (or resume) the finder, print the dose-response table."""
-    from timsim.critical import FinderSettings, run_finder
+def critical(path: str, overrides: list[str], cli: dict, console: Console, only: str | None = None,
+             out_dir: str | None = None, restart: bool = False) -> Path:
+    """`timsim critical`: run (or resume) the finder on a config, or on every variant of a
+    study file; print the dose-response table(s) and, for a study, the critical table."""
+    from timsim.config import load_config
+    from timsim.critical import FinderSettings, is_study_file, load_study, run_finder, study_row
 
-    settings = FinderSettings(levels, args.target, args.margin, args.confidence, args.bisect)
-    settings.validate(cfg)
-    root = Path(args.out_dir or cfg.run.out_dir) / f"critical-{cfg.run.name}"
-    record = run_finder(cfg, settings, root, console, restart=args.restart)
-    table = pd.read_parquet(root / "critical.parquet")
+    if is_study_file(path):
+        name, variants, settings = load_study(path, overrides, cli)
+        if only:
+            unknown = set(only.split(",")) - set(variants)
+            if unknown:
+                raise ConfigError(f"--only names unknown variant(s) {sorted(unknown)}; the study has "
+                                  f"{', '.join(variants)}.")
+            variants = {k: v for k, v in variants.items() if k in only.split(",")}
+    else:
+        cfg = load_config(path, overrides)
+        name, variants = None, {cfg.run.name: cfg}
+        given = {k: v for k, v in cli.items() if v is not None}
+        settings = FinderSettings(levels=given.pop("levels", [1e-3, 1e-2, 1e-1]),
+                                  bisect_rounds=given.pop("bisect", 2), **given)
+    for cfg in variants.values():
+        settings.validate(cfg)
+    first = next(iter(variants.values()))
+    parent = Path(out_dir or first.run.out_dir)
+    root = parent / name if name else parent
+    rows = []
+    for variant, cfg in variants.items():
+        vroot = root / variant if name else root / f"critical-{variant}"
+        console.rule(f"critical finder: {variant}")
+        record = run_finder(cfg, settings, vroot, console, restart=restart)
+        _print_dose_response(pd.read_parquet(vroot / "critical.parquet"), record, max(settings.levels), vroot, console)
+        rows.append(study_row(variant, record))
+    if name:
+        table = pd.DataFrame(rows)
+        from timsim.store import atomic_write_parquet
+
+        atomic_write_parquet(root / "critical_table.parquet", table)
+        out = Table(title=f"study {name}: critical mismatch per variant (levels in {settings.target}, margin "
+                          f"{settings.margin:g}, {settings.confidence:.0%} paired CI)")
+        for col in ["variant", "mode", "pi_old", "resp len", "critical level", "bracket", "token KL", "per-resp KL",
+                    "token KL @ 4096", "first signif. step"]:
+            out.add_column(col, justify="left" if col in ("variant", "mode", "pi_old") else "right")
+        for r in table.itertuples():
+            found = r.critical_level is not None and not pd.isna(r.critical_level)
+            out.add_row(r.variant, r.mode, r.old_logprobs, str(r.response_len),
+                        f"{r.critical_level:.3g}" if found else "none",
+                        (f"({r.below:.3g}, {r.critical_level:.3g}]" if found and not pd.isna(r.below) else "-"),
+                        f"{r.critical_token_kl:.3g}", f"{r.critical_seq_kl:.3g}", f"{r.token_kl_at_4096:.3g}",
+                        "-" if pd.isna(r.first_significant_step) else f"{r.first_significant_step:g}")
+        console.print(out)
+        console.print("'token KL @ 4096': the per-token KL at which a 4,096-token response carries the critical "
+                      "per-response KL. Real bf16/fp8 engines are reported at per-token KL 1e-4 to 1e-2.")
+    return root
+
+
+def _print_dose_response(table: pd.DataFrame, record: dict, top_level: float, root: Path, console: Console) -> None:
     out = Table(title=f"dose-response: {record['family']} ({record['mode']}), {record['old_logprobs']}, "
                       f"{record['response_len']}-token responses, {len(record['seeds'])} paired seeds, "
                       f"{record['steps']} steps (final = held-out greedy accuracy)")
@@ -205,7 +253,7 @@ def critical(cfg: Config, args, levels: list[float], console: Console) -> Path:
     console.print(out)
     if record["critical_level"] is None:
         console.print(f"No level degrades by more than {record['margin']:g} at {record['confidence']:.0%} confidence: "
-                      f"the critical level lies above {max(levels):g} (try larger --levels).")
+                      f"the critical level lies above {top_level:g} (try larger --levels).")
     else:
         where = (f"between {record['below']:.3g} and {record['critical_level']:.3g}" if record["below"] is not None
                  else f"at or below {record['critical_level']:.3g} (the smallest level tried; try smaller --levels)")
@@ -213,4 +261,3 @@ def critical(cfg: Config, args, levels: list[float], console: Console) -> Path:
                       f"per-response KL {record['critical_seq_kl']:.3g} at the base model); degradation significant "
                       f"from step {record['first_significant_step']:g}.")
     console.print(f"results: {root}/ (critical.parquet, critical.json, critical.png, metrics/)")
-    return root

@@ -120,6 +120,9 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
         raise ConfigError(f"Group {gid} was run with a run axis of {group['padded_width']} (padded to a multiple of "
                           f"that machine's device count); resume it on {group['padded_width']} device(s) or a divisor "
                           f"layout, or pass --restart.")
+    tracker = _TargetTracker(cells, runs, graphdef)
+    if tracker.runs and "tracked_scales" in group:  # resume with the scales the last finished chunk chose
+        hp = tracker.with_scales(hp, group["tracked_scales"])
     hp, base_params = place(hp, over_runs=True), place(base_params, over_runs=False)
     lag = cfg.perturbation.lag_steps
     state = place(jax.vmap(lambda h: init_state(base_params, h, lag))(hp), over_runs=True)
@@ -135,7 +138,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
         state = place(restored, over_runs=True)
         console.print(f"resuming {gid} at step {done * chunk_steps}/{cfg.run.steps}")
     else:  # step 0: the base model's held-out accuracy, before any update
-        for cell_id, df in _rows(runs, jax.device_get(evaluate(state.params, hp)), np.array([0])).items():
+        for cell_id, df in _rows(runs, jax.device_get(evaluate(state.params, state.step, hp)), np.array([0])).items():
             store.write_metrics_part(cell_id, 0, df)
 
     label = ", ".join(c.cell_id for c in cells)
@@ -145,7 +148,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
         for c in range(done + 1, n_chunks + 1):
             t0 = time.perf_counter()
             state, metrics = chunk_fn(state, hp, base_params)
-            ev = evaluate(state.params, hp)
+            ev = evaluate(state.params, state.step, hp)
             metrics, ev = jax.device_get((metrics, ev))
             steps = np.arange((c - 1) * chunk_steps + 1, c * chunk_steps + 1)
             at_end = {k: np.concatenate([np.full((width, chunk_steps - 1), np.nan), np.asarray(v)[:, None]], 1)
@@ -156,6 +159,9 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
             checkpointer.save(ckpt.absolute(), state, force=True)
             checkpointer.wait_until_finished()
             group["chunks_done"] = c
+            if tracker.runs and c < n_chunks:
+                scales = tracker.recalibrate(state.params, hp)
+                hp, group["tracked_scales"] = place(tracker.with_scales(hp, scales), over_runs=True), scales
             for cell in cells:
                 manifest["cells"][cell.cell_id].update(status="running", steps_done=c * chunk_steps)
             store.write_manifest(manifest)
@@ -168,6 +174,40 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
                 console.print(f"  {label[:40]}: step {c * chunk_steps}/{cfg.run.steps}: {info} "
                               f"({time.perf_counter() - t0:.1f}s)")
             fault.tick()
+
+
+class _TargetTracker:
+    """Re-calibrates, at every chunk boundary, the noise scale of each run whose cell says
+    `perturbation.target.track: every_chunk`, on that run's current weights: a fixed scale's
+    mismatch shrinks as the policy sharpens (DESIGN §8.5). The scale is a traced value, so
+    changing it recompiles nothing; the chosen scales are saved in the manifest with the
+    chunk, so a resumed run uses the same ones."""
+
+    KEY = "perturbation.logit_noise.scale"
+
+    def __init__(self, cells: list[Cell], runs: list, graphdef):
+        self.runs = [(i, cell) for i, (cell, _, _) in enumerate(runs)
+                     if cell.cfg.perturbation.target.metric is not None
+                     and cell.cfg.perturbation.target.track == "every_chunk"]
+        self.measure = None
+        if self.runs:
+            from timsim.calibrate import make_measure
+
+            self.measure = make_measure(self.runs[0][1].cfg, graphdef)
+
+    def recalibrate(self, params, hp) -> list[float]:
+        from timsim.calibrate import calibrate_scale
+
+        scales = np.asarray(jax.device_get(hp[self.KEY]), float).copy()
+        host_params = jax.device_get(params)
+        for i, cell in self.runs:
+            metric, value = cell.cfg.perturbation.target.resolved()
+            run_params = jax.tree.map(lambda x: x[i], host_params)
+            scales[i] = calibrate_scale(self.measure, run_params, cell.cfg, value, metric, start=float(scales[i]))[0]
+        return scales.tolist()
+
+    def with_scales(self, hp: dict, scales: list[float]) -> dict:
+        return {**hp, self.KEY: jnp.asarray(scales, jnp.float32)}
 
 
 def load_trained_params(root, base_params, hp_template: dict, run: int = 0, lag_steps: int = 0):

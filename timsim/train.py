@@ -233,14 +233,15 @@ def make_chunk(cfg: Config, task: Task, graphdef) -> Callable:
 
 
 def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
-    """`evaluate(params_R, hp_R) -> {eval_*}` per run on the fixed held-out prompts: greedy and
+    """`evaluate(params_R, step_R, hp_R) -> {eval_*}` per run on the fixed held-out prompts: greedy and
     sampled accuracy of the learner's clean policy, and greedy accuracy under the sampler's
     perturbation (a gap shows "the learner improves but the sampler does not")."""
     prompts = eval_prompts(task, cfg.task.eval_prompts)
     response_len = cfg.response_len
     spec = sampler_spec(cfg)
 
-    def evaluate(params, hp, _):
+    def evaluate(params_and_step, hp, _):
+        params, step = params_and_step
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
         seed = hp["seed"].astype(jnp.int32)
@@ -253,7 +254,7 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
             out["eval_sampler_greedy_accuracy"] = out["eval_greedy_accuracy"]
         else:
             # fresh noise: an eval-only draw; persistent noise: the run's own deterministic sampler
-            noise_key = noise_key_for(spec, seed, 0) if spec.noise_mode == "context" else step_key(seed, "eval", 1)
+            noise_key = noise_key_for(spec, seed, step) if spec.persistent else step_key(seed, "eval", 1)
             knobs = noise_knobs(hp)
             sampler = sampler_model(spec, graphdef, params, model, step_key(seed, "eval", 2), hp)
             perturbed = sample(sampler, prompts, key, temperature, response_len, greedy=True,
@@ -262,4 +263,4 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
         return out
 
     batched = batch_over_runs(evaluate, resolve_batching(cfg.run.batching))
-    return jax.jit(trace_once(lambda params, hp: batched(params, hp, None), "evaluate"))
+    return jax.jit(trace_once(lambda params, step, hp: batched((params, step), hp, None), "evaluate"))
