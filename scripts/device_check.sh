@@ -12,14 +12,15 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 if [[ $what == tests || $what == all ]]; then
   # rounding survives jit on GPU (HLO), zero mismatch is exact, scale 0 is bit-identical
   python3 -m pytest -q -p no:cacheprovider tests/test_numerics.py tests/test_core.py \
-    -k "rounding or zero_mismatch or bit_identical or reordered or split_k or softmax" 2>&1 | tail -15
+    -k "rounding or zero_mismatch or bit_identical or reordered or split_k or softmax" --tb=short -rf 2>&1 \
+    | grep -v "^$" | tail -60
 fi
 if [[ $what == bench || $what == all ]]; then
   python3 -m timsim.cli bench --runs 16 2>&1 | grep -v "^$"
   python3 - <<'PY'
 from timsim.bench import time_chunk, STANDARD
 print("runs | ms per run-step | ms per step of all runs | compile s  (vmap, standard shape)")
-for runs in (1, 16, 64, 256, 1024):
+for runs in (1, 16, 64, 256, 512):
     r = time_chunk(STANDARD, runs, "vmap")
     print(f"{runs} | {r['step_s'] * 1e3:.2f} | {r['step_s'] * runs * 1e3:.1f} | {r['compile_s']:.1f}", flush=True)
 PY

@@ -121,5 +121,5 @@ def test_reordered_sampler_forward_creates_mismatch(tiny_overrides, tiny_base):
     softmax = _kl(["perturbation.sampler_precision.softmax_chunks=4", "perturbation.sampler_precision.partials=bf16"],
                   tiny_overrides, tiny_base)
     # fp32 reordering alone changes the last bits only; bf16 partials change far more
-    assert 0 <= plain < bf16_partials / 100
+    assert abs(plain) < bf16_partials / 100  # the exact KL of a ~1e-7 change can round below 0
     assert softmax > 0
