@@ -143,6 +143,15 @@ def save_base(path: Path, params: nnx.State, info: dict) -> None:
     tmp.rename(path)
 
 
+def restore_target(tree):
+    """Shapes, dtypes and *this machine's* placement for an orbax restore: without a sharding
+    orbax reuses the one saved in the checkpoint, which names the devices of the machine that
+    wrote it (a CPU checkpoint then fails to restore on a GPU). Arrays keep their sharding."""
+    here = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None) or here),
+                        tree)
+
+
 def load_base(cfg: Config, path: Path | None = None) -> tuple[nnx.GraphDef, nnx.State, dict]:
     """Restore base weights for `cfg` from `path` (default: its base key under the cache dir)."""
     path = Path(path) if path is not None else base_path(cfg)
@@ -156,7 +165,7 @@ def load_base(cfg: Config, path: Path | None = None) -> tuple[nnx.GraphDef, nnx.
         raise CheckpointError(f"Base checkpoint {str(path)!r} is corrupt: base.json is not JSON ({err}). "
                               f"Delete the directory and run `timsim pretrain CONFIG` again.") from None
     graphdef, abstract = _abstract_params(cfg)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract))
+    target = restore_target(nnx.to_pure_dict(abstract))
     try:
         restored = ocp.StandardCheckpointer().restore((path / "params").absolute(), target)
     except Exception as err:  # orbax raises many types; all mean "not this model"

@@ -134,7 +134,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
     done = group["chunks_done"]
     if done:
         restored = checkpointer.restore(store.checkpoint_dir(gid, done * chunk_steps).absolute(),
-                                        jax.eval_shape(lambda: state))
+                                        base_lib.restore_target(state))
         state = place(restored, over_runs=True)
         console.print(f"resuming {gid} at step {done * chunk_steps}/{cfg.run.steps}")
     else:  # step 0: the base model's held-out accuracy, before any update
@@ -221,7 +221,8 @@ def load_trained_params(root, base_params, hp_template: dict, run: int = 0, lag_
     width = group.get("padded_width", group["run_axis_width"])
     hp = {k: jnp.full((width,), v, jnp.float32) for k, v in hp_template.items()}
     abstract = jax.eval_shape(lambda: jax.vmap(lambda h: init_state(base_params, h, lag_steps))(hp))
-    state = ocp.StandardCheckpointer().restore(store.checkpoint_dir(gid, steps[-1]).absolute(), abstract)
+    state = ocp.StandardCheckpointer().restore(store.checkpoint_dir(gid, steps[-1]).absolute(),
+                                               base_lib.restore_target(abstract))
     return jax.tree.map(lambda x: x[run], state.params), steps[-1]
 
 
