@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from timsim.config import ConfigError, load_config
+from timsim import runner
 from timsim.runner import Cell, run_cells
 from timsim.store import Store, atomic_write_parquet, load, read_parquet
 from timsim.sweep import load_plan
@@ -74,11 +75,14 @@ def test_map_batching_equals_one_by_one(tiny_overrides, tiny_base, tmp_path):
     cells = [Cell(f"lr{i}", cfg) for i, cfg in enumerate(cfgs)]
     run_cells(cells, Store(tmp_path / "batched"))
     batched, _ = load(tmp_path / "batched")
+    programs = len(runner._PROGRAMS)
     for cell in cells:
         run_cells([cell], Store(tmp_path / cell.cell_id))
         alone, _ = load(tmp_path / cell.cell_id)
         pd.testing.assert_frame_equal(batched[batched.cell_id == cell.cell_id].reset_index(drop=True), alone,
                                       check_exact=True)
+    # the second one-run group reused the first one's compiled programs (same static config, width)
+    assert len(runner._PROGRAMS) == programs + 1
 
 
 def test_vmap_batching_matches_map_statistically(tiny_overrides, tiny_base, tmp_path):

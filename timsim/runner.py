@@ -127,8 +127,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
     lag = cfg.perturbation.lag_steps
     state = place(jax.vmap(lambda h: init_state(base_params, h, lag))(hp), over_runs=True)
     chunk_steps, n_chunks = cfg.run.chunk_steps, cfg.run.steps // cfg.run.chunk_steps
-    static = static_view(cfg)
-    chunk_fn, evaluate = make_chunk(static, task, graphdef), make_eval(static, task, graphdef)
+    chunk_fn, evaluate = _programs(cfg, task, graphdef, width)
     checkpointer = ocp.StandardCheckpointer()
 
     done = group["chunks_done"]
@@ -174,6 +173,20 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
                 console.print(f"  {label[:40]}: step {c * chunk_steps}/{cfg.run.steps}: {info} "
                               f"({time.perf_counter() - t0:.1f}s)")
             fault.tick()
+
+
+_PROGRAMS: dict[tuple[str, int], tuple] = {}
+
+
+def _programs(cfg: Config, task, graphdef, width: int) -> tuple:
+    """The chunk and evaluation programs of a static config at a run-axis width, built once
+    per process: later groups with the same static config and width (a sweep's added cells,
+    the finder's bisection rounds) reuse the compiled programs instead of compiling again."""
+    key = (static_hash(cfg), width)
+    if key not in _PROGRAMS:
+        static = static_view(cfg)
+        _PROGRAMS[key] = make_chunk(static, task, graphdef), make_eval(static, task, graphdef)
+    return _PROGRAMS[key]
 
 
 class _TargetTracker:
