@@ -227,6 +227,40 @@ class PerturbationConfig(_Section):
         return self
 
 
+class CorrectionConfig(_Section):
+    """Remedies applied by the learner (`timsim.corrections`); thresholds are traced, so a
+    sweep batches them. With zero mismatch every correction is the identity."""
+
+    kinds: list[str] = Field(default_factory=list, description="corrections to compose, in order")
+    tis_cap: Traced = Field(2.0, ge=1.0, description="token_tis / seq_tis: cap C on the IS weight")
+    mis_low: Traced = Field(0.5, gt=0.0, le=1.0, description="token_mis: keep r_corr >= this")
+    mis_high: Traced = Field(5.0, ge=1.0, description="token_mis: keep r_corr <= this")
+    seq_low: Traced = Field(0.5, gt=0.0, le=1.0, description="seq_mask / seq_mis: keep prod r_corr >= this")
+    seq_high: Traced = Field(2.0, ge=1.0, description="seq_mask / seq_mis: keep prod r_corr <= this")
+    geo_low: Traced = Field(0.999, gt=0.0, le=1.0, description="geometric: keep exp(mean delta) >= this")
+    geo_high: Traced = Field(1.001, ge=1.0, description="geometric: keep exp(mean delta) <= this")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_aggregate: Literal["sum", "mean", "max"] = "mean"
+    kl_threshold: Traced = Field(0.01, gt=0.0, description="kl_rejection: reject a response above this")
+    veto_threshold: Traced = Field(1e-4, gt=0.0, le=1.0, description="veto: reject a response with r_corr below this")
+    offpolicy_threshold: Traced = Field(0.5, ge=0.0, description="offpolicy_mask: mean log(mu / pi) above this")
+    cis_lambda: Traced = Field(2.3, gt=0.0, description="cis: cap 1 + lambda * max(1 - p, kappa)")
+    cis_kappa: Traced = Field(5e-3, gt=0.0, le=1.0)
+    batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        from timsim.corrections import CORRECTIONS
+
+        unknown = [k for k in kinds if k not in CORRECTIONS]
+        if unknown:
+            raise ValueError(f"unknown correction(s) {unknown}; accepted: {', '.join(CORRECTIONS)}")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"a correction is listed twice: {kinds}")
+        return kinds
+
+
 class SamplerConfig(_Section):
     temperature: Traced = Field(1.0, gt=0.0)
     max_response_len: int | None = Field(None, ge=1, description="default: answer length + 1 (the <eos>)")
@@ -266,6 +300,7 @@ class Config(_Section):
     sampler: SamplerConfig = SamplerConfig()
     perturbation: PerturbationConfig = PerturbationConfig()
     grpo: GRPOConfig = GRPOConfig()
+    correction: CorrectionConfig = CorrectionConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")

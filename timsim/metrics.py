@@ -73,6 +73,11 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "between the sampling path and the learner, reported not injected", "nats"),
     Metric("ratio_first_dev_max", "max_t |r_ppo - 1| at the step's first update (exactly 0 in recompute mode; "
            "the mismatch in bypass mode)"),
+    Metric("rejected_token_frac", "fraction of response tokens the corrections removed from the loss"),
+    Metric("corr_weight_mean", "mean correction weight over kept tokens (1 without weighting corrections)"),
+    Metric("corr_weight_max", "max correction weight over kept tokens"),
+    Metric("corr_ess", "normalised effective sample size of the applied weights (sum w)^2 / (n sum w^2)"),
+    Metric("update_skipped", "1 when every token of the step was rejected and the update was skipped"),
     Metric("eval_greedy_accuracy", "exact-match accuracy of greedy decoding on held-out prompts (learner weights)"),
     Metric("eval_sampled_accuracy", "exact-match accuracy of temperature sampling on held-out prompts"),
     Metric("eval_sampler_greedy_accuracy", "exact-match accuracy of greedy decoding under the sampler's "

@@ -18,6 +18,7 @@ from flax import nnx
 
 from timsim import grpo
 from timsim.config import Config
+from timsim.corrections import WEIGHTING, apply_corrections, correction_knobs, correction_metrics, make_inputs
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics
 from timsim.model import response_logits, token_logprobs
@@ -55,10 +56,10 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
     response_len = cfg.response_len
 
     def loss_fn(params, ref_params, batch, hp, first_update):
-        prompts, responses, mask, logp_old, adv = batch
+        prompts, responses, response_mask, logp_old, adv, weight, mask = batch  # mask: kept tokens
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
-        logp, logp_all = learner_logprobs(model, prompts, responses, mask, temperature, spec.learner_nm)
+        logp, logp_all = learner_logprobs(model, prompts, responses, response_mask, temperature, spec.learner_nm)
         if g.old_logprobs == "recompute" and not lag:
             # At the first update theta == theta_old, so pi_old is the loss's own forward. The
             # forward-only recomputation differs from the forward inside value_and_grad by
@@ -66,6 +67,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
         per_token, clipped, ratio = grpo.ppo_clip_per_token(logp, logp_old, adv, hp["grpo.clip_eps_low"],
                                                             hp["grpo.clip_eps_high"])
+        per_token = per_token * weight  # correction weights (1 without corrections), never differentiated
         entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
         loss = grpo.aggregate(per_token, mask, g.loss_agg)
         loss = loss - hp["grpo.entropy_coef"] * grpo.aggregate(entropy_NT, mask, g.loss_agg)
@@ -83,6 +85,8 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     spec = sampler_spec(cfg)
+    corr = cfg.correction
+    reweights = g.old_logprobs == "bypass" and any(k in WEIGHTING for k in corr.kinds)
     lag = cfg.perturbation.lag_steps
 
     def step(state: RunState, hp: dict, ref_params) -> tuple[RunState, dict]:
@@ -115,8 +119,16 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         logp_old = logp_learner if g.old_logprobs == "recompute" else logp_sampler
         reward = task.reward(prompts_N, rollout.responses, cfg.task.partial_credit)
         adv = grpo.advantages(reward, group, g.advantage)
+        weight, keep = jnp.ones_like(mask), mask
+        if corr.kinds:
+            weight, keep = apply_corrections(tuple(corr.kinds), make_inputs(logp_learner, logp_sampler, mask, adv),
+                                             correction_knobs(hp), corr.kl_estimator, corr.kl_aggregate,
+                                             corr.batch_normalize)
+            if reweights:  # the weight replaces r_corr in bypass mode instead of multiplying it
+                logp_old = logp_learner
+        any_kept = keep.sum() > 0  # a batch with every token rejected skips its update (counted)
 
-        batch = (prompts_N, responses, mask, logp_old, adv)
+        batch = (prompts_N, responses, mask, logp_old, adv, weight, keep)
         batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
         tx = grpo.make_optimizer(hp)
 
@@ -130,6 +142,9 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
 
         (params, opt_state), per_update = jax.lax.scan(
             update, (state.params, state.opt_state), jnp.arange(g.epochs * n_mb))
+        if corr.kinds:
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(any_kept, new, old),
+                                             (params, opt_state), (state.params, state.opt_state))
         first_update_ratio_dev = per_update.pop("ratio_dev_max")[0]
         per_update = jax.tree.map(jnp.mean, per_update)
 
@@ -145,6 +160,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             "nonfinite_frac": grpo.masked_mean(~jnp.isfinite(logp_sampler) | ~jnp.isfinite(logp_learner), mask),
             "delta_floor_max": jnp.abs(rollout.logp_decode - logp_sampler).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
+            **correction_metrics(weight, keep, mask, any_kept),
             **per_update,
         }
         lagged = None if not lag else jax.tree.map(lambda b, p: b.at[state.step % lag].set(p), state.lagged,

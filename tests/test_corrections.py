@@ -1,0 +1,143 @@
+"""Corrections: each against a hand-computed example, identity at zero mismatch, and in a run."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from timsim.config import ConfigError, load_config, traced_values
+from timsim.corrections import CORRECTIONS, apply_corrections, make_inputs
+from test_core import _train_chunks
+
+KNOBS = {k.removeprefix("correction."): jnp.float32(v) for k, v in traced_values(load_config()).items()
+         if k.startswith("correction.")}
+
+
+def _inputs(ratios, mask=None, adv=(1.0,), p_old=None):
+    """Responses of the given per-token r_corr (pi_old / mu); pi_old = 0.5 unless given."""
+    r = np.asarray(ratios, np.float64)
+    mask = np.ones_like(r) if mask is None else np.asarray(mask, np.float64)
+    logp_old = np.log(np.full_like(r, 0.5) if p_old is None else np.asarray(p_old, np.float64))
+    logp_sampler = logp_old - np.log(r)
+    return make_inputs(jnp.asarray(logp_old, jnp.float32), jnp.asarray(logp_sampler, jnp.float32),
+                       jnp.asarray(mask, jnp.float32), jnp.asarray(adv, jnp.float32))
+
+
+def _apply(kinds, x, **knobs):
+    w, keep = apply_corrections(tuple(kinds), x, {**KNOBS, **{k: jnp.float32(v) for k, v in knobs.items()}},
+                                knobs.pop("est", "k3") if "est" in knobs else "k3")
+    return np.asarray(w), np.asarray(keep)
+
+
+def test_token_tis_caps_the_weight():
+    w, keep = _apply(["token_tis"], _inputs([[0.5, 2.0, 3.0]]), tis_cap=2.0)
+    np.testing.assert_allclose(w, [[0.5, 2.0, 2.0]], rtol=1e-6)  # exactly at the cap stays 2
+    assert keep.tolist() == [[1, 1, 1]]
+
+
+def test_seq_tis_uses_the_product_over_real_tokens():
+    x = _inputs([[1.5, 1.2, 10.0], [0.5, 0.5, 1.0]], mask=[[1, 1, 0], [1, 1, 1]], adv=(1.0, -1.0))
+    w, keep = _apply(["seq_tis"], x, tis_cap=10.0)
+    np.testing.assert_allclose(w[0, :2], 1.8, rtol=1e-5)  # 1.5 * 1.2, the padded 10 ignored
+    np.testing.assert_allclose(w[1], 0.25, rtol=1e-5)
+    assert keep[0].tolist() == [1, 1, 0], "padding is never kept"
+
+
+def test_token_mis_rejects_outside_the_band_and_keeps_the_edges():
+    w, keep = _apply(["token_mis"], _inputs([[0.4, 0.5, 1.0, 5.0, 6.0]]), mis_low=0.5, mis_high=5.0)
+    assert keep.tolist() == [[0, 1, 1, 1, 0]]
+    np.testing.assert_allclose(w[keep > 0], [0.5, 1.0, 5.0], rtol=1e-5)
+
+
+def test_sequence_mask_and_mis():
+    x = _inputs([[2.0, 1.5], [0.9, 1.0]], adv=(1.0, 1.0))
+    w, keep = _apply(["seq_mask"], x, seq_low=0.5, seq_high=2.0)
+    assert keep.tolist() == [[0, 0], [1, 1]] and np.all(w == 1.0)  # product 3 rejected, 0.9 kept
+    w, keep = _apply(["seq_mis"], x, seq_low=0.5, seq_high=2.0)
+    np.testing.assert_allclose(w[1], 0.9, rtol=1e-5)
+
+
+def test_geometric_rejection_is_length_invariant():
+    long = _inputs([[1.01] * 4 + [1.0]], mask=[[1, 1, 1, 1, 0]])
+    w, keep = _apply(["geometric"], long, geo_low=0.99, geo_high=1.02)
+    assert keep.sum() == 4  # geometric mean 1.01 in the band though the product is 1.04
+    _, keep = _apply(["geometric"], long, geo_low=0.99, geo_high=1.005)
+    assert keep.sum() == 0
+
+
+@pytest.mark.parametrize("est, agg, expected_kept", [("k3", "mean", [1, 0]), ("k3", "max", [1, 0]),
+                                                     ("k2", "sum", [1, 0]), ("k1", "max", [1, 0]),
+                                                     ("k1", "sum", [1, 1])])
+def test_kl_rejection_aggregates(est, agg, expected_kept):
+    """Response 0: r = (1.1, 1.0), every estimate below 0.05. Response 1: r = (2, 0.5): k3 =
+    (0.307, 0.193), k2 = (0.24, 0.24), k1 = -delta = (-0.693, 0.693): only the k1 sum (0) passes."""
+    x = _inputs([[1.1, 1.0], [2.0, 0.5]], adv=(1.0, 1.0))
+    w, keep = apply_corrections(("kl_rejection",), x, {**KNOBS, "kl_threshold": jnp.float32(0.05)}, est, agg)
+    assert np.asarray(keep)[:, 0].tolist() == expected_kept
+
+
+def test_veto_offpolicy_mask_and_cis():
+    x = _inputs([[1.0, 1e-5], [1.0, 0.5]], adv=(1.0, -1.0), p_old=[[0.99, 0.5], [0.5, 0.01]])
+    _, keep = _apply(["veto"], x, veto_threshold=1e-4)
+    assert keep[:, 0].tolist() == [0, 1]
+    # mean log(mu/pi) of response 1 = -mean log r = log(2)/2 = 0.35: dropped at 0.3 (A < 0), kept at 0.4
+    assert _apply(["offpolicy_mask"], x, offpolicy_threshold=0.3)[1][:, 0].tolist() == [1, 0]
+    assert _apply(["offpolicy_mask"], x, offpolicy_threshold=0.4)[1][:, 0].tolist() == [1, 1]
+    big = _inputs([[10.0, 10.0]], p_old=[[0.99, 0.01]])
+    w, _ = _apply(["cis"], big, cis_lambda=2.0, cis_kappa=0.05)
+    np.testing.assert_allclose(w, [[1 + 2 * 0.05, 1 + 2 * 0.99]], rtol=1e-5)  # the cap grows as p falls
+
+
+def test_composition_multiplies_weights_and_intersects_masks():
+    x = _inputs([[3.0, 0.4, 1.0]])
+    w, keep = _apply(["token_tis", "token_mis"], x, tis_cap=2.0, mis_low=0.5, mis_high=5.0)
+    assert keep.tolist() == [[1, 0, 1]]
+    np.testing.assert_allclose(w[0, [0, 2]], [2.0 * 3.0, 1.0], rtol=1e-5)
+
+
+def test_batch_normalization_of_weights():
+    w, keep = apply_corrections(("token_tis",), _inputs([[0.5, 1.5]]), {**KNOBS, "tis_cap": jnp.float32(2.0)},
+                                batch_normalize=True)
+    np.testing.assert_allclose(np.asarray(w), [[0.5, 1.5]], rtol=1e-6)  # mean already 1
+    w, _ = apply_corrections(("token_tis",), _inputs([[0.5, 0.5]]), KNOBS, batch_normalize=True)
+    np.testing.assert_allclose(np.asarray(w), [[1.0, 1.0]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(CORRECTIONS))
+def test_every_correction_is_the_identity_at_zero_mismatch(kind):
+    x = _inputs([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], mask=[[1, 1, 0], [1, 1, 1]], adv=(1.0, -1.0),
+                p_old=[[0.9, 0.1, 0.5], [0.3, 0.3, 0.3]])
+    w, keep = _apply([kind], x)
+    assert np.all(w[keep > 0] == 1.0)
+    assert keep.tolist() == [[1, 1, 0], [1, 1, 1]]
+
+
+@pytest.mark.parametrize("override, field", [
+    ("correction.kinds=[tis]", "correction.kinds"), ("correction.mis_low=1.5", "correction.mis_low"),
+    ("correction.seq_high=0.5", "correction.seq_high"), ("correction.tis_cap=0", "correction.tis_cap"),
+    ("correction.kl_aggregate=median", "correction.kl_aggregate"),
+])
+def test_bad_corrections_name_the_field(override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert f"`{field}`" in str(err.value)
+
+
+def test_corrected_run_at_zero_mismatch_is_bit_identical(tiny_overrides, tiny_base):
+    """Every correction at once, bypass mode, zero mismatch: the same metrics as no correction."""
+    base = tiny_overrides + ["grpo.old_logprobs=bypass"]
+    plain = _train_chunks(load_config(None, base), *tiny_base[:2], 1)[1]
+    corrected = _train_chunks(load_config(None, base + [f"correction.kinds=[{','.join(CORRECTIONS)}]"]),
+                              *tiny_base[:2], 1)[1]
+    for name, values in plain.items():
+        assert np.array_equal(values, corrected[name], equal_nan=True), name
+    assert np.all(corrected["rejected_token_frac"] == 0.0) and np.all(corrected["corr_weight_mean"] == 1.0)
+
+
+def test_a_step_that_rejects_every_token_is_skipped(tiny_overrides, tiny_base):
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
+                                              "perturbation.logit_noise.scale=3", "correction.kinds=[geometric]",
+                                              "correction.geo_low=0.9999999", "correction.geo_high=1.0000001"])
+    state, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(metrics["update_skipped"] == 1.0) and np.all(metrics["rejected_token_frac"] == 1.0)
+    assert np.all(np.isfinite(metrics["loss"]))
+    assert np.all(metrics["update_norm"] == 0.0)

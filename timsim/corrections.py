@@ -1,0 +1,186 @@
+"""Corrections (remedies) for training-inference mismatch, DESIGN §4.
+
+Each correction is a pure function ``(inputs, knobs) -> (weight_NT, keep_NT)``: a token
+weight that multiplies the per-token loss and a 0/1 mask of the tokens it keeps. Rejected
+tokens leave the loss *and* its denominator. Corrections compose: weights multiply, masks
+intersect. A new correction is one function plus one line in `CORRECTIONS`.
+
+Everything is computed once per step, before the updates, from stopped quantities: weights
+are never differentiated. Inputs are the learner's `logp_old` (pi_old) and the sampler's
+reported `logp_sampler` (mu) at the sampled tokens, so r_corr = pi_old / mu = exp(delta);
+log-ratios are clamped to +-20 before exp.
+
+Modes. In recompute mode the PPO ratio is pi_theta / pi_old and the weight multiplies it.
+In bypass mode the ratio pi_theta / mu already carries r_corr; with a *weighting* correction
+the learner's pi_old replaces mu in the ratio, so the weight replaces r_corr instead of
+counting the mismatch twice (DESIGN §4: a prototype that multiplied both fell to 0.34-0.37).
+Rejections work the same in both modes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from timsim.grpo import LOG_RATIO_CLAMP
+
+
+@dataclasses.dataclass(frozen=True)
+class CorrectionInputs:
+    delta_NT: jax.Array  # logp_old - logp_sampler at the sampled tokens, clamped, 0 on padding
+    mask_NT: jax.Array  # 1 on response tokens
+    adv_N: jax.Array
+    logp_old_NT: jax.Array  # learner's log-prob of the sampled token (for CIS)
+
+    @property
+    def ratio_NT(self) -> jax.Array:
+        return jnp.exp(self.delta_NT)
+
+    @property
+    def seq_delta_N(self) -> jax.Array:
+        return (self.delta_NT * self.mask_NT).sum(-1)
+
+    @property
+    def lengths_N(self) -> jax.Array:
+        return jnp.maximum(self.mask_NT.sum(-1), 1.0)
+
+
+def make_inputs(logp_old_NT, logp_sampler_NT, mask_NT, adv_N) -> CorrectionInputs:
+    delta = jnp.clip(logp_old_NT - logp_sampler_NT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * mask_NT
+    return CorrectionInputs(jax.lax.stop_gradient(delta), mask_NT, adv_N, jax.lax.stop_gradient(logp_old_NT))
+
+
+def _ones(x: CorrectionInputs):
+    return jnp.ones_like(x.delta_NT)
+
+
+def _per_response(x: CorrectionInputs, values_N):
+    return jnp.broadcast_to(values_N[:, None], x.delta_NT.shape)
+
+
+def _seq_ratio(x: CorrectionInputs):
+    return jnp.exp(jnp.clip(x.seq_delta_N, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+
+
+def token_tis(x, k):
+    """Truncated IS per token: w_t = min(r_corr,t, C)."""
+    return jnp.minimum(x.ratio_NT, k["tis_cap"]), _ones(x)
+
+
+def seq_tis(x, k):
+    """Truncated IS per response: w = min(prod_t r_corr,t, C) on every token of the response."""
+    return _per_response(x, jnp.minimum(_seq_ratio(x), k["tis_cap"])), _ones(x)
+
+
+def token_mis(x, k):
+    """Masked IS per token (IcePop): w_t = r_corr,t, kept only if lo <= r_corr,t <= hi."""
+    keep = (x.ratio_NT >= k["mis_low"]) & (x.ratio_NT <= k["mis_high"])
+    return x.ratio_NT, keep.astype(jnp.float32)
+
+
+def seq_mask(x, k):
+    """Sequence rejection: keep a response only if lo <= prod_t r_corr,t <= hi (no weight)."""
+    ratio = _seq_ratio(x)
+    return _ones(x), _per_response(x, ((ratio >= k["seq_low"]) & (ratio <= k["seq_high"])).astype(jnp.float32))
+
+
+def seq_mis(x, k):
+    """Sequence MIS: the sequence mask times the weight prod_t r_corr,t."""
+    weight, keep = seq_mask(x, k)
+    return weight * _per_response(x, _seq_ratio(x)), keep
+
+
+def geometric(x, k):
+    """Geometric rejection (length-invariant): keep if lo <= exp(mean_t delta_t) <= hi."""
+    geo = jnp.exp(x.seq_delta_N / x.lengths_N)
+    return _ones(x), _per_response(x, ((geo >= k["geo_low"]) & (geo <= k["geo_high"])).astype(jnp.float32))
+
+
+KL_ESTIMATORS = {"k1": lambda d: -d, "k2": lambda d: 0.5 * d**2, "k3": lambda d: jnp.expm1(d) - d}
+KL_AGGREGATES = ("sum", "mean", "max")
+
+
+def kl_rejection(x, k, estimator: str = "k3", aggregate: str = "mean"):
+    """Trust-region mask: reject a response whose per-token KL estimate, aggregated by sum,
+    mean or max over its tokens, exceeds the threshold."""
+    kl_NT = KL_ESTIMATORS[estimator](x.delta_NT) * x.mask_NT
+    if aggregate == "sum":
+        per_seq = kl_NT.sum(-1)
+    elif aggregate == "mean":
+        per_seq = kl_NT.sum(-1) / x.lengths_N
+    else:
+        per_seq = jnp.where(x.mask_NT > 0, kl_NT, -jnp.inf).max(-1)
+    return _ones(x), _per_response(x, (per_seq <= k["kl_threshold"]).astype(jnp.float32))
+
+
+def veto(x, k):
+    """Reject a response if any of its tokens has r_corr below the veto threshold."""
+    low = jnp.where(x.mask_NT > 0, x.ratio_NT, jnp.inf).min(-1)
+    return _ones(x), _per_response(x, (low >= k["veto_threshold"]).astype(jnp.float32))
+
+
+def offpolicy_mask(x, k):
+    """DeepSeek-V3.2 off-policy sequence mask: drop a response with A < 0 whose mean
+    log(mu / pi) exceeds the threshold. pi is pi_old here (the step's start; at the first
+    update pi_theta = pi_old), so mean log(mu / pi) = -mean_t delta_t."""
+    drift = -x.seq_delta_N / x.lengths_N
+    drop = (x.adv_N < 0) & (drift > k["offpolicy_threshold"])
+    return _ones(x), _per_response(x, (~drop).astype(jnp.float32))
+
+
+def cis(x, k):
+    """Calibrated IS: w_t = min(r_corr,t, 1 + lambda * max(1 - p_t, kappa)), a cap that grows as
+    the learner's probability p_t = pi_old(y_t) of the token falls (rare tokens keep more weight)."""
+    cap = 1.0 + k["cis_lambda"] * jnp.maximum(1.0 - jnp.exp(x.logp_old_NT), k["cis_kappa"])
+    return jnp.minimum(x.ratio_NT, cap), _ones(x)
+
+
+CORRECTIONS: dict[str, Callable] = {
+    "token_tis": token_tis,
+    "seq_tis": seq_tis,
+    "token_mis": token_mis,
+    "seq_mask": seq_mask,
+    "seq_mis": seq_mis,
+    "geometric": geometric,
+    "kl_rejection": kl_rejection,
+    "veto": veto,
+    "offpolicy_mask": offpolicy_mask,
+    "cis": cis,
+}
+WEIGHTING = ("token_tis", "seq_tis", "token_mis", "seq_mis", "cis")  # produce weights, not only masks
+
+
+def correction_knobs(hp: dict) -> dict:
+    prefix = "correction."
+    return {k.removeprefix(prefix): v for k, v in hp.items() if k.startswith(prefix)}
+
+
+def apply_corrections(kinds: tuple[str, ...], x: CorrectionInputs, knobs: dict, kl_estimator: str = "k3",
+                      kl_aggregate: str = "mean", batch_normalize: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Compose `kinds`: (weight_NT, keep_NT); padding is never kept. With `batch_normalize`
+    the kept weights are divided by their mean (w <- w / mean(w))."""
+    weight, keep = _ones(x), x.mask_NT
+    for kind in kinds:
+        fn = CORRECTIONS[kind]
+        w, m = fn(x, knobs, kl_estimator, kl_aggregate) if kind == "kl_rejection" else fn(x, knobs)
+        weight, keep = weight * w, keep * m
+    if batch_normalize:
+        weight = weight / jnp.maximum((weight * keep).sum() / jnp.maximum(keep.sum(), 1.0), 1e-30)
+    return jax.lax.stop_gradient(weight), jax.lax.stop_gradient(keep)
+
+
+def correction_metrics(weight_NT, keep_NT, mask_NT, any_kept) -> dict:
+    """What the corrections did this step: rejected fraction, the applied weights on kept
+    tokens (mean, max, normalised ESS) and whether the update was skipped."""
+    n = jnp.maximum(keep_NT.sum(), 1.0)
+    w_sum, w2_sum = (weight_NT * keep_NT).sum(), (weight_NT**2 * keep_NT).sum()
+    return {
+        "rejected_token_frac": 1.0 - keep_NT.sum() / jnp.maximum(mask_NT.sum(), 1.0),
+        "corr_weight_mean": w_sum / n,
+        "corr_weight_max": jnp.where(keep_NT > 0, weight_NT, 0.0).max(),
+        "corr_ess": w_sum**2 / jnp.maximum(n * w2_sum, 1e-30),
+        "update_skipped": 1.0 - any_kept.astype(jnp.float32),
+    }
