@@ -58,7 +58,7 @@ def test_finder_says_when_even_the_smallest_level_degrades():
 
 @pytest.mark.parametrize("flag, value, match", [
     ("margin", 1.5, "--margin"), ("confidence", 1.0, "--confidence"), ("levels", [0.0, 1e-2], "--levels"),
-    ("target", "kl", "--target"),
+    ("target", "kl", "--target"), ("metric", "accuracy", "--metric"),
 ])
 def test_bad_finder_settings_name_the_option(flag, value, match):
     cfg = load_config(None, ["perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]"])

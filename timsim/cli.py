@@ -68,6 +68,8 @@ def _parser() -> argparse.ArgumentParser:
     critical.add_argument("--margin", type=float, default=None, help="accuracy drop that counts (default 0.05)")
     critical.add_argument("--confidence", type=float, default=None, help="of the paired interval (default 0.95)")
     critical.add_argument("--bisect", type=int, default=None, help="bisection rounds after the grid (default 2)")
+    critical.add_argument("--metric", default=None, help="compared with the twin: final_accuracy (default), "
+                                                         "peak_accuracy or final_reward (partial-credit tasks)")
     critical.add_argument("--only", default=None, help="study file: comma-separated variants to run")
     critical.add_argument("--out-dir", default=None, help="results parent directory (default: run.out_dir)")
     critical.add_argument("--restart", action="store_true", help="discard earlier results of this study")
@@ -144,7 +146,7 @@ def _dispatch(args, console) -> int:
         from timsim.report import critical
 
         cli = {"levels": _floats(args.levels, "--levels") if args.levels else None, "target": args.target,
-               "margin": args.margin, "confidence": args.confidence, "bisect": args.bisect}
+               "margin": args.margin, "confidence": args.confidence, "bisect": args.bisect, "metric": args.metric}
         critical(args.config, args.overrides, cli, console, only=args.only, out_dir=args.out_dir,
                  restart=args.restart)
         return 0

@@ -5,7 +5,8 @@ level (a calibrated `perturbation.target`, per-token KL by default) run over the
 so each seed's level run shares prompts, sampling uniforms and noise draws with its twin
 (common random numbers) and the final held-out accuracies can be compared seed by seed.
 
-A level *degrades* when the mean paired difference (level minus twin) is below -margin and
+A level *degrades* when the mean paired difference (level minus twin) of final held-out
+accuracy (or `metric`: final_reward for partial-credit tasks) is below -margin and
 the upper end of its confidence interval (Student t over seeds) is below 0: worse by more
 than the margin on average, and significantly worse. The finder starts on a log-spaced grid
 and bisects geometrically between the highest level below the first degrading one and that
@@ -92,6 +93,7 @@ class FinderSettings:
     confidence: float = 0.95
     bisect_rounds: int = 2
     collapse_fraction: float = 0.5
+    metric: str = "final_accuracy"  # the summary column compared with the twin (final_reward: partial credit)
 
     def validate(self, cfg: Config) -> None:
         from timsim.perturb import SCALED
@@ -105,6 +107,8 @@ class FinderSettings:
             problems.append(f"--confidence must be in [0.5, 1) (got {self.confidence})")
         if not self.levels or min(self.levels) <= 0:
             problems.append(f"--levels must be positive target values (got {self.levels})")
+        if self.metric not in ("final_accuracy", "peak_accuracy", "final_reward"):
+            problems.append(f"--metric must be final_accuracy, peak_accuracy or final_reward (got {self.metric!r})")
         if self.bisect_rounds < 0:
             problems.append(f"--bisect must be >= 0 (got {self.bisect_rounds})")
         if cfg.perturbation.logit_noise.family not in SCALED:
@@ -210,14 +214,15 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
         console.print(f"[bold]critical finder[/]: levels {', '.join(f'{lv:.3g}' for lv in plan)} "
                       f"({settings.target}) x {len(cfg.run.seeds)} seeds, against the zero-mismatch twin")
         summary = run_cells(make_cells(cfg, settings, plan), store, console, sweep=sweep)
-        return {lv: paired_differences(summary, level_cell_id(lv)) for lv in plan}
+        return {lv: paired_differences(summary, level_cell_id(lv), settings.metric) for lv in plan}
 
     finding = find_critical(evaluate, settings.levels, settings.bisect_rounds, settings.margin, settings.confidence)
     metrics, summary = load(root)
     table = dose_response(finding, metrics, summary, store.read_manifest(), settings)
     atomic_write_parquet(root / "critical.parquet", table)
     record = {"critical_level": finding.critical, "below": finding.below, "target": settings.target,
-              "margin": settings.margin, "confidence": settings.confidence, "seeds": list(cfg.run.seeds),
+              "margin": settings.margin, "confidence": settings.confidence, "metric": settings.metric,
+              "seeds": list(cfg.run.seeds),
               "family": cfg.perturbation.logit_noise.family, "mode": cfg.perturbation.logit_noise.mode,
               "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps}
     if finding.critical is not None:
@@ -281,7 +286,7 @@ class StudyFile(BaseModel):
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
 
 
-FINDER_KEYS = {"levels", "target", "margin", "confidence", "bisect", "collapse_fraction"}
+FINDER_KEYS = {"levels", "target", "margin", "confidence", "bisect", "collapse_fraction", "metric"}
 
 
 def is_study_file(path: str | Path) -> bool:
