@@ -3,6 +3,10 @@
 # missing pure-Python dependencies from carried wheels (.whl/, see README "GPU"), run the
 # GPU-relevant tests, and time the standard step with the run axis vmapped.
 #   usage (via the device tool): bash scripts/device_check.sh [tests|bench|all]
+# The wheels, fetched once on a machine with an index (ignored by git, carried with the call):
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl pydantic pydantic_core annotated-types typing-inspection
+# (pin the versions of the local .venv: pydantic and pydantic_core must match each other)
 set -uo pipefail
 what=${1:-all}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1

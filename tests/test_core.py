@@ -129,6 +129,7 @@ def test_results_layout(tiny_overrides, tiny_base, tmp_path):
     assert evals == [0, 5, 10]
     at_evals = metrics.dropna(subset=["eval_greedy_accuracy"])
     assert (at_evals.eval_sampler_greedy_accuracy == at_evals.eval_greedy_accuracy).all(), "zero mismatch"
+    assert (at_evals.eval_sampler_sampled_accuracy == at_evals.eval_sampled_accuracy).all(), "zero mismatch"
     assert len(summary) == 2 and set(summary.seed) == {0, 1}
     # the final checkpoint restores as trained weights of the base's shape
     graphdef, base_params, _ = tiny_base

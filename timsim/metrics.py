@@ -80,6 +80,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("update_skipped", "1 when every token of the step was rejected and the update was skipped"),
     Metric("eval_greedy_accuracy", "exact-match accuracy of greedy decoding on held-out prompts (learner weights)"),
     Metric("eval_sampled_accuracy", "exact-match accuracy of temperature sampling on held-out prompts"),
+    Metric("eval_sampler_sampled_accuracy", "exact-match accuracy of temperature sampling under the sampler's "
+           "perturbation on held-out prompts; equals eval_sampled_accuracy at zero mismatch"),
     Metric("eval_sampler_greedy_accuracy", "exact-match accuracy of greedy decoding under the sampler's "
            "perturbation (its own noise draws) on held-out prompts; equals eval_greedy_accuracy at zero mismatch"),
 ]}

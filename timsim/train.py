@@ -250,8 +250,8 @@ def make_chunk(cfg: Config, task: Task, graphdef) -> Callable:
 
 def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
     """`evaluate(params_R, step_R, hp_R) -> {eval_*}` per run on the fixed held-out prompts: greedy and
-    sampled accuracy of the learner's clean policy, and greedy accuracy under the sampler's
-    perturbation (a gap shows "the learner improves but the sampler does not")."""
+    sampled accuracy of the learner's clean policy, and both under the sampler's perturbation
+    (a gap shows "the learner improves but the sampler does not")."""
     prompts = eval_prompts(task, cfg.task.eval_prompts)
     response_len = cfg.response_len
     spec = sampler_spec(cfg)
@@ -268,14 +268,16 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
                "eval_sampled_accuracy": task.verify(prompts, sampled.responses).mean()}
         if spec.noise_fn is None and not spec.separate_forward:
             out["eval_sampler_greedy_accuracy"] = out["eval_greedy_accuracy"]
+            out["eval_sampler_sampled_accuracy"] = out["eval_sampled_accuracy"]
         else:
             # fresh noise: an eval-only draw; persistent noise: the run's own deterministic sampler
             noise_key = noise_key_for(spec, seed, step) if spec.persistent else step_key(seed, "eval", 1)
             knobs = noise_knobs(hp)
             sampler = sampler_model(spec, graphdef, params, model, step_key(seed, "eval", 2), hp)
-            perturbed = sample(sampler, prompts, key, temperature, response_len, greedy=True,
-                               logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
-            out["eval_sampler_greedy_accuracy"] = task.verify(prompts, perturbed.responses).mean()
+            for name, greedy in (("greedy", True), ("sampled", False)):
+                perturbed = sample(sampler, prompts, key, temperature, response_len, greedy=greedy,
+                                   logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
+                out[f"eval_sampler_{name}_accuracy"] = task.verify(prompts, perturbed.responses).mean()
         return out
 
     batched = batch_over_runs(evaluate, resolve_batching(cfg.run.batching))
