@@ -141,3 +141,50 @@ def test_a_step_that_rejects_every_token_is_skipped(tiny_overrides, tiny_base):
     assert np.all(metrics["update_skipped"] == 1.0) and np.all(metrics["rejected_token_frac"] == 1.0)
     assert np.all(np.isfinite(metrics["loss"]))
     assert np.all(metrics["update_norm"] == 0.0)
+
+
+def _enumerated_estimators():
+    """A tabular autoregressive policy over 3 tokens and 2 positions: all 9 responses are
+    enumerated, so expectations are exact sums, not samples. Returns the true gradient of
+    E_pi[R] and the expected REINFORCE updates under mu with sequence and token IS weights
+    (computed by `timsim.corrections`), in float64."""
+    import jax
+
+    vocab, length = 3, 2
+    rng = np.random.default_rng(0)
+    theta = jnp.asarray(rng.normal(size=(length, vocab + 1, vocab)))  # [position, previous token (3 = start), v]
+    mu_logits = theta + jnp.asarray(rng.normal(size=theta.shape)) * 0.7  # the sampler's perturbed policy
+    responses = jnp.asarray([[a, b] for a in range(vocab) for b in range(vocab)])
+    reward = jnp.asarray(rng.uniform(size=len(responses)))
+    baseline = 0.3
+
+    def token_logp(table):
+        prev = jnp.concatenate([jnp.full((len(responses), 1), vocab), responses[:, :-1]], 1)
+        logits = table[jnp.arange(length)[None, :], prev]  # [9, T, V]
+        return jnp.take_along_axis(jax.nn.log_softmax(logits, -1), responses[..., None], -1)[..., 0]
+
+    mask = jnp.ones((len(responses), length))
+    true_grad = jax.grad(lambda t: (jnp.exp(token_logp(t).sum(-1)) * reward).sum())(theta)
+    logp_mu = token_logp(mu_logits)
+    mu_seq = jnp.exp(logp_mu.sum(-1))
+
+    def expected_update(kind):
+        x = make_inputs(token_logp(theta), logp_mu, mask, reward - baseline)
+        weight, _ = apply_corrections((kind,), x, {"tis_cap": jnp.float64(1e12)})
+        surrogate = lambda t: (mu_seq[:, None] * weight * (reward - baseline)[:, None] * token_logp(t)).sum()  # noqa: E731
+        return jax.grad(surrogate)(theta)
+
+    return true_grad, expected_update("seq_tis"), expected_update("token_tis")
+
+
+def test_sequence_is_is_unbiased_and_token_tis_is_not_on_an_enumerable_task():
+    """DESIGN §8.1: with REINFORCE at theta = theta_old, a constant baseline and a sequence-sum
+    loss, E_mu[prod_t r_t (R - b) grad log pi(y)] equals grad E_pi[R] exactly; per-token
+    weights leave the prefix distribution mu's, so they are biased."""
+    import jax
+
+    with jax.enable_x64(True):
+        true_grad, seq_is, token_is = (np.asarray(g) for g in _enumerated_estimators())
+    scale = np.abs(true_grad).max()
+    np.testing.assert_allclose(seq_is, true_grad, rtol=0, atol=1e-12 * scale)
+    assert np.abs(token_is - true_grad).max() > 1e-2 * scale
