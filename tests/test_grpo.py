@@ -53,6 +53,45 @@ def test_ppo_clip_hand_computed():
     np.testing.assert_array_equal(clipped, [[True, False], [False, True]])
 
 
+def test_dual_clip_bounds_the_loss_of_negative_advantages():
+    """A = -1 with r = 5: PPO's loss is r|A| = 5 (the min picks the unclipped -5); dual clip c = 3
+    caps it at 3. A = +1 and small ratios are untouched."""
+    logp = jnp.log(jnp.array([[5.0, 1.1], [5.0, 0.5]]))
+    adv = jnp.array([-1.0, 1.0])
+    loss, clipped, _ = grpo.dual_clip_per_token(logp, jnp.zeros((2, 2)), adv, 0.2, 0.2, 3.0)
+    np.testing.assert_allclose(loss, [[3.0, 1.1], [-1.2, -0.5]], rtol=1e-6)
+    assert bool(clipped[0, 0])
+    off, _, _ = grpo.dual_clip_per_token(logp, jnp.zeros((2, 2)), adv, 0.2, 0.2, 0.0)
+    np.testing.assert_allclose(off[0, 0], 5.0, rtol=1e-6)
+
+
+def test_reinforce_cispo_and_gspo_hand_computed():
+    import jax
+
+    logp_old = jnp.log(jnp.array([[0.5, 0.5]]))
+    logp = jnp.log(jnp.array([[0.8, 0.5]]))  # r = (1.6, 1.0)
+    adv, mask = jnp.array([2.0]), jnp.ones((1, 2))
+    loss, _, _ = grpo.reinforce_per_token(logp, logp_old, adv, 0.2, 0.2)
+    np.testing.assert_allclose(loss, -2.0 * np.log([[0.8, 0.5]]), rtol=1e-6)
+    # CISPO: the weight clip(1.6, 0.8, 1.2) = 1.2 is detached: d loss / d logp = -1.2 A, the token keeps a gradient
+    grad = jax.grad(lambda lp: grpo.cispo_per_token(lp, logp_old, adv, 0.2, 0.2)[0].sum())(logp)
+    np.testing.assert_allclose(grad, [[-1.2 * 2.0, -1.0 * 2.0]], rtol=1e-6)
+    # GSPO: s = exp(mean log r) = sqrt(1.6) = 1.265 > 1.2: clipped, the same loss -1.2 A on both tokens
+    loss, clipped, ratio = grpo.gspo_per_token(logp, logp_old, adv, 0.2, 0.2, mask)
+    np.testing.assert_allclose(ratio, np.sqrt(1.6), rtol=1e-6)
+    np.testing.assert_allclose(loss, [[-2.4, -2.4]], rtol=1e-6)
+    assert bool(clipped.all())
+
+
+def test_reinforce_needs_one_update_per_batch_and_dual_clip_above_one():
+    from timsim.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="one update per batch"):
+        load_config(None, ["grpo.loss=reinforce", "grpo.epochs=2"])
+    with pytest.raises(ConfigError, match="grpo.dual_clip"):
+        load_config(None, ["grpo.dual_clip=0.5"])
+
+
 def test_kl_estimators_hand_computed():
     logp = jnp.log(jnp.array([0.5]))
     logp_ref = jnp.log(jnp.array([0.25]))
@@ -60,3 +99,15 @@ def test_kl_estimators_hand_computed():
     assert float(grpo.kl_to_reference(logp, logp_ref, "k1")[0]) == pytest.approx(-log_r)
     assert float(grpo.kl_to_reference(logp, logp_ref, "k2")[0]) == pytest.approx(0.5 * log_r**2)
     assert float(grpo.kl_to_reference(logp, logp_ref, "k3")[0]) == pytest.approx(0.5 - 1 - log_r)
+
+
+@pytest.mark.parametrize("loss", ["reinforce", "gspo", "cispo"])
+def test_every_loss_trains_a_chunk(tiny_overrides, tiny_base, loss):
+    from timsim.config import load_config
+    from test_core import _train_chunks
+
+    cfg = load_config(None, tiny_overrides + [f"grpo.loss={loss}", "grpo.old_logprobs=bypass",
+                                              "perturbation.logit_noise.family=gaussian",
+                                              "perturbation.logit_noise.scale=0.5"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(np.isfinite(metrics["loss"])) and np.all(metrics["update_norm"] > 0)

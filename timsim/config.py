@@ -272,6 +272,11 @@ class GRPOConfig(_Section):
     advantage: Literal["zscore", "mean", "rloo"] = "zscore"
     loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
     old_logprobs: Literal["recompute", "bypass"] = "recompute"
+    loss: Literal["ppo", "reinforce", "gspo", "cispo"] = Field("ppo", description=(
+        "ppo: PPO-clip (dual_clip > 1 adds the dual clip); reinforce: -A log pi, one update per batch; "
+        "gspo: clipped length-normalised sequence ratio; cispo: clipped, detached IS weight on -A log pi"))
+    dual_clip: Traced = Field(0.0, ge=0.0, description="ppo: lower bound c A on the objective of A < 0 tokens (0: off; "
+                                                        "else > 1, usually 3)")
     epochs: int = Field(1, ge=1)
     minibatches: int = Field(1, ge=1)
     lr: Traced = Field(3e-4, gt=0.0)
@@ -315,6 +320,11 @@ class Config(_Section):
             raise ValueError(
                 f"model.max_len ({self.model.max_len}) is shorter than prompt + response "
                 f"({task.prompt_len} + {response_len}) for task {task.name!r}; raise model.max_len")
+        if 0.0 < self.grpo.dual_clip <= 1.0:
+            raise ValueError(f"grpo.dual_clip must be 0 (off) or greater than 1, got {self.grpo.dual_clip}")
+        if self.grpo.loss == "reinforce" and self.grpo.epochs * self.grpo.minibatches != 1:
+            raise ValueError("grpo.loss=reinforce has no ratio and takes one update per batch: set grpo.epochs=1 "
+                             "and grpo.minibatches=1")
         n = self.grpo.prompts_per_step * self.grpo.group_size
         if n % self.grpo.minibatches:
             raise ValueError(f"grpo.minibatches ({self.grpo.minibatches}) must divide "

@@ -73,6 +73,54 @@ def ppo_clip_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high):
     return -jnp.minimum(unclipped, clipped), (clipped < unclipped), ratio
 
 
+def dual_clip_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, dual_clip):
+    """PPO-clip with the dual clip (Ye et al. 2020): for A < 0 the objective is bounded below by
+    c A (c > 1), so a huge ratio on a bad token cannot dominate the update. c = 0: off."""
+    loss, clipped, ratio = ppo_clip_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high)
+    adv = jnp.broadcast_to(adv_N[:, None], loss.shape)
+    bound = -dual_clip * adv  # the loss is -objective, so the lower bound c A caps the loss at -c A
+    capped = (dual_clip > 0) & (adv < 0) & (loss > bound)
+    return jnp.where(capped, bound, loss), clipped | capped, ratio
+
+
+def reinforce_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high):
+    """REINFORCE: -A log pi (no ratio, no clip; one update per batch)."""
+    ratio = jnp.exp(jnp.clip(logp_NT - logp_old_NT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    return -adv_N[:, None] * logp_NT, jnp.zeros(logp_NT.shape, bool), ratio
+
+
+def cispo_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high):
+    """CISPO: -sg(clip(r, 1-eps_low, 1+eps_high)) A log pi: the IS weight is clipped and detached,
+    so every token keeps a gradient (none is dropped by the clip)."""
+    ratio = jnp.exp(jnp.clip(logp_NT - logp_old_NT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    weight = jax.lax.stop_gradient(jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high))
+    return -weight * adv_N[:, None] * logp_NT, (ratio < 1.0 - eps_low) | (ratio > 1.0 + eps_high), ratio
+
+
+def gspo_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, mask_NT):
+    """GSPO: one length-normalised sequence ratio s = exp(mean_t log(pi / pi_old)), clipped as in
+    PPO, broadcast to the response's tokens (so every aggregation sees the sequence loss)."""
+    log_r = jnp.clip(logp_NT - logp_old_NT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP) * mask_NT
+    seq_log_r = log_r.sum(-1) / jnp.maximum(mask_NT.sum(-1), 1.0)
+    loss_N, clipped_N, ratio_N = ppo_clip_per_token(seq_log_r[:, None], jnp.zeros_like(seq_log_r)[:, None], adv_N,
+                                                    eps_low, eps_high)
+    shape = logp_NT.shape
+    return (jnp.broadcast_to(loss_N, shape), jnp.broadcast_to(clipped_N, shape), jnp.broadcast_to(ratio_N, shape))
+
+
+def policy_loss(kind: str, logp_NT, logp_old_NT, adv_N, mask_NT, eps_low, eps_high, dual_clip):
+    """Per-token policy loss of `grpo.loss`, where the clip is active, and the token ratios."""
+    if kind == "ppo":
+        return dual_clip_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, dual_clip)
+    if kind == "reinforce":
+        return reinforce_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high)
+    if kind == "cispo":
+        return cispo_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high)
+    if kind == "gspo":
+        return gspo_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, mask_NT)
+    raise ValueError(f"grpo.loss must be ppo, reinforce, cispo or gspo, got {kind!r}")
+
+
 def make_optimizer(hp: dict) -> optax.GradientTransformation:
     """AdamW with global-norm clipping. Built inside the traced step from traced
     hyperparameters: the optimizer state's structure does not depend on their values."""

@@ -65,8 +65,8 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             # forward-only recomputation differs from the forward inside value_and_grad by
             # float rounding (~1e-7: XLA fuses them differently), so use this one: r_ppo == 1.
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
-        per_token, clipped, ratio = grpo.ppo_clip_per_token(logp, logp_old, adv, hp["grpo.clip_eps_low"],
-                                                            hp["grpo.clip_eps_high"])
+        per_token, clipped, ratio = grpo.policy_loss(g.loss, logp, logp_old, adv, mask, hp["grpo.clip_eps_low"],
+                                                     hp["grpo.clip_eps_high"], hp["grpo.dual_clip"])
         per_token = per_token * weight  # correction weights (1 without corrections), never differentiated
         entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
         loss = grpo.aggregate(per_token, mask, g.loss_agg)
