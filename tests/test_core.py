@@ -168,3 +168,26 @@ def test_async_lag_is_staleness_not_mismatch(tiny_overrides, tiny_base):
     # from a separate forward, not from the loss's own)
     assert np.all(metrics["ratio_first_dev_max"][:, 0] < 1e-5)
     assert np.all(metrics["ratio_first_dev_max"][:, 3:] > 1e-4), "later: pi_theta / pi_old measures staleness"
+
+
+def test_collapse_detection_hand_made_curves():
+    """Smoothed reward (window 2): a run that peaks then falls below half its peak has collapsed
+    at that step; one that climbs back has recovered; a NaN loss is a collapse; a steady run is not."""
+    import pandas as pd
+
+    from timsim.summary import collapse
+
+    def run(rewards, losses=None):
+        n = len(rewards)
+        return pd.DataFrame({"step": range(1, n + 1), "reward_mean": rewards,
+                             "loss": losses if losses is not None else [0.0] * n, "grad_norm": [1.0] * n})
+
+    fell = collapse(run([0.2, 0.8, 0.8, 0.2, 0.0, 0.0]), fraction=0.5, window=2)
+    assert fell["peak_reward"] == 0.8 and fell["peak_reward_step"] == 3
+    assert fell["collapsed"] == 1.0 and fell["collapse_step"] == 5 and fell["recovered"] == 0.0  # (0.2+0)/2 < 0.4
+    back = collapse(run([0.2, 0.8, 0.8, 0.0, 0.0, 0.8, 0.8]), fraction=0.5, window=2)
+    assert back["collapse_step"] == 5 and back["recovered"] == 1.0
+    nan = collapse(run([0.2, 0.3, 0.4], losses=[0.0, float("nan"), 0.0]), fraction=0.5, window=2)
+    assert nan["collapsed"] == 1.0 and nan["collapse_step"] == 2 and nan["nonfinite_steps"] == 1
+    steady = collapse(run([0.2, 0.3, 0.4, 0.5]), fraction=0.5, window=2)
+    assert steady["collapsed"] == 0.0 and np.isnan(steady["collapse_step"])

@@ -92,7 +92,6 @@ class FinderSettings:
     margin: float = 0.05
     confidence: float = 0.95
     bisect_rounds: int = 2
-    collapse_fraction: float = 0.5
     metric: str = "final_accuracy"  # the summary column compared with the twin (final_reward: partial credit)
 
     def validate(self, cfg: Config) -> None:
@@ -172,12 +171,11 @@ def dose_response(finding: Finding, metrics: pd.DataFrame, summary: pd.DataFrame
         calib = manifest["cells"][cell_id].get("calibration", {})
         acc, acc_ci = paired_ci(runs.final_accuracy.to_numpy(), settings.confidence)
         peak, peak_ci = paired_ci(runs.peak_accuracy.to_numpy(), settings.confidence)
-        collapsed = runs.final_accuracy < settings.collapse_fraction * runs.peak_accuracy
         row = {"level": level, "scale": calib.get("scale", 0.0),
                "token_kl_base": calib.get("kl_sampler_learner", 0.0), "seq_kl_base": calib.get("seq_kl", 0.0),
                "mean_k3_training": float(runs.mean_mismatch_k3.mean()), "seeds": len(runs),
                "final_accuracy": acc, "final_accuracy_ci": acc_ci, "peak_accuracy": peak, "peak_accuracy_ci": peak_ci,
-               "collapse_rate": float(collapsed.mean())}
+               "collapse_rate": float(runs.collapsed.mean())}
         if level == 0.0:
             row.update(paired_diff=0.0, paired_diff_ci=0.0, degrades=False, first_significant_step=float("nan"))
         else:
@@ -286,7 +284,7 @@ class StudyFile(BaseModel):
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
 
 
-FINDER_KEYS = {"levels", "target", "margin", "confidence", "bisect", "collapse_fraction", "metric"}
+FINDER_KEYS = {"levels", "target", "margin", "confidence", "bisect", "metric"}
 
 
 def is_study_file(path: str | Path) -> bool:

@@ -68,6 +68,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("is_ess", "normalised effective sample size (sum_t r_corr)^2 / (n sum_t r_corr^2), 1 = no mismatch"),
     Metric("nonfinite_frac", "fraction of response tokens whose sampler or learner log-prob is NaN or inf "
            "(a perturbation that breaks the numbers is reported, the run goes on)"),
+    Metric("nonfinite_update", "fraction of the step's updates skipped because the loss or gradient was not finite"),
     Metric("noise_scale", "the logit-noise scale the sampler used (calibrated when perturbation.target is set)"),
     Metric("delta_floor_max", "max_t |logp of the KV-cache decode path - learner logp|: the numerical floor "
            "between the sampling path and the learner, reported not injected", "nats"),

@@ -18,7 +18,7 @@ from timsim.store import Store, load
 from timsim.summary import SUMMARY_METRICS, by_cell
 
 HEADERS = {"final_accuracy": "final acc", "peak_accuracy": "peak acc", "peak_step": "peak step",
-           "final_reward": "final reward", "mean_mismatch_k3": "mean k3"}
+           "final_reward": "final reward", "mean_mismatch_k3": "mean k3", "collapsed": "collapsed"}
 
 
 def _fmt(mean: float, ci: float) -> str:

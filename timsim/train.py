@@ -136,9 +136,14 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             params, opt_state = carry
             mb = jax.tree.map(lambda x: x[i % n_mb], batch_mb)
             (loss, aux), grads = grad_fn(params, ref_params, mb, hp, i == 0)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return (params, opt_state), {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
+            grad_norm = optax.tree.norm(grads)
+            updates, new_opt_state = tx.update(grads, opt_state, params)
+            # a non-finite loss or gradient leaves this run's weights untouched (and is counted);
+            # the other runs on the run axis are independent and go on
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            params, opt_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                             (optax.apply_updates(params, updates), new_opt_state), (params, opt_state))
+            return (params, opt_state), {"loss": loss, "grad_norm": grad_norm, "nonfinite_update": 1.0 - finite, **aux}
 
         (params, opt_state), per_update = jax.lax.scan(
             update, (state.params, state.opt_state), jnp.arange(g.epochs * n_mb))
