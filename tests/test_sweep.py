@@ -196,3 +196,20 @@ def test_sharded_run_axis_matches_one_device(tiny_overrides, tiny_base, tmp_path
     manifest = Store(tmp_path / "two" / "sh").read_manifest()
     assert manifest["provenance"]["device_count"] == 2
     assert manifest["groups"][next(iter(manifest["groups"]))]["padded_width"] == 4
+
+
+def test_every_shipped_config_sweep_and_study_file_is_valid():
+    """The files under configs/ load and expand (no compute): a renamed key fails here."""
+    from pathlib import Path
+
+    from timsim.critical import load_study
+
+    root = Path(__file__).parent.parent / "configs"
+    configs, sweeps, studies = (sorted((root / sub).glob("*.yaml")) for sub in (".", "sweeps", "studies"))
+    assert configs and sweeps and studies
+    for path in configs:
+        load_config(path)
+    for path in sweeps:
+        assert load_plan(path).cells
+    for path in studies:
+        assert load_study(path, [], {})[1]
