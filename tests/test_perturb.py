@@ -13,7 +13,7 @@ from timsim.tasks import VOCAB_SIZE
 from test_core import _train_chunks
 
 FAMILY_KNOBS = {"gaussian": [], "student_t": ["perturbation.logit_noise.nu=3"],
-                "spikes": ["perturbation.logit_noise.rate=0.05"], "magnitude": []}
+                "spikes": ["perturbation.logit_noise.rate=0.05"], "magnitude": [], "dirichlet": []}
 TRUNCATION_KNOBS = {"top_k": "perturbation.logit_noise.top_k=3", "top_p": "perturbation.logit_noise.top_p=0.8"}
 
 
@@ -376,3 +376,22 @@ def test_tracked_target_recalibrates_each_run_at_chunk_boundaries(tiny_overrides
         assert per_chunk.nunique().min() == 2  # a new scale at the boundary
         assert per_chunk.iloc[1].nunique() == 2  # each run its own, from its own weights
         np.testing.assert_allclose(group["tracked_scales"], per_chunk.iloc[-1].to_numpy(), rtol=1e-6)
+
+
+def test_dirichlet_noise_preserves_the_mean():
+    """E[mu] = pi exactly: the mean of many draws is within Monte Carlo error of pi, while each
+    draw differs from it."""
+    import jax
+
+    from timsim.perturb import dirichlet
+
+    logits = jnp.array([2.0, 1.0, 0.0, -1.0])
+    pi = np.asarray(jax.nn.softmax(logits))
+    keys = jax.random.split(jax.random.key(0), 20000)
+    mu = np.exp(np.asarray(jax.vmap(lambda k: dirichlet(k, logits, {"scale": jnp.float32(0.5)}))(keys)))
+    np.testing.assert_allclose(mu.sum(-1), 1.0, rtol=1e-5)
+    se = mu.std(0) / np.sqrt(len(mu))
+    assert np.all(np.abs(mu.mean(0) - pi) < 5 * se)
+    assert np.abs(mu[0] - pi).max() > 0.01
+    same = dirichlet(keys[0], logits, {"scale": jnp.float32(0.0)})
+    assert np.array_equal(np.asarray(same), np.asarray(logits))

@@ -59,6 +59,19 @@ def magnitude(key, logits, knobs):
     return logits + knobs["scale"] * centred * jax.random.normal(key, logits.shape)
 
 
+def dirichlet(key, logits, knobs):
+    """Mean-preserving noise: mu ~ Dirichlet(kappa * pi) per position with kappa = 1 / scale, so
+    E[mu] = pi exactly (DESIGN §8.1): the control that separates mismatch from the average
+    flattening that zero-mean logit noise causes. Returns log mu (probabilities below the
+    float32 range become EXCLUDED_LOGIT); scale 0 returns the logits unchanged."""
+    scale = knobs["scale"]
+    probs = jax.nn.softmax(logits, axis=-1)
+    alpha = probs / jnp.maximum(scale, 1e-30)
+    mu = jax.random.dirichlet(key, jnp.maximum(alpha, 1e-30))
+    log_mu = jnp.where(mu > 0, jnp.log(jnp.maximum(mu, 1e-38)), EXCLUDED_LOGIT)
+    return jnp.where(scale > 0, log_mu, logits)
+
+
 EXCLUDED_LOGIT = -1e9  # "outside the support": exp() is exactly 0, and 0 * logit stays finite (no NaN)
 
 
@@ -87,10 +100,11 @@ LOGIT_NOISE: dict[str, Callable] = {
     "student_t": student_t,
     "spikes": spikes,
     "magnitude": magnitude,
+    "dirichlet": dirichlet,
     "top_k": top_k,
     "top_p": top_p,
 }
-SCALED = ("gaussian", "student_t", "spikes", "magnitude")  # families whose `scale` calibration can tune
+SCALED = ("gaussian", "student_t", "spikes", "magnitude", "dirichlet")  # families whose `scale` calibration can tune
 
 
 def noise_knobs(hp: dict) -> dict:
