@@ -17,8 +17,11 @@ FAMILY_KNOBS = {"gaussian": [], "student_t": ["perturbation.logit_noise.nu=3"],
 TRUNCATION_KNOBS = {"top_k": "perturbation.logit_noise.top_k=3", "top_p": "perturbation.logit_noise.top_p=0.8"}
 
 
+ONE_SIDED_KNOBS = {**TRUNCATION_KNOBS, "temperature": "perturbation.logit_noise.temperature=0.7"}
+
+
 def test_every_family_is_covered():
-    assert set(FAMILY_KNOBS) | set(TRUNCATION_KNOBS) == set(LOGIT_NOISE)
+    assert set(FAMILY_KNOBS) | set(ONE_SIDED_KNOBS) == set(LOGIT_NOISE)
     assert set(FAMILY_KNOBS) == set(SCALED)
 
 
@@ -395,3 +398,32 @@ def test_dirichlet_noise_preserves_the_mean():
     assert np.abs(mu[0] - pi).max() > 0.01
     same = dirichlet(keys[0], logits, {"scale": jnp.float32(0.0)})
     assert np.array_equal(np.asarray(same), np.asarray(logits))
+
+
+@pytest.mark.parametrize("family", sorted(ONE_SIDED_KNOBS))
+def test_one_sided_transform_creates_mismatch_and_the_consistent_fix_removes_it(tiny_overrides, tiny_base, family):
+    """The sampler alone applies temperature / top-k / top-p: mismatch. With learner_too the learner
+    applies the same transform and delta is exactly 0 again."""
+    one_sided = tiny_overrides + [f"perturbation.logit_noise.family={family}", ONE_SIDED_KNOBS[family]]
+    measure = lambda cfg: {k: float(v) for k, v in make_measure(cfg, tiny_base[0])(  # noqa: E731
+        tiny_base[1], hyperparams(cfg, 0.0)).items()}
+    cfg = load_config(None, one_sided)
+    assert measure(cfg)["kl_sampler_learner"] > 1e-4
+    fixed = measure(load_config(None, one_sided + ["perturbation.logit_noise.learner_too=true"]))
+    assert fixed["delta_abs_max"] == 0.0 and fixed["kl_sampler_learner"] == 0.0
+
+
+def test_learner_too_needs_a_deterministic_transform():
+    with pytest.raises(ConfigError, match="learner_too"):
+        load_config(None, ["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.learner_too=true"])
+    with pytest.raises(ConfigError, match="perturbation.logit_noise.temperature"):
+        load_config(None, ["perturbation.logit_noise.family=temperature", "perturbation.logit_noise.temperature=0"])
+
+
+def test_consistent_temperature_trains_without_mismatch(tiny_overrides, tiny_base):
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=temperature",
+                                              "perturbation.logit_noise.temperature=0.7",
+                                              "perturbation.logit_noise.learner_too=true"])
+    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    assert np.all(metrics["delta_abs_max"] == 0.0) and np.all(metrics["ratio_first_dev_max"] == 0.0)
+    assert np.all(np.isfinite(metrics["loss"]))

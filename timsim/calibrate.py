@@ -23,7 +23,8 @@ from flax import nnx
 from timsim.config import Config, ConfigError, traced_values
 from timsim.diagnostics import mismatch_metrics
 from timsim.model import response_logits, token_logprobs
-from timsim.perturb import SCALED, decode_logits_fn, noise_knobs, report_logits, sampler_model, sampler_spec
+from timsim.perturb import (SCALED, decode_logits_fn, learner_transform, noise_knobs, report_logits, sampler_model,
+                            sampler_spec)
 from timsim.rollout import sample
 
 CALIBRATION_SEED = 2024
@@ -49,7 +50,7 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
         rollout = sample(sampler, prompts, sample_key, temperature, cfg.response_len,
                          logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
         logits = response_logits(model, prompts, rollout.responses, spec.learner_nm)
-        _, logp_all = token_logprobs(logits, rollout.responses, temperature)
+        _, logp_all = token_logprobs(learner_transform(spec, knobs)(logits), rollout.responses, temperature)
         logits_sampler = report_logits(spec, logits, sampler, prompts, rollout.responses, noise_key, knobs)
         _, logp_all_sampler = token_logprobs(logits_sampler, rollout.responses, temperature)
         metrics = mismatch_metrics(logp_all, logp_all_sampler, rollout.responses, rollout.mask)

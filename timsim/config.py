@@ -108,6 +108,20 @@ class LogitNoiseConfig(_Section):
     top_k: Traced = Field(float(tasks_lib.VOCAB_SIZE), ge=1.0, le=float(tasks_lib.VOCAB_SIZE),
                           description="top_k: tokens kept (1 .. vocabulary size)")
     top_p: Traced = Field(1.0, gt=0.0, le=1.0, description="top_p: probability mass kept, in (0, 1]")
+    temperature: Traced = Field(1.0, gt=0.0, description=(
+        "temperature family: the sampler alone divides its logits by this (a one-sided transform)"))
+    learner_too: bool = Field(False, description=(
+        "the consistent fix for a one-sided transform (temperature, top_k, top_p): the learner applies "
+        "the same transform, so the two sides agree again"))
+
+    @model_validator(mode="after")
+    def _learner_too_is_deterministic(self):
+        from timsim.perturb import DETERMINISTIC
+
+        if self.learner_too and self.family not in DETERMINISTIC:
+            raise ValueError(f"learner_too applies a deterministic transform on the learner's side; accepted "
+                             f"families: {', '.join(DETERMINISTIC)} (got {self.family!r})")
+        return self
 
     @field_validator("family")
     @classmethod

@@ -95,6 +95,12 @@ def top_p(key, logits, knobs):
     return jnp.where(keep, logits, EXCLUDED_LOGIT)
 
 
+def temperature(key, logits, knobs):
+    """One-sided temperature: the sampler samples from softmax(logits / tau), the learner (unless
+    `learner_too`) computes plain log-probs: a common real-world bug."""
+    return logits / knobs["temperature"]
+
+
 LOGIT_NOISE: dict[str, Callable] = {
     "gaussian": gaussian,
     "student_t": student_t,
@@ -103,8 +109,10 @@ LOGIT_NOISE: dict[str, Callable] = {
     "dirichlet": dirichlet,
     "top_k": top_k,
     "top_p": top_p,
+    "temperature": temperature,
 }
 SCALED = ("gaussian", "student_t", "spikes", "magnitude", "dirichlet")  # families whose `scale` calibration can tune
+DETERMINISTIC = ("temperature", "top_k", "top_p")  # transforms the learner can apply too (`learner_too`)
 
 
 def noise_knobs(hp: dict) -> dict:
@@ -147,6 +155,7 @@ class SamplerSpec:
     weight_hold_steps: int = 1
     report_only: bool = False  # the logit noise perturbs the reported log-probs, not the sampling
     version_steps: int = 0  # persistent modes: a new error every this many updates (0: never)
+    learner_too: bool = False  # the learner applies the same deterministic transform (the consistent fix)
 
     @property
     def persistent(self) -> bool:
@@ -162,7 +171,8 @@ def sampler_spec(cfg) -> SamplerSpec:
     p = cfg.perturbation
     return SamplerSpec(make_logits_fn(p.logit_noise.family), p.logit_noise.mode, p.sampler_precision.numerics(),
                        p.learner_precision.numerics(), p.weight_noise.family != "none",
-                       p.weight_noise.hold_steps, p.logit_noise.report_only, p.logit_noise.version_steps)
+                       p.weight_noise.hold_steps, p.logit_noise.report_only, p.logit_noise.version_steps,
+                       p.logit_noise.learner_too)
 
 
 def with_weight_noise(params, key: jax.Array, scale) -> nnx.State:
@@ -183,6 +193,14 @@ def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.A
     if not spec.weight_noise:
         return learner_model
     return nnx.merge(graphdef, with_weight_noise(params, key, hp["perturbation.weight_noise.scale"]))
+
+
+def learner_transform(spec: SamplerSpec, knobs: dict) -> Callable:
+    """The learner's own logit transform: the sampler's deterministic one with `learner_too`,
+    else the identity."""
+    if spec.learner_too:
+        return lambda logits: spec.noise_fn(None, logits, knobs)
+    return lambda logits: logits
 
 
 def noise_key_for(spec: SamplerSpec, seed: jax.Array, step: jax.Array) -> jax.Array:

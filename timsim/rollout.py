@@ -77,10 +77,14 @@ def prefix_hashes(prompts_NP: jax.Array, responses_NT: jax.Array) -> jax.Array:
     return hashes_TN.T
 
 
-def learner_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temperature, nm: Numerics = FP32):
+def learner_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temperature, nm: Numerics = FP32,
+                     transform: Callable | None = None):
     """The learner's per-token log-probs of given responses (teacher forcing), 0 on padding,
-    and the full log-softmax [N, T, V] (for entropies and exact divergences)."""
+    and the full log-softmax [N, T, V] (for entropies and exact divergences). `transform`: a
+    logit transform the learner applies (the consistent fix for a one-sided sampler one)."""
     logits = response_logits(model, prompts_NP, responses_NT, nm)
+    if transform is not None:
+        logits = transform(logits)
     logp, logp_all = token_logprobs(logits, responses_NT, temperature)
     return logp * mask_NT, logp_all
 

@@ -22,8 +22,8 @@ from timsim.corrections import WEIGHTING, apply_corrections, correction_knobs, c
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics
 from timsim.model import response_logits, token_logprobs
-from timsim.perturb import (decode_logits_fn, noise_key_for, noise_knobs, report_logits, sampler_model, sampler_spec,
-                            weight_noise_key)
+from timsim.perturb import (decode_logits_fn, learner_transform, noise_key_for, noise_knobs, report_logits,
+                            sampler_model, sampler_spec, weight_noise_key)
 from timsim.rollout import learner_logprobs, sample
 from timsim.tasks import Task
 
@@ -59,7 +59,9 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         prompts, responses, response_mask, logp_old, adv, weight, mask = batch  # mask: kept tokens
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
-        logp, logp_all = learner_logprobs(model, prompts, responses, response_mask, temperature, spec.learner_nm)
+        transform = learner_transform(spec, noise_knobs(hp))
+        logp, logp_all = learner_logprobs(model, prompts, responses, response_mask, temperature, spec.learner_nm,
+                                          transform)
         if g.old_logprobs == "recompute" and not lag:
             # At the first update theta == theta_old, so pi_old is the loss's own forward. The
             # forward-only recomputation differs from the forward inside value_and_grad by
@@ -75,7 +77,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         if g.kl_ref != "none":
             ref = nnx.merge(graphdef, ref_params)
             logp_ref = jax.lax.stop_gradient(
-                learner_logprobs(ref, prompts, responses, mask, temperature, spec.learner_nm)[0])
+                learner_logprobs(ref, prompts, responses, mask, temperature, spec.learner_nm, transform)[0])
             kl_NT = grpo.kl_to_reference(logp, logp_ref, g.kl_ref)
             kl_ref = grpo.masked_mean(kl_NT, mask)
             loss = loss + hp["grpo.kl_coef"] * grpo.aggregate(kl_NT, mask, g.loss_agg)
@@ -109,7 +111,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         # own teacher-forced logits (a function of the learner's when only its logits differ;
         # the zero-mismatch sampler reports the learner's own).
         logits = response_logits(model, prompts_N, responses, spec.learner_nm)
-        logp_learner, logp_all_learner = token_logprobs(logits, responses, temperature)
+        logp_learner, logp_all_learner = token_logprobs(learner_transform(spec, knobs)(logits), responses, temperature)
         if spec.noise_fn is None and not spec.separate_forward:
             logp_sampler, logp_all_sampler = logp_learner, logp_all_learner
         else:
