@@ -26,7 +26,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from scipy import stats
 
 from timsim.config import TARGET_METRICS, Config, ConfigError, set_dotted
@@ -93,6 +93,13 @@ class FinderSettings:
     confidence: float = 0.95
     bisect_rounds: int = 2
     metric: str = "final_accuracy"  # the summary column compared with the twin (final_reward: partial credit)
+
+    @classmethod
+    def from_options(cls, options: dict) -> "FinderSettings":
+        """From a study's `finder:` block or the command line (None: not given, the default)."""
+        given = {k: v for k, v in options.items() if v is not None}
+        return cls(levels=[float(v) for v in given.pop("levels", [1e-3, 1e-2, 1e-1])],
+                   bisect_rounds=int(given.pop("bisect", 2)), **given)
 
     def validate(self, cfg: Config) -> None:
         from timsim.perturb import SCALED
@@ -295,31 +302,16 @@ def is_study_file(path: str | Path) -> bool:
 def load_study(path: str | Path, overrides: list[str], cli: dict) -> tuple[str, dict[str, Config], FinderSettings]:
     """(study name, {variant: config}, finder settings); `cli` holds the options given on
     the command line, which win over the file's `finder:` block."""
-    from timsim.config import config_from_dict, parse_overrides
-    from timsim.sweep import _deep_merge
+    from timsim.config import config_from_dict
+    from timsim.sweep import read_spec, resolve_base
 
     path = Path(path)
-    try:
-        spec = StudyFile.model_validate(yaml.safe_load(path.read_text()) or {})
-    except ValidationError as err:
-        fields = "; ".join(f"`{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"Invalid study file {str(path)!r}: {fields}. Accepted top-level keys: "
-                          f"{', '.join(StudyFile.model_fields)}.") from None
+    spec = read_spec(path, StudyFile, "study")
     unknown = set(spec.finder) - FINDER_KEYS
     if unknown:
         raise ConfigError(f"Invalid study file {str(path)!r}: unknown finder key(s) {sorted(unknown)}; accepted: "
                           f"{', '.join(sorted(FINDER_KEYS))}.")
-    base: dict = {}
-    if spec.base:
-        base_path = path.parent / spec.base
-        if not base_path.is_file():
-            raise ConfigError(f"Invalid study file {str(path)!r}: `base` {spec.base!r} does not exist.")
-        base = yaml.safe_load(base_path.read_text()) or {}
-    base = _deep_merge(json.loads(json.dumps(base)), spec.config)
-    for key, value in parse_overrides(overrides).items():
-        set_dotted(base, key, value)
-    if spec.seeds is not None:
-        set_dotted(base, "run.seeds", spec.seeds)
+    base = resolve_base(path, spec, overrides)
     name = spec.name or path.stem
     variants = {}
     for variant, changes in spec.variants.items():
@@ -328,10 +320,7 @@ def load_study(path: str | Path, overrides: list[str], cli: dict) -> tuple[str, 
             set_dotted(raw, key, value)
         set_dotted(raw, "run.name", variant)
         variants[variant] = config_from_dict(raw, f"{str(path)!r}, variant {variant}")
-    merged = {**spec.finder, **{k: v for k, v in cli.items() if v is not None}}
-    settings = FinderSettings(levels=[float(v) for v in merged.pop("levels", [1e-3, 1e-2, 1e-1])],
-                              bisect_rounds=int(merged.pop("bisect", 2)), **merged)
-    return name, variants, settings
+    return name, variants, FinderSettings.from_options({**spec.finder, **cli})
 
 
 def study_row(variant: str, record: dict, real_length: int = 4096) -> dict:

@@ -99,10 +99,10 @@ PROB_BINS = (0.0, 0.1, 0.5, 0.9, 0.99, 1.0)
 QUANTILES = (0.5, 0.9, 0.99, 0.999)
 
 
-def delta_quantiles_by_bin(logp_old_NT, logp_sampler_NT, mask_NT, position_bins: int = 4) -> "pd.DataFrame":
+def delta_quantiles_by_bin(logp_old_NT, logp_sampler_NT, mask_NT, position_bins: int = 4):
     """Quantiles of |delta| (50/90/99/99.9/max) by bins of the learner's probability of the
-    sampled token and of the position in the response (host-side, for reports): mismatch is
-    rarely uniform, and real-engine profiles are given per bin."""
+    sampled token and of the position in the response (host-side, for reports), as a pandas
+    DataFrame: mismatch is rarely uniform, and real-engine profiles are given per bin."""
     import numpy as np
     import pandas as pd
 

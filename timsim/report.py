@@ -199,9 +199,7 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
     else:
         cfg = load_config(path, overrides)
         name, variants = None, {cfg.run.name: cfg}
-        given = {k: v for k, v in cli.items() if v is not None}
-        settings = FinderSettings(levels=given.pop("levels", [1e-3, 1e-2, 1e-1]),
-                                  bisect_rounds=given.pop("bisect", 2), **given)
+        settings = FinderSettings.from_options(cli)
     for cfg in variants.values():
         settings.validate(cfg)
     first = next(iter(variants.values()))

@@ -103,34 +103,45 @@ def _check_axes(spec: SweepFile) -> None:
         raise ConfigError(f"Invalid sweep: zip axes must have equal lengths, got {lengths}.")
 
 
-def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
-    """Expand a sweep file into validated cells (no compute)."""
+def read_spec(path: str | Path, model: type[BaseModel], kind: str) -> BaseModel:
+    """A sweep-like YAML file validated by `model`, every problem as one `ConfigError`."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"Sweep file {str(path)!r} does not exist.")
+        raise ConfigError(f"{kind.capitalize()} file {str(path)!r} does not exist.")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-        spec = SweepFile.model_validate(raw)
+        return model.model_validate(yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as err:
-        raise ConfigError(f"Sweep file {str(path)!r} is not valid YAML: {err}") from None
+        raise ConfigError(f"{kind.capitalize()} file {str(path)!r} is not valid YAML: {err}") from None
     except ValidationError as err:
         fields = "; ".join(f"`{'.'.join(map(str, e['loc']))}`: {e['msg']}" for e in err.errors())
-        raise ConfigError(f"Invalid sweep file {str(path)!r}: {fields}. Accepted top-level keys: "
-                          f"{', '.join(SweepFile.model_fields)}.") from None
-    _check_axes(spec)
+        raise ConfigError(f"Invalid {kind} file {str(path)!r}: {fields}. Accepted top-level keys: "
+                          f"{', '.join(model.model_fields)}.") from None
 
+
+def resolve_base(path: Path, spec, overrides: list[str] | None) -> dict:
+    """The raw config every cell starts from: `spec.base` (relative to the file), then
+    `spec.config`, then command-line overrides, then `spec.seeds`."""
     base: dict = {}
     if spec.base:
-        base_path = (path.parent / spec.base)
+        base_path = path.parent / spec.base
         if not base_path.is_file():
-            raise ConfigError(f"Invalid sweep file {str(path)!r}: `base` {spec.base!r} does not exist "
-                              f"(paths are relative to the sweep file).")
+            raise ConfigError(f"Invalid file {str(path)!r}: `base` {spec.base!r} does not exist "
+                              f"(paths are relative to the file).")
         base = yaml.safe_load(base_path.read_text()) or {}
     base = _deep_merge(json.loads(json.dumps(base)), spec.config)
     for key, value in parse_overrides(overrides or []).items():
         set_dotted(base, key, value)
     if spec.seeds is not None:
         set_dotted(base, "run.seeds", spec.seeds)
+    return base
+
+
+def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
+    """Expand a sweep file into validated cells (no compute)."""
+    path = Path(path)
+    spec = read_spec(path, SweepFile, "sweep")
+    _check_axes(spec)
+    base = resolve_base(path, spec, overrides)
     name = spec.name or path.stem
     set_dotted(base, "run.name", name)
     config_from_dict(base, f"{str(path)!r} (base)")
