@@ -1,0 +1,205 @@
+"""Config sections of the sampler-learner mismatch and its remedies: `perturbation` (logit
+noise, numerics, weight noise, staleness, calibration targets) and `correction`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from timsim import tasks as tasks_lib
+from timsim.config_types import HOST, HostValue, Traced, _Section
+from timsim.numerics import Numerics
+
+
+class LogitNoiseConfig(_Section):
+    """Noise on the sampler's logits (log-odds); see `timsim.perturb.LOGIT_NOISE`."""
+
+    family: str = "none"
+    mode: Literal["fresh", "context", "state"] = Field("fresh", description=(
+        "fresh: new draws every step and sample; context: a deterministic function of the context "
+        "(prompt + response so far), the same at every step, as a real engine's error is; state: a "
+        "deterministic function of the sampler's predictive distribution (probabilities rounded to "
+        "state_bin), so contexts the model treats alike share one error"))
+    version_steps: int = Field(0, ge=0, description=(
+        "context/state modes: the persistent error changes every this many updates, as if keyed by the "
+        "weights' version (0: never)"))
+    state_bin: Traced = Field(0.1, gt=0.0, le=1.0, description="state mode: probability rounding step")
+    report_only: bool = Field(False, description=(
+        "sample from the clean policy and perturb only the reported log-probs (a logging or "
+        "scoring bug: the tokens are pi's, the reported log mu is not)"))
+    scale: Traced = Field(0.0, ge=0.0, description="sigma (gaussian, magnitude), t scale, or spike size")
+    nu: Traced = Field(3.0, gt=2.0, description="student_t degrees of freedom (> 2: finite variance)")
+    rate: Traced = Field(0.01, ge=0.0, le=1.0, description="spikes: probability per vocabulary entry")
+    top_k: Traced = Field(float(tasks_lib.VOCAB_SIZE), ge=1.0, le=float(tasks_lib.VOCAB_SIZE),
+                          description="top_k: tokens kept (1 .. vocabulary size)")
+    top_p: Traced = Field(1.0, gt=0.0, le=1.0, description="top_p: probability mass kept, in (0, 1]")
+    temperature: Traced = Field(1.0, gt=0.0, description=(
+        "temperature family: the sampler alone divides its logits by this (a one-sided transform)"))
+    learner_too: bool = Field(False, description=(
+        "the consistent fix for a one-sided transform (temperature, top_k, top_p): the learner applies "
+        "the same transform, so the two sides agree again"))
+
+    @model_validator(mode="after")
+    def _learner_too_is_deterministic(self):
+        if not self.learner_too:  # (checked first: default sections are built while timsim.config loads)
+            return self
+        from timsim.perturb import DETERMINISTIC
+
+        if self.family not in DETERMINISTIC:
+            raise ValueError(f"learner_too applies a deterministic transform on the learner's side; accepted "
+                             f"families: {', '.join(DETERMINISTIC)} (got {self.family!r})")
+        return self
+
+    @field_validator("family")
+    @classmethod
+    def _known_family(cls, family: str) -> str:
+        from timsim.perturb import LOGIT_NOISE
+
+        if family != "none" and family not in LOGIT_NOISE:
+            raise ValueError(f"unknown logit-noise family {family!r}; accepted: none, {', '.join(LOGIT_NOISE)}")
+        return family
+
+
+Site = Literal["weights", "matmul_in", "matmul_out", "activations", "logits"]
+
+
+class PrecisionConfig(_Section):
+    """Rounding of one side's forward (see `timsim.numerics`): fp32 is exact."""
+
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    sites: list[Site] = Field(default_factory=lambda: list(Site.__args__), min_length=1)
+    split_k: int = Field(1, ge=1, le=64, description=(
+        "dense-layer contractions cut into this many chunks, partials added in reverse order"))
+    softmax_chunks: int = Field(1, ge=1, le=64, description="attention normaliser summed in this many key blocks")
+    partials: Literal["fp32", "bf16", "fp16"] = Field("fp32", description=(
+        "rounding of each split-K partial and softmax block sum (GPU split-K writes them in bf16)"))
+    batch_variant: bool = Field(False, description=(
+        "the split count shrinks as the matmul's row count grows past 1024 (batch-size-dependent numerics)"))
+
+    @model_validator(mode="after")
+    def _reordering_consistent(self):
+        if self.batch_variant and self.split_k == 1:
+            raise ValueError("batch_variant=true needs split_k > 1 (it varies the split count with the batch size)")
+        if self.partials != "fp32" and self.split_k == 1 and self.softmax_chunks == 1:
+            raise ValueError(f"partials={self.partials} rounds split-K partials and softmax block sums: "
+                             "set split_k > 1 or softmax_chunks > 1")
+        return self
+
+    def numerics(self) -> Numerics:
+        sites = tuple(self.sites) if self.dtype != "fp32" else Numerics.sites
+        return Numerics(self.dtype, sites, self.split_k, self.partials, self.softmax_chunks, self.batch_variant)
+
+
+class WeightNoiseConfig(_Section):
+    """Gaussian noise added to every sampler weight, re-drawn every `hold_steps` updates."""
+
+    family: Literal["none", "gaussian"] = "none"
+    scale: Traced = Field(0.0, ge=0.0, description="standard deviation added to each weight")
+    hold_steps: int = Field(1, ge=1, description="keep one draw for this many updates (1: re-drawn every step)")
+
+
+TARGET_METRICS = {  # target field -> the measured metric it sets (timsim.diagnostics)
+    "token_kl": "kl_sampler_learner",
+    "token_k3": "mismatch_k3",
+    "delta_abs_mean": "delta_abs_mean",
+    "delta_abs_q99": "delta_abs_q99",
+    "seq_kl": "seq_kl",
+    "seq_delta_var": "seq_delta_var",
+}
+
+
+class TargetConfig(_Section):
+    """A mismatch size that sets `logit_noise.scale` by calibration (`timsim.calibrate`); set
+    exactly one of the metrics, or none (the raw scale is used)."""
+
+    token_kl: HostValue = Field(None, gt=0.0, description="mean per-token exact KL(mu || pi) over response tokens")
+    token_k3: HostValue = Field(None, gt=0.0, description="mean per-token k3 estimate of KL(mu || pi)")
+    delta_abs_mean: HostValue = Field(None, gt=0.0, description="mean |delta| over response tokens")
+    delta_abs_q99: HostValue = Field(None, gt=0.0, description="99th percentile of |delta| over response tokens")
+    seq_kl: HostValue = Field(None, gt=0.0, description="mean per-response KL: sum over the response of token KLs")
+    seq_delta_var: HostValue = Field(None, gt=0.0, description="variance of the sequence log-ratio sum_t delta_t")
+    equivalent_length: int | None = Field(None, ge=1, description=(
+        "with token_kl: match the per-response KL that a real response of this many tokens carries at "
+        "token_kl (calibrates seq_kl = token_kl * equivalent_length on this task's responses)"))
+    track: Annotated[Literal["once", "every_chunk"], HOST] = Field("once", description=(
+        "once: calibrate at the base model; every_chunk: re-calibrate each run at every chunk boundary "
+        "(the KL of a fixed scale shrinks as the policy sharpens)"))
+
+    @model_validator(mode="after")
+    def _one_metric(self):
+        set_ = [k for k in TARGET_METRICS if getattr(self, k) is not None]
+        if len(set_) > 1:
+            raise ValueError(f"set one target metric, got {', '.join(set_)}; accepted: {', '.join(TARGET_METRICS)}")
+        if self.equivalent_length is not None and set_ != ["token_kl"]:
+            raise ValueError("equivalent_length scales a per-token target: use it with token_kl")
+        return self
+
+    @property
+    def metric(self) -> str | None:
+        """The target field that is set, or None."""
+        return next((k for k in TARGET_METRICS if getattr(self, k) is not None), None)
+
+    def resolved(self) -> tuple[str, float] | None:
+        """(measured metric name, value to reach), or None without a target."""
+        if self.metric is None:
+            return None
+        value = getattr(self, self.metric)
+        if self.equivalent_length is not None:
+            return "seq_kl", value * self.equivalent_length
+        return TARGET_METRICS[self.metric], value
+
+
+class PerturbationConfig(_Section):
+    logit_noise: LogitNoiseConfig = LogitNoiseConfig()
+    sampler_precision: PrecisionConfig = PrecisionConfig()
+    learner_precision: PrecisionConfig = PrecisionConfig()
+    weight_noise: WeightNoiseConfig = WeightNoiseConfig()
+    lag_steps: int = Field(0, ge=0, description=(
+        "staleness, not mismatch: the sampler runs the weights of this many updates ago (async RL)"))
+    target: TargetConfig = TargetConfig()
+
+    @model_validator(mode="after")
+    def _target_needs_family(self):
+        if self.target.metric is None:  # (checked first: default sections are built while timsim.config loads)
+            return self
+        from timsim.perturb import SCALED
+
+        if self.logit_noise.family not in SCALED:
+            raise ValueError(f"perturbation.target.{self.target.metric} needs a perturbation.logit_noise.family "
+                             f"with a scale ({', '.join(SCALED)}), got {self.logit_noise.family!r}")
+        return self
+
+
+class CorrectionConfig(_Section):
+    """Remedies applied by the learner (`timsim.corrections`); thresholds are traced, so a
+    sweep batches them. With zero mismatch every correction is the identity."""
+
+    kinds: list[str] = Field(default_factory=list, description="corrections to compose, in order")
+    tis_cap: Traced = Field(2.0, ge=1.0, description="token_tis / seq_tis: cap C on the IS weight")
+    mis_low: Traced = Field(0.5, gt=0.0, le=1.0, description="token_mis: keep r_corr >= this")
+    mis_high: Traced = Field(5.0, ge=1.0, description="token_mis: keep r_corr <= this")
+    seq_low: Traced = Field(0.5, gt=0.0, le=1.0, description="seq_mask / seq_mis: keep prod r_corr >= this")
+    seq_high: Traced = Field(2.0, ge=1.0, description="seq_mask / seq_mis: keep prod r_corr <= this")
+    geo_low: Traced = Field(0.999, gt=0.0, le=1.0, description="geometric: keep exp(mean delta) >= this")
+    geo_high: Traced = Field(1.001, ge=1.0, description="geometric: keep exp(mean delta) <= this")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_aggregate: Literal["sum", "mean", "max"] = "mean"
+    kl_threshold: Traced = Field(0.01, gt=0.0, description="kl_rejection: reject a response above this")
+    veto_threshold: Traced = Field(1e-4, gt=0.0, le=1.0, description="veto: reject a response with r_corr below this")
+    offpolicy_threshold: Traced = Field(0.5, ge=0.0, description="offpolicy_mask: mean log(mu / pi) above this")
+    cis_lambda: Traced = Field(2.3, gt=0.0, description="cis: cap 1 + lambda * max(1 - p, kappa)")
+    cis_kappa: Traced = Field(5e-3, gt=0.0, le=1.0)
+    batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, kinds: list[str]) -> list[str]:
+        from timsim.corrections import CORRECTIONS
+
+        unknown = [k for k in kinds if k not in CORRECTIONS]
+        if unknown:
+            raise ValueError(f"unknown correction(s) {unknown}; accepted: {', '.join(CORRECTIONS)}")
+        if len(set(kinds)) != len(kinds):
+            raise ValueError(f"a correction is listed twice: {kinds}")
+        return kinds
