@@ -188,3 +188,57 @@ def test_sequence_is_is_unbiased_and_token_tis_is_not_on_an_enumerable_task():
     scale = np.abs(true_grad).max()
     np.testing.assert_allclose(seq_is, true_grad, rtol=0, atol=1e-12 * scale)
     assert np.abs(token_is - true_grad).max() > 1e-2 * scale
+
+
+def test_prefix_is_and_minpro_by_hand():
+    x = _inputs([[2.0, 0.5, 4.0, 3.0]], mask=[[1, 1, 1, 0]])
+    w, keep = _apply(["prefix_is"], x, prefix_cap=3.0)
+    np.testing.assert_allclose(w[0, :3], [2.0, 1.0, 3.0], rtol=1e-5)  # products 2, 1, 4 -> capped at 3
+    w, _ = _apply(["minpro"], x, prefix_cap=1e4)
+    # token ratio times min(1, smallest earlier ratio): 2 * 1, 0.5 * 1 (the 2 does not compound), 4 * 0.5
+    np.testing.assert_allclose(w[0, :3], [2.0, 0.5, 2.0], rtol=1e-5)
+    assert keep[0].tolist() == [1, 1, 1, 0]
+
+
+def test_score_centering_leaves_the_covariance_and_removes_the_baseline_drift():
+    """One position, every token enumerated: sum_y mu_y (R_y - b) grad centered_logp(y) equals
+    Cov_mu(R, s) for every baseline b, while the plain score gives Cov_mu(R, s) + (E_mu R - b) E_mu s
+    (DESIGN §8.1)."""
+    import jax
+
+    from timsim.corrections import centered_score_logp
+
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(1)
+        theta = jnp.asarray(rng.normal(size=5))
+        mu = jax.nn.softmax(theta + jnp.asarray(rng.normal(size=5)))
+        reward = jnp.asarray(rng.uniform(size=5))
+        scores = jax.jacobian(jax.nn.log_softmax)(theta)  # [y, param]
+        e_mu_s = mu @ scores
+        cov = ((mu * (reward - mu @ reward))[:, None] * scores).sum(0)
+
+        def expected_update(b, centered):
+            def surrogate(t):
+                logp_all = jax.nn.log_softmax(t)
+                logp = centered_score_logp(logp_all, jnp.broadcast_to(logp_all, (5, 5)), jnp.broadcast_to(mu, (5, 5)))
+                return (mu * (reward - b) * (logp if centered else logp_all)).sum()
+            return jax.grad(surrogate)(theta)
+
+        for b in (0.0, 0.7):
+            np.testing.assert_allclose(expected_update(b, True), cov, atol=1e-12)
+            np.testing.assert_allclose(expected_update(b, False), cov + (mu @ reward - b) * e_mu_s, atol=1e-12)
+        assert np.abs(e_mu_s).max() > 1e-2  # the drift that centering removed was not zero
+
+
+def test_score_centering_in_a_run_is_near_identity_at_zero_mismatch(tiny_overrides, tiny_base):
+    """At zero mismatch E_mu[s] = E_pi[s] = 0 in exact arithmetic: centering changes the update only
+    by rounding; under mismatch it changes it."""
+    plain = _train_chunks(load_config(None, tiny_overrides), *tiny_base[:2], 1)[1]
+    centered = _train_chunks(load_config(None, tiny_overrides + ["correction.score_centering=true"]),
+                             *tiny_base[:2], 1)[1]
+    np.testing.assert_allclose(centered["loss"][:, 0], plain["loss"][:, 0], rtol=1e-6)
+    np.testing.assert_allclose(centered["grad_norm"][:, 0], plain["grad_norm"][:, 0], rtol=1e-3)
+    noisy = tiny_overrides + ["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.scale=1.0"]
+    a = _train_chunks(load_config(None, noisy), *tiny_base[:2], 1)[1]
+    b = _train_chunks(load_config(None, noisy + ["correction.score_centering=true"]), *tiny_base[:2], 1)[1]
+    assert np.abs(a["grad_norm"][:, 0] - b["grad_norm"][:, 0]).max() > 1e-3 * np.abs(a["grad_norm"][:, 0]).max()

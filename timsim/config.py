@@ -109,6 +109,8 @@ class RunConfig(_Section):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     steps: int = Field(300, ge=1)
     chunk_steps: int = Field(50, ge=1, description="steps per compiled chunk; evaluation at chunk ends")
+    probe_every: int = Field(0, ge=0, description="objective-effect probes every this many steps (a multiple of "
+                             "chunk_steps; 0: off); also at step 0")
     batching: Literal["auto", "vmap", "map"] = "auto"
     out_dir: str = "runs"
 
@@ -144,6 +146,9 @@ class Config(_Section):
         if n % self.grpo.minibatches:
             raise ValueError(f"grpo.minibatches ({self.grpo.minibatches}) must divide "
                              f"prompts_per_step * group_size ({n})")
+        if self.run.probe_every % self.run.chunk_steps:
+            raise ValueError(f"run.probe_every ({self.run.probe_every}) must be 0 or a multiple of run.chunk_steps "
+                             f"({self.run.chunk_steps}): probes run at chunk boundaries")
         if self.run.steps % self.run.chunk_steps:
             raise ValueError(f"run.steps ({self.run.steps}) must be a multiple of run.chunk_steps "
                              f"({self.run.chunk_steps})")

@@ -190,6 +190,8 @@ class CorrectionConfig(_Section):
     offpolicy_threshold: Traced = Field(0.5, ge=0.0, description="offpolicy_mask: mean log(mu / pi) above this")
     cis_lambda: Traced = Field(2.3, gt=0.0, description="cis: cap 1 + lambda * max(1 - p, kappa)")
     cis_kappa: Traced = Field(5e-3, gt=0.0, le=1.0)
+    prefix_cap: Traced = Field(1e4, ge=1.0, description="prefix_is / minpro: cap C on the weight (large: untruncated)")
+    score_centering: bool = Field(False, description="subtract the sampler's expected score from every token's")
     batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
 
     @field_validator("kinds")

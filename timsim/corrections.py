@@ -138,6 +138,26 @@ def cis(x, k):
     return jnp.minimum(x.ratio_NT, cap), _ones(x)
 
 
+def prefix_is(x, k):
+    """Prefix IS: w_t = min(prod_{i<=t} r_corr,i, C). The exact per-token correction (the state
+    at t was reached under mu), unbiased when untruncated; its variance grows with t."""
+    log_prefix = jnp.clip(jnp.cumsum(x.delta_NT, axis=-1), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    return jnp.minimum(jnp.exp(log_prefix), k["prefix_cap"]), _ones(x)
+
+
+def minpro(x, k):
+    """MinPRO (Lei et al. 2026): the cumulative prefix product is replaced by the token's own
+    ratio times the smallest ratio seen before it, w_t = min(r_corr,t * min(1, min_{i<t} r_corr,i), C).
+
+    Our reading of "a non-cumulative surrogate built from the minimum token ratio in the
+    preceding prefix": one bad token early in a response down-weights the rest of it, but
+    ratios above 1 never compound, so the weight stays bounded by the token's own ratio."""
+    ratio = jnp.where(x.mask_NT > 0, x.ratio_NT, 1.0)
+    running_min = jax.lax.cummin(ratio, axis=ratio.ndim - 1)
+    before = jnp.concatenate([jnp.ones_like(ratio[..., :1]), running_min[..., :-1]], axis=-1)
+    return jnp.minimum(ratio * jnp.minimum(before, 1.0), k["prefix_cap"]), _ones(x)
+
+
 CORRECTIONS: dict[str, Callable] = {
     "token_tis": token_tis,
     "seq_tis": seq_tis,
@@ -149,8 +169,22 @@ CORRECTIONS: dict[str, Callable] = {
     "veto": veto,
     "offpolicy_mask": offpolicy_mask,
     "cis": cis,
+    "prefix_is": prefix_is,
+    "minpro": minpro,
 }
-WEIGHTING = ("token_tis", "seq_tis", "token_mis", "seq_mis", "cis")  # produce weights, not only masks
+WEIGHTING = ("token_tis", "seq_tis", "token_mis", "seq_mis", "cis", "prefix_is", "minpro")  # produce weights, not only masks
+
+
+def centered_score_logp(logp_NT, logp_all_NTV, mu_NTV):
+    """Score centering: log pi(y_t) in value, with the gradient of log pi(y_t) - sum_v mu_v log pi_v,
+    so every token's score s = grad log pi(y_t) becomes s - E_mu[s] (exact: the vocabulary is small).
+
+    Why (DESIGN §8.1): under mu the expected update is Cov_mu(R, s) + (E_mu[R] - b) E_mu[s]; the
+    learner's score has mean zero under pi, not under mu, so the second term is a drift that
+    any baseline error amplifies. Centering removes it (the update becomes Cov_mu(R, s) whatever
+    b is); the covariance bias Cov_mu - Cov_pi remains. `mu_NTV` is treated as a constant."""
+    expected = (jax.lax.stop_gradient(mu_NTV) * logp_all_NTV).sum(-1)
+    return logp_NT + (jax.lax.stop_gradient(expected) - expected)  # the added term is exactly 0 in value
 
 
 def correction_knobs(hp: dict) -> dict:

@@ -85,6 +85,16 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "perturbation on held-out prompts; equals eval_sampled_accuracy at zero mismatch"),
     Metric("eval_sampler_greedy_accuracy", "exact-match accuracy of greedy decoding under the sampler's "
            "perturbation (its own noise draws) on held-out prompts; equals eval_greedy_accuracy at zero mismatch"),
+    *[Metric(f"probe_{mode}_{name}", formula.format(mode=mode)) for mode in ("recompute", "bypass")
+      for name, formula in [
+          ("cos", "cosine between the {mode}-mode policy gradient under the configured mismatch and correction and "
+                  "the zero-mismatch twin's g0 (same parameters, prompts and random numbers; probe steps only)"),
+          ("rel_diff", "|g - g0| / |g0| in {mode} mode"),
+          ("proj", "<g, g0> / |g0|^2 in {mode} mode: 1 = the true direction's component is kept"),
+          ("diff_proj_pos", "<g_pos - g0_pos, g0> / |g0|^2 in {mode} mode: the projection error contributed by "
+                            "responses with A > 0"),
+          ("diff_proj_neg", "<g_neg - g0_neg, g0> / |g0|^2 in {mode} mode: the part from responses with A < 0"),
+      ]],
 ]}
 
 

@@ -34,6 +34,7 @@ from timsim.config import Config, ConfigError, static_hash, static_view, to_yaml
 from timsim.metrics import METRICS
 from timsim.store import SCHEMA_VERSION, Store, load, provenance
 from timsim.summary import summarize_runs
+from timsim.probes import make_probe
 from timsim.train import init_state, make_chunk, make_eval, padded_width, place, resolve_batching
 
 FAULT_ENV = "TIMSIM_FAULT_AFTER_CHUNKS"  # test hook: SIGKILL this process after that many chunks
@@ -127,7 +128,16 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
     lag = cfg.perturbation.lag_steps
     state = place(jax.vmap(lambda h: init_state(base_params, h, lag))(hp), over_runs=True)
     chunk_steps, n_chunks = cfg.run.chunk_steps, cfg.run.steps // cfg.run.chunk_steps
-    chunk_fn, evaluate = _programs(cfg, task, graphdef, width)
+    chunk_fn, evaluate, probe = _programs(cfg, task, graphdef, width)
+    probe_every = cfg.run.probe_every
+
+    def at_boundary(state, step: int) -> dict:
+        """Held-out evaluation, and the objective-effect probes when one is due at `step`."""
+        out = evaluate(state.params, state.step, hp)
+        if probe_every and step % probe_every == 0:
+            out |= probe(state.params, state.step, hp, base_params)
+        return out
+
     checkpointer = ocp.StandardCheckpointer()
 
     done = group["chunks_done"]
@@ -137,7 +147,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
         state = place(restored, over_runs=True)
         console.print(f"resuming {gid} at step {done * chunk_steps}/{cfg.run.steps}")
     else:  # step 0: the base model's held-out accuracy, before any update
-        for cell_id, df in _rows(runs, jax.device_get(evaluate(state.params, state.step, hp)), np.array([0])).items():
+        for cell_id, df in _rows(runs, jax.device_get(at_boundary(state, 0)), np.array([0])).items():
             store.write_metrics_part(cell_id, 0, df)
 
     label = ", ".join(c.cell_id for c in cells)
@@ -147,7 +157,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
         for c in range(done + 1, n_chunks + 1):
             t0 = time.perf_counter()
             state, metrics = chunk_fn(state, hp, base_params)
-            ev = evaluate(state.params, state.step, hp)
+            ev = at_boundary(state, c * chunk_steps)
             metrics, ev = jax.device_get((metrics, ev))
             steps = np.arange((c - 1) * chunk_steps + 1, c * chunk_steps + 1)
             at_end = {k: np.concatenate([np.full((width, chunk_steps - 1), np.nan), np.asarray(v)[:, None]], 1)
@@ -179,13 +189,14 @@ _PROGRAMS: dict[tuple[str, int], tuple] = {}
 
 
 def _programs(cfg: Config, task, graphdef, width: int) -> tuple:
-    """The chunk and evaluation programs of a static config at a run-axis width, built once
+    """The chunk, evaluation and probe programs of a static config at a run-axis width, built once
     per process: later groups with the same static config and width (a sweep's added cells,
     the finder's bisection rounds) reuse the compiled programs instead of compiling again."""
     key = (static_hash(cfg), width)
     if key not in _PROGRAMS:
         static = static_view(cfg)
-        _PROGRAMS[key] = make_chunk(static, task, graphdef), make_eval(static, task, graphdef)
+        probe = make_probe(static, task, graphdef) if cfg.run.probe_every else None
+        _PROGRAMS[key] = make_chunk(static, task, graphdef), make_eval(static, task, graphdef), probe
     return _PROGRAMS[key]
 
 

@@ -7,6 +7,7 @@ runs that differ only in traced values share one compiled program.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
@@ -18,12 +19,13 @@ from flax import nnx
 
 from timsim import grpo
 from timsim.config import Config
-from timsim.corrections import WEIGHTING, apply_corrections, correction_knobs, correction_metrics, make_inputs
+from timsim.corrections import (WEIGHTING, apply_corrections, centered_score_logp, correction_knobs,
+                                correction_metrics, make_inputs)
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics
 from timsim.model import response_logits, token_logprobs
-from timsim.perturb import (decode_logits_fn, learner_transform, noise_key_for, noise_knobs, report_logits,
-                            sampler_model, sampler_spec, weight_noise_key)
+from timsim.perturb import (SamplerSpec, decode_logits_fn, learner_transform, noise_key_for, noise_knobs,
+                            report_logits, sampler_model, sampler_spec, weight_noise_key)
 from timsim.rollout import learner_logprobs, sample
 from timsim.tasks import Task
 
@@ -46,66 +48,47 @@ def eval_prompts(task: Task, n: int) -> jax.Array:
     return task.sample(jax.random.key(EVAL_KEY_SEED), n, split="eval")
 
 
-def make_step(cfg: Config, task: Task, graphdef) -> Callable:
-    """Build `step(state, hp, ref_params) -> (state, metrics)` for one run.
+class Collected(NamedTuple):
+    """One step's rollouts and both sides' log-probs at the sampled tokens (0 on padding)."""
 
-    `cfg` must be a static view: traced fields are read from `hp` only."""
+    prompts_N: jax.Array  # [N, P] each prompt repeated group-size times
+    responses_NT: jax.Array
+    mask_NT: jax.Array
+    logp_learner_NT: jax.Array  # pi_old: the learner's clean teacher-forced log-probs
+    logp_sampler_NT: jax.Array  # mu: what the sampler reports
+    logp_all_learner_NTV: jax.Array
+    logp_all_sampler_NTV: jax.Array
+    logp_decode_NT: jax.Array  # the decode path's own log-probs (the floor metric)
+    reward_N: jax.Array
+    adv_N: jax.Array
+
+
+def zero_mismatch_spec(spec: SamplerSpec) -> SamplerSpec:
+    """The zero-mismatch twin of `spec`: the sampler is the learner (same numerics), no noise."""
+    return dataclasses.replace(spec, noise_fn=None, sampler_nm=spec.learner_nm, weight_noise=False,
+                               report_only=False, learner_too=False)
+
+
+def make_collect(cfg: Config, task: Task, graphdef, spec: SamplerSpec) -> Callable:
+    """`collect(old_params, hp, step) -> Collected`: sample a batch with the sampler of `spec`
+    from the policy `old_params`. Every draw is keyed by (seed, purpose, step), so two specs
+    see the same prompts and the same random numbers (common random numbers)."""
     g = cfg.grpo
-    n_prompts, group, n_mb = g.prompts_per_step, g.group_size, g.minibatches
-    n = n_prompts * group
+    n_prompts, group = g.prompts_per_step, g.group_size
     response_len = cfg.response_len
 
-    def loss_fn(params, ref_params, batch, hp, first_update):
-        prompts, responses, response_mask, logp_old, adv, weight, mask = batch  # mask: kept tokens
-        model = nnx.merge(graphdef, params)
-        temperature = hp["sampler.temperature"]
-        transform = learner_transform(spec, noise_knobs(hp))
-        logp, logp_all = learner_logprobs(model, prompts, responses, response_mask, temperature, spec.learner_nm,
-                                          transform)
-        if g.old_logprobs == "recompute" and not lag:
-            # At the first update theta == theta_old, so pi_old is the loss's own forward. The
-            # forward-only recomputation differs from the forward inside value_and_grad by
-            # float rounding (~1e-7: XLA fuses them differently), so use this one: r_ppo == 1.
-            logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
-        per_token, clipped, ratio = grpo.policy_loss(g.loss, logp, logp_old, adv, mask, hp["grpo.clip_eps_low"],
-                                                     hp["grpo.clip_eps_high"], hp["grpo.dual_clip"])
-        per_token = per_token * weight  # correction weights (1 without corrections), never differentiated
-        entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
-        loss = grpo.aggregate(per_token, mask, g.loss_agg)
-        loss = loss - hp["grpo.entropy_coef"] * grpo.aggregate(entropy_NT, mask, g.loss_agg)
-        kl_ref = jnp.zeros(())
-        if g.kl_ref != "none":
-            ref = nnx.merge(graphdef, ref_params)
-            logp_ref = jax.lax.stop_gradient(
-                learner_logprobs(ref, prompts, responses, mask, temperature, spec.learner_nm, transform)[0])
-            kl_NT = grpo.kl_to_reference(logp, logp_ref, g.kl_ref)
-            kl_ref = grpo.masked_mean(kl_NT, mask)
-            loss = loss + hp["grpo.kl_coef"] * grpo.aggregate(kl_NT, mask, g.loss_agg)
-        aux = {"clip_frac": grpo.masked_mean(clipped, mask), "entropy": grpo.masked_mean(entropy_NT, mask),
-               "kl_ref": kl_ref, "ratio_dev_max": jnp.abs((ratio - 1.0) * mask).max()}
-        return loss, aux
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    spec = sampler_spec(cfg)
-    corr = cfg.correction
-    reweights = g.old_logprobs == "bypass" and any(k in WEIGHTING for k in corr.kinds)
-    lag = cfg.perturbation.lag_steps
-
-    def step(state: RunState, hp: dict, ref_params) -> tuple[RunState, dict]:
+    def collect(old_params, hp, step) -> Collected:
         seed = hp["seed"].astype(jnp.int32)
         temperature = hp["sampler.temperature"]
-        # With async lag the sampler runs (and recompute uses) the weights of `lag` updates ago:
-        # delta then measures numerics only and the PPO ratio measures staleness (DESIGN §8.2).
-        old_params = state.params if not lag else jax.tree.map(lambda b: b[state.step % lag], state.lagged)
         model = nnx.merge(graphdef, old_params)
-        prompts = task.sample(step_key(seed, "prompts", state.step), n_prompts, "train")
+        prompts = task.sample(step_key(seed, "prompts", step), n_prompts, "train")
         prompts_N = jnp.repeat(prompts, group, axis=0)
-        noise_key, knobs = noise_key_for(spec, seed, state.step), noise_knobs(hp)
-        sampler = sampler_model(spec, graphdef, old_params, model, weight_noise_key(spec, seed, state.step), hp)
-        rollout = sample(sampler, prompts_N, step_key(seed, "sample", state.step), temperature, response_len,
+        noise_key, knobs = noise_key_for(spec, seed, step), noise_knobs(hp)
+        sampler = sampler_model(spec, graphdef, old_params, model, weight_noise_key(spec, seed, step), hp)
+        rollout = sample(sampler, prompts_N, step_key(seed, "sample", step), temperature, response_len,
                          logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
         responses, mask = rollout.responses, rollout.mask
-        chex.assert_shape([responses, mask], (n, response_len))
+        chex.assert_shape([responses, mask], (n_prompts * group, response_len))
 
         # One teacher-forced forward gives the learner's logits; the sampler reports log mu of its
         # own teacher-forced logits (a function of the learner's when only its logits differ;
@@ -117,20 +100,104 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         else:
             logits_sampler = report_logits(spec, logits, sampler, prompts_N, responses, noise_key, knobs)
             logp_sampler, logp_all_sampler = token_logprobs(logits_sampler, responses, temperature)
-        logp_learner, logp_sampler = logp_learner * mask, logp_sampler * mask
-        logp_old = logp_learner if g.old_logprobs == "recompute" else logp_sampler
-        reward = task.reward(prompts_N, rollout.responses, cfg.task.partial_credit)
-        adv = grpo.advantages(reward, group, g.advantage)
-        weight, keep = jnp.ones_like(mask), mask
-        if corr.kinds:
-            weight, keep = apply_corrections(tuple(corr.kinds), make_inputs(logp_learner, logp_sampler, mask, adv),
-                                             correction_knobs(hp), corr.kl_estimator, corr.kl_aggregate,
-                                             corr.batch_normalize)
-            if reweights:  # the weight replaces r_corr in bypass mode instead of multiplying it
-                logp_old = logp_learner
-        any_kept = keep.sum() > 0  # a batch with every token rejected skips its update (counted)
+        reward = task.reward(prompts_N, responses, cfg.task.partial_credit)
+        return Collected(prompts_N, responses, mask, logp_learner * mask, logp_sampler * mask, logp_all_learner,
+                         logp_all_sampler, rollout.logp_decode, reward, grpo.advantages(reward, group, g.advantage))
 
-        batch = (prompts_N, responses, mask, logp_old, adv, weight, keep)
+    return collect
+
+
+class LearnerBatch(NamedTuple):
+    """What the loss sees: the minibatch-sliceable arrays and the corrections' verdict."""
+
+    prompts_N: jax.Array
+    responses_NT: jax.Array
+    mask_NT: jax.Array  # response tokens
+    logp_old_NT: jax.Array  # the PPO ratio's denominator: pi_old (recompute) or mu (bypass)
+    adv_N: jax.Array
+    weight_NT: jax.Array  # correction weights, never differentiated (1 without corrections)
+    keep_NT: jax.Array  # tokens the corrections keep (the loss's mask and denominator)
+    mu_NTV: jax.Array | None  # the sampler's full distribution, for score centering (else None)
+
+
+def learner_batch(c: Collected, hp: dict, old_logprobs: str, corr) -> LearnerBatch:
+    """Apply the mode (recompute: pi_old = the learner's; bypass: mu) and the corrections."""
+    logp_old = c.logp_learner_NT if old_logprobs == "recompute" else c.logp_sampler_NT
+    weight, keep = jnp.ones_like(c.mask_NT), c.mask_NT
+    if corr.kinds:
+        weight, keep = apply_corrections(tuple(corr.kinds),
+                                         make_inputs(c.logp_learner_NT, c.logp_sampler_NT, c.mask_NT, c.adv_N),
+                                         correction_knobs(hp), corr.kl_estimator, corr.kl_aggregate,
+                                         corr.batch_normalize)
+        if old_logprobs == "bypass" and any(k in WEIGHTING for k in corr.kinds):
+            logp_old = c.logp_learner_NT  # the weight replaces r_corr in bypass mode instead of multiplying it
+    mu = jax.lax.stop_gradient(jnp.exp(c.logp_all_sampler_NTV)) if corr.score_centering else None
+    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu)
+
+
+def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -> Callable:
+    """`loss(params, ref_params, batch: LearnerBatch, hp, first_update) -> (loss, aux)`.
+
+    `recompute_first`: at the first update theta == theta_old, so pi_old is the loss's own
+    forward. The forward-only recomputation differs from the forward inside value_and_grad by
+    float rounding (~1e-7: XLA fuses them differently), so that one is used: r_ppo == 1."""
+    g = cfg.grpo
+
+    def loss_fn(params, ref_params, batch: LearnerBatch, hp, first_update):
+        model = nnx.merge(graphdef, params)
+        temperature = hp["sampler.temperature"]
+        transform = learner_transform(spec, noise_knobs(hp))
+        logp, logp_all = learner_logprobs(model, batch.prompts_N, batch.responses_NT, batch.mask_NT, temperature,
+                                          spec.learner_nm, transform)
+        logp_old = batch.logp_old_NT
+        if recompute_first:
+            logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
+        if batch.mu_NTV is not None:
+            logp = centered_score_logp(logp, logp_all, batch.mu_NTV) * batch.mask_NT
+        mask = batch.keep_NT
+        per_token, clipped, ratio = grpo.policy_loss(g.loss, logp, logp_old, batch.adv_N, mask,
+                                                     hp["grpo.clip_eps_low"], hp["grpo.clip_eps_high"],
+                                                     hp["grpo.dual_clip"])
+        per_token = per_token * batch.weight_NT
+        entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
+        loss = grpo.aggregate(per_token, mask, g.loss_agg)
+        loss = loss - hp["grpo.entropy_coef"] * grpo.aggregate(entropy_NT, mask, g.loss_agg)
+        kl_ref = jnp.zeros(())
+        if g.kl_ref != "none":
+            ref = nnx.merge(graphdef, ref_params)
+            logp_ref = jax.lax.stop_gradient(learner_logprobs(ref, batch.prompts_N, batch.responses_NT, mask,
+                                                              temperature, spec.learner_nm, transform)[0])
+            kl_NT = grpo.kl_to_reference(logp, logp_ref, g.kl_ref)
+            kl_ref = grpo.masked_mean(kl_NT, mask)
+            loss = loss + hp["grpo.kl_coef"] * grpo.aggregate(kl_NT, mask, g.loss_agg)
+        aux = {"clip_frac": grpo.masked_mean(clipped, mask), "entropy": grpo.masked_mean(entropy_NT, mask),
+               "kl_ref": kl_ref, "ratio_dev_max": jnp.abs((ratio - 1.0) * mask).max()}
+        return loss, aux
+
+    return loss_fn
+
+
+def make_step(cfg: Config, task: Task, graphdef) -> Callable:
+    """Build `step(state, hp, ref_params) -> (state, metrics)` for one run.
+
+    `cfg` must be a static view: traced fields are read from `hp` only."""
+    g = cfg.grpo
+    n_mb = g.minibatches
+    n = g.prompts_per_step * g.group_size
+    spec = sampler_spec(cfg)
+    corr = cfg.correction
+    lag = cfg.perturbation.lag_steps
+    collect = make_collect(cfg, task, graphdef, spec)
+    grad_fn = jax.value_and_grad(make_loss(cfg, graphdef, spec, g.old_logprobs == "recompute" and not lag),
+                                 has_aux=True)
+
+    def step(state: RunState, hp: dict, ref_params) -> tuple[RunState, dict]:
+        # With async lag the sampler runs (and recompute uses) the weights of `lag` updates ago:
+        # delta then measures numerics only and the PPO ratio measures staleness (DESIGN §8.2).
+        old_params = state.params if not lag else jax.tree.map(lambda b: b[state.step % lag], state.lagged)
+        c = collect(old_params, hp, state.step)
+        batch = learner_batch(c, hp, g.old_logprobs, corr)
+        any_kept = batch.keep_NT.sum() > 0  # a batch with every token rejected skips its update (counted)
         batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
         tx = grpo.make_optimizer(hp)
 
@@ -155,19 +222,21 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         first_update_ratio_dev = per_update.pop("ratio_dev_max")[0]
         per_update = jax.tree.map(jnp.mean, per_update)
 
+        mask = c.mask_NT
         metrics = {
-            "reward_mean": reward.mean(),
-            "accuracy": task.verify(prompts_N, responses).mean(),
+            "reward_mean": c.reward_N.mean(),
+            "accuracy": task.verify(c.prompts_N, c.responses_NT).mean(),
             "response_len": mask.sum(-1).mean(),
             "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params)),
-            **mismatch_metrics(logp_all_learner, logp_all_sampler, responses, mask),
-            **advantage_skew_metrics((logp_learner - logp_sampler) * mask, adv, mask,
+            **mismatch_metrics(c.logp_all_learner_NTV, c.logp_all_sampler_NTV, c.responses_NT, mask),
+            **advantage_skew_metrics((c.logp_learner_NT - c.logp_sampler_NT) * mask, c.adv_N, mask,
                                      hp["grpo.clip_eps_low"], hp["grpo.clip_eps_high"]),
-            "noise_scale": knobs["scale"] if spec.noise_fn is not None else jnp.zeros(()),
-            "nonfinite_frac": grpo.masked_mean(~jnp.isfinite(logp_sampler) | ~jnp.isfinite(logp_learner), mask),
-            "delta_floor_max": jnp.abs(rollout.logp_decode - logp_sampler).max(),
+            "noise_scale": hp["perturbation.logit_noise.scale"] if spec.noise_fn is not None else jnp.zeros(()),
+            "nonfinite_frac": grpo.masked_mean(~jnp.isfinite(c.logp_sampler_NT) | ~jnp.isfinite(c.logp_learner_NT),
+                                               mask),
+            "delta_floor_max": jnp.abs(c.logp_decode_NT - c.logp_sampler_NT).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
-            **correction_metrics(weight, keep, mask, any_kept),
+            **correction_metrics(batch.weight_NT, batch.keep_NT, mask, any_kept),
             **per_update,
         }
         lagged = None if not lag else jax.tree.map(lambda b, p: b.at[state.step % lag].set(p), state.lagged,
