@@ -5,6 +5,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from timsim.config import ConfigError, load_config
@@ -94,3 +95,24 @@ def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides
     parts = sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir())
     assert run_finder(cfg, settings, tmp_path / "crit", Console(width=120)) == record
     assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts  # nothing recomputed
+
+
+def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny_overrides, tiny_base):
+    from rich.console import Console
+
+    from timsim.critical import run_finder
+    from timsim.store import load
+
+    cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]",
+                                              "run.steps=2", "run.chunk_steps=2", "run.name=tiny",
+                                              "correction.kinds=[token_tis]"])
+    record = run_finder(cfg, FinderSettings([1e-2, 1.0], bisect_rounds=0), tmp_path / "crit", Console(width=120))
+    _, summary = load(tmp_path / "crit")
+    assert set(summary.cell_id) == {"zero", "level=0.01", "level=1", "corrected level=0.01", "corrected level=1"}
+    table = pd.read_parquet(tmp_path / "crit" / "critical.parquet")
+    assert (table.arm == "uncorrected").sum() == 3 and (table.arm == "corrected").sum() == 2  # one shared twin
+    assert record["correction"] == "token_tis" and "critical_level" in record["uncorrected"]
+    lo, hi = record["uncorrected"]["critical_level"], record["critical_level"]
+    expected = (hi / lo if lo is not None and hi is not None else None if lo is None and hi is None
+                else "up" if hi is None else "down")
+    assert record["critical_shift"] == expected

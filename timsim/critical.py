@@ -129,22 +129,40 @@ class FinderSettings:
             raise ConfigError("Invalid critical-mismatch finder settings: " + "; ".join(problems) + ".")
 
 
-def level_cell_id(level: float) -> str:
-    return f"level={level:.4g}"
+CORRECTED = "corrected "  # cell-id prefix of the corrected arm
 
 
-def make_cells(cfg: Config, settings: FinderSettings, levels: list[float]) -> list:
-    """The zero-mismatch twin and one cell per level (same seeds, same static config)."""
+def level_cell_id(level: float, arm: str = "") -> str:
+    return f"{arm}level={level:.4g}"
+
+
+def has_correction(cfg: Config) -> bool:
+    return bool(cfg.correction.kinds) or cfg.correction.score_centering
+
+
+def uncorrected(cfg: Config) -> Config:
+    """`cfg` without its corrections (the finder's reference arm and its zero-mismatch twin)."""
+    from timsim.config import config_from_dict
+
+    raw = cfg.model_dump()
+    raw["correction"] = {**raw["correction"], "kinds": [], "score_centering": False, "batch_normalize": False}
+    return config_from_dict(raw)
+
+
+def make_cells(cfg: Config, settings: FinderSettings, levels: list[float], arm: str = "") -> list:
+    """The zero-mismatch twin (always uncorrected: every correction is the identity at zero
+    mismatch) and one cell per level of `cfg` (same seeds, same static config per arm)."""
     from timsim.config import config_from_dict
     from timsim.runner import Cell
 
-    zero = cfg.model_dump()
+    zero = uncorrected(cfg).model_dump()
     set_dotted(zero, "perturbation.logit_noise.scale", 0.0)
     cells = [Cell(ZERO_CELL, config_from_dict(zero), {f"perturbation.target.{settings.target}": 0.0})]
     for level in levels:
         raw = cfg.model_dump()
         set_dotted(raw, f"perturbation.target.{settings.target}", level)
-        cells.append(Cell(level_cell_id(level), config_from_dict(raw), {f"perturbation.target.{settings.target}": level}))
+        cells.append(Cell(level_cell_id(level, arm), config_from_dict(raw),
+                          {f"perturbation.target.{settings.target}": level}))
     return cells
 
 
@@ -169,16 +187,16 @@ def first_significant_step(metrics: pd.DataFrame, cell_id: str, margin: float, c
 
 
 def dose_response(finding: Finding, metrics: pd.DataFrame, summary: pd.DataFrame, manifest: dict,
-                  settings: FinderSettings) -> pd.DataFrame:
+                  settings: FinderSettings, arm: str = "") -> pd.DataFrame:
     """One row per level (the twin first): calibration, accuracy, collapse rate, paired difference."""
     rows = []
     for level in [0.0, *finding.diffs]:
-        cell_id = ZERO_CELL if level == 0.0 else level_cell_id(level)
+        cell_id = ZERO_CELL if level == 0.0 else level_cell_id(level, arm)
         runs = summary[summary.cell_id == cell_id]
         calib = manifest["cells"][cell_id].get("calibration", {})
         acc, acc_ci = paired_ci(runs.final_accuracy.to_numpy(), settings.confidence)
         peak, peak_ci = paired_ci(runs.peak_accuracy.to_numpy(), settings.confidence)
-        row = {"level": level, "scale": calib.get("scale", 0.0),
+        row = {"arm": arm.strip() or "uncorrected", "level": level, "scale": calib.get("scale", 0.0),
                "token_kl_base": calib.get("kl_sampler_learner", 0.0), "seq_kl_base": calib.get("seq_kl", 0.0),
                "mean_k3_training": float(runs.mean_mismatch_k3.mean()), "seeds": len(runs),
                "final_accuracy": acc, "final_accuracy_ci": acc_ci, "peak_accuracy": peak, "peak_accuracy_ci": peak_ci,
@@ -197,7 +215,11 @@ def dose_response(finding: Finding, metrics: pd.DataFrame, summary: pd.DataFrame
 
 def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, restart: bool = False) -> dict:
     """Run (or resume) the finder into `root`; writes critical.parquet, critical.json and
-    critical.png there and returns the record of critical.json."""
+    critical.png there and returns the record of critical.json.
+
+    With a correction configured the finder runs twice against the same zero-mismatch twin,
+    without and with the correction, and records how far the correction moves the critical
+    level (`critical_shift`: corrected / uncorrected critical level)."""
     from timsim.runner import run_cells
     from timsim.store import Store, atomic_write_bytes, atomic_write_parquet, load
 
@@ -207,36 +229,61 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    known = sorted(c["swept"][f"perturbation.target.{settings.target}"]
-                   for cid, c in store.read_manifest().get("cells", {}).items() if cid != ZERO_CELL)
-    tried: list[float] = []
+    arms = [("", uncorrected(cfg)), (CORRECTED, cfg)] if has_correction(cfg) else [("", cfg)]
     sweep = {"name": f"critical-{cfg.run.name}", "sweep_hash": None}
+    findings = {}
+    for arm, arm_cfg in arms:
+        known = sorted(c["swept"][f"perturbation.target.{settings.target}"]
+                       for cid, c in store.read_manifest().get("cells", {}).items()
+                       if cid != ZERO_CELL and cid.startswith(arm) and (arm or not cid.startswith(CORRECTED)))
+        tried: list[float] = []
 
-    def evaluate(levels: list[float]) -> dict[float, np.ndarray]:
-        nonlocal tried
-        tried = sorted(set(tried) | set(levels))
-        plan = sorted(set(tried) | set(known))  # levels an interrupted invocation started stay in the plan
-        console.print(f"[bold]critical finder[/]: levels {', '.join(f'{lv:.3g}' for lv in plan)} "
-                      f"({settings.target}) x {len(cfg.run.seeds)} seeds, against the zero-mismatch twin")
-        summary = run_cells(make_cells(cfg, settings, plan), store, console, sweep=sweep)
-        return {lv: paired_differences(summary, level_cell_id(lv), settings.metric) for lv in plan}
+        def evaluate(levels: list[float]) -> dict[float, np.ndarray]:
+            nonlocal tried
+            tried = sorted(set(tried) | set(levels))
+            plan = sorted(set(tried) | set(known))  # levels an interrupted invocation started stay in the plan
+            console.print(f"[bold]critical finder[/]{' (' + arm.strip() + ')' if arm else ''}: levels "
+                          f"{', '.join(f'{lv:.3g}' for lv in plan)} ({settings.target}) x {len(cfg.run.seeds)} "
+                          f"seeds, against the zero-mismatch twin")
+            summary = run_cells(make_cells(arm_cfg, settings, plan, arm), store, console, sweep=sweep)
+            return {lv: paired_differences(summary, level_cell_id(lv, arm), settings.metric) for lv in plan}
 
-    finding = find_critical(evaluate, settings.levels, settings.bisect_rounds, settings.margin, settings.confidence)
+        findings[arm] = find_critical(evaluate, settings.levels, settings.bisect_rounds, settings.margin,
+                                      settings.confidence)
     metrics, summary = load(root)
-    table = dose_response(finding, metrics, summary, store.read_manifest(), settings)
+    manifest = store.read_manifest()
+    tables = [dose_response(findings[arm], metrics, summary, manifest, settings, arm) for arm, _ in arms]
+    table = pd.concat([tables[0], *[t[t.level > 0] for t in tables[1:]]], ignore_index=True)
     atomic_write_parquet(root / "critical.parquet", table)
-    record = {"critical_level": finding.critical, "below": finding.below, "target": settings.target,
-              "margin": settings.margin, "confidence": settings.confidence, "metric": settings.metric,
-              "seeds": list(cfg.run.seeds),
+    record = {"target": settings.target, "margin": settings.margin, "confidence": settings.confidence,
+              "metric": settings.metric, "seeds": list(cfg.run.seeds),
               "family": cfg.perturbation.logit_noise.family, "mode": cfg.perturbation.logit_noise.mode,
-              "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps}
-    if finding.critical is not None:
-        row = table[table.level == finding.critical].iloc[0]
-        record.update(critical_token_kl=float(row.token_kl_base), critical_seq_kl=float(row.seq_kl_base),
-                      first_significant_step=float(row.first_significant_step))
+              "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps,
+              **_critical_fields(findings[arms[-1][0]], tables[-1])}
+    if has_correction(cfg):
+        base = _critical_fields(findings[""], tables[0])
+        record["correction"] = correction_label(cfg)
+        record["uncorrected"] = base
+        lo, hi = base["critical_level"], record["critical_level"]
+        record["critical_shift"] = (hi / lo if lo is not None and hi is not None
+                                    else None if lo is None and hi is None else "up" if hi is None else "down")
     atomic_write_bytes(root / "critical.json", json.dumps(record, indent=2).encode())
     plot_dose_response(table, record, root / "critical.png")
     return record
+
+
+def correction_label(cfg: Config) -> str:
+    parts = list(cfg.correction.kinds) + (["score_centering"] if cfg.correction.score_centering else [])
+    return "+".join(parts) + (" (batch-normalised)" if cfg.correction.batch_normalize else "")
+
+
+def _critical_fields(finding: Finding, table: pd.DataFrame) -> dict:
+    out = {"critical_level": finding.critical, "below": finding.below}
+    if finding.critical is not None:
+        row = table[table.level == finding.critical].iloc[0]
+        out.update(critical_token_kl=float(row.token_kl_base), critical_seq_kl=float(row.seq_kl_base),
+                   first_significant_step=float(row.first_significant_step))
+    return out
 
 
 def plot_dose_response(table: pd.DataFrame, record: dict, path: Path) -> Path:
@@ -246,13 +293,15 @@ def plot_dose_response(table: pd.DataFrame, record: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    levels = table[table.level > 0]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.errorbar(levels.level, levels.paired_diff, yerr=levels.paired_diff_ci, marker="o", capsize=3)
+    for arm, levels in table[table.level > 0].groupby("arm", sort=False):
+        label = arm if arm == "uncorrected" else record.get("correction", arm)
+        ax.errorbar(levels.level, levels.paired_diff, yerr=levels.paired_diff_ci, marker="o", capsize=3, label=label)
     ax.axhline(0.0, color="gray", lw=0.8)
     ax.axhline(-record["margin"], color="red", ls="--", lw=0.8, label=f"-margin ({record['margin']:g})")
-    if record["critical_level"] is not None:
-        ax.axvline(record["critical_level"], color="red", lw=0.8, label=f"critical {record['critical_level']:.3g}")
+    for found, style in ((record.get("uncorrected", {}).get("critical_level"), ":"), (record["critical_level"], "-")):
+        if found is not None:
+            ax.axvline(found, color="red", lw=0.8, ls=style, label=f"critical {found:.3g}")
     ax.set_xscale("log")
     ax.set_xlabel(f"mismatch level ({record['target']}, calibrated at the base model)")
     ax.set_ylabel("final accuracy minus zero-mismatch twin")
@@ -330,4 +379,6 @@ def study_row(variant: str, record: dict, real_length: int = 4096) -> dict:
             "response_len": record["response_len"], "critical_level": record["critical_level"],
             "below": record["below"], "critical_token_kl": record.get("critical_token_kl", float("nan")),
             "critical_seq_kl": seq_kl, f"token_kl_at_{real_length}": seq_kl / real_length,
-            "first_significant_step": record.get("first_significant_step", float("nan"))}
+            "first_significant_step": record.get("first_significant_step", float("nan")),
+            "correction": record.get("correction", ""),
+            "uncorrected_critical_level": record.get("uncorrected", {}).get("critical_level")}

@@ -219,12 +219,16 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
         atomic_write_parquet(root / "critical_table.parquet", table)
         out = Table(title=f"study {name}: critical mismatch per variant (levels in {settings.target}, margin "
                           f"{settings.margin:g}, {settings.confidence:.0%} paired CI)")
-        for col in ["variant", "mode", "pi_old", "resp len", "critical level", "bracket", "token KL", "per-resp KL",
-                    "token KL @ 4096", "first signif. step"]:
-            out.add_column(col, justify="left" if col in ("variant", "mode", "pi_old") else "right")
+        corrected = bool(table.correction.any())
+        for col in ["variant", "mode", "pi_old", "resp len", *(["correction", "uncorrected"] if corrected else []),
+                    "critical level", "bracket", "token KL", "per-resp KL", "token KL @ 4096", "first signif. step"]:
+            out.add_column(col, justify="left" if col in ("variant", "mode", "pi_old", "correction") else "right")
         for r in table.itertuples():
             found = r.critical_level is not None and not pd.isna(r.critical_level)
-            out.add_row(r.variant, r.mode, r.old_logprobs, str(r.response_len),
+            base = r.uncorrected_critical_level
+            extra = ([r.correction or "-", "-" if not r.correction else "none" if base is None or pd.isna(base)
+                      else f"{base:.3g}"] if corrected else [])
+            out.add_row(r.variant, r.mode, r.old_logprobs, str(r.response_len), *extra,
                         f"{r.critical_level:.3g}" if found else "none",
                         (f"({r.below:.3g}, {r.critical_level:.3g}]" if found and not pd.isna(r.below) else "-"),
                         f"{r.critical_token_kl:.3g}", f"{r.critical_seq_kl:.3g}", f"{r.token_kl_at_4096:.3g}",
@@ -235,27 +239,40 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
     return root
 
 
+def _critical_sentence(found: dict, record: dict, top_level: float) -> str:
+    if found["critical_level"] is None:
+        return (f"no level degrades by more than {record['margin']:g} at {record['confidence']:.0%} confidence: "
+                f"the critical level lies above {top_level:g} (try larger --levels).")
+    where = (f"between {found['below']:.3g} and {found['critical_level']:.3g}" if found["below"] is not None
+             else f"at or below {found['critical_level']:.3g} (the smallest level tried; try smaller --levels)")
+    return (f"critical {record['target']} {where} (per-token KL {found['critical_token_kl']:.3g}, per-response KL "
+            f"{found['critical_seq_kl']:.3g} at the base model); degradation significant from step "
+            f"{found['first_significant_step']:g}.")
+
+
 def _print_dose_response(table: pd.DataFrame, record: dict, top_level: float, root: Path, console: Console) -> None:
     out = Table(title=f"dose-response: {record['family']} ({record['mode']}), {record['old_logprobs']}, "
                       f"{record['response_len']}-token responses, {len(record['seeds'])} paired seeds, "
                       f"{record['steps']} steps (final = held-out greedy accuracy)")
-    for col in ["level", "scale", "token KL", "per-resp KL", "mean k3 (train)", "final acc", "peak acc", "collapsed",
-                "paired diff", "degrades", "first signif. step"]:
-        out.add_column(col, justify="right")
+    arms = "correction" in record
+    for col in (["arm"] if arms else []) + ["level", "scale", "token KL", "per-resp KL", "mean k3 (train)",
+                                            "final acc", "peak acc", "collapsed", "paired diff", "degrades",
+                                            "first signif. step"]:
+        out.add_column(col, justify="left" if col == "arm" else "right")
     for r in table.itertuples():
-        out.add_row(f"{r.level:.3g}", f"{r.scale:.3g}", f"{r.token_kl_base:.3g}", f"{r.seq_kl_base:.3g}",
+        arm = [record["correction"] if r.arm == "corrected" else r.arm] if arms else []
+        out.add_row(*arm, f"{r.level:.3g}", f"{r.scale:.3g}", f"{r.token_kl_base:.3g}", f"{r.seq_kl_base:.3g}",
                     f"{r.mean_k3_training:.3g}", _fmt(r.final_accuracy, r.final_accuracy_ci),
                     _fmt(r.peak_accuracy, r.peak_accuracy_ci), f"{r.collapse_rate:.2f}",
                     _fmt(r.paired_diff, r.paired_diff_ci), "yes" if r.degrades else "no",
                     "-" if math.isnan(r.first_significant_step) else f"{r.first_significant_step:g}")
     console.print(out)
-    if record["critical_level"] is None:
-        console.print(f"No level degrades by more than {record['margin']:g} at {record['confidence']:.0%} confidence: "
-                      f"the critical level lies above {top_level:g} (try larger --levels).")
+    if arms:
+        console.print(f"[bold]uncorrected[/]: {_critical_sentence(record['uncorrected'], record, top_level)}")
+        console.print(f"[bold]with {record['correction']}[/]: {_critical_sentence(record, record, top_level)}")
+        shift = record["critical_shift"]
+        console.print(f"The correction moves the critical level {shift if isinstance(shift, str) else f'x{shift:.3g}'}"
+                      if shift is not None else "Neither arm degrades in the levels tried.")
     else:
-        where = (f"between {record['below']:.3g} and {record['critical_level']:.3g}" if record["below"] is not None
-                 else f"at or below {record['critical_level']:.3g} (the smallest level tried; try smaller --levels)")
-        console.print(f"[bold]critical {record['target']}[/]: {where} (per-token KL {record['critical_token_kl']:.3g}, "
-                      f"per-response KL {record['critical_seq_kl']:.3g} at the base model); degradation significant "
-                      f"from step {record['first_significant_step']:g}.")
+        console.print(_critical_sentence(record, record, top_level))
     console.print(f"results: {root}/ (critical.parquet, critical.json, critical.png, metrics/)")
