@@ -34,6 +34,10 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="only print the plan")
     sweep.add_argument("--restart", action="store_true", help="discard existing results of this sweep first")
     sweep.add_argument("--out-dir", default=None, help="parent directory of the results (default: run.out_dir)")
+    sweep.add_argument("--executor", choices=["local", "ray"], default=None,
+                       help="where the groups run (default: the file's `executor:`, else local)")
+    sweep.add_argument("--ray-address", default=None, help="with --executor ray: an existing cluster "
+                       "(default: RAY_ADDRESS, else a local Ray instance)")
 
     pretrain = sub.add_parser("pretrain", help="create (or report) the supervised base policy of a config")
     pretrain.add_argument("config")
@@ -134,7 +138,8 @@ def _dispatch(args, console) -> int:
     if args.command == "sweep":
         from timsim.report import sweep
 
-        sweep(args.file, args.overrides, console, dry_run=args.dry_run, restart=args.restart, out_dir=args.out_dir)
+        sweep(args.file, args.overrides, console, dry_run=args.dry_run, restart=args.restart, out_dir=args.out_dir,
+              executor=args.executor, ray_address=args.ray_address)
         return 0
     if args.command == "bench":
         from timsim.bench import bench

@@ -154,7 +154,7 @@ def train(cfg: Config, console: Console, restart: bool = False) -> Path:
 
 
 def sweep(path: str, overrides: list[str], console: Console, dry_run: bool = False, restart: bool = False,
-          out_dir: str | None = None) -> Path | None:
+          out_dir: str | None = None, executor: str | None = None, ray_address: str | None = None) -> Path | None:
     """`timsim sweep`: print the plan, then run (or resume) it."""
     from timsim.sweep import estimate_seconds, load_plan
 
@@ -175,8 +175,9 @@ def sweep(path: str, overrides: list[str], console: Console, dry_run: bool = Fal
     console.print(f"estimated time on a 2-core CPU: ~{estimate / 60:.1f} min (rough; finished cells are skipped)")
     if dry_run:
         return None
+    ray = plan.ray.model_dump() | ({"address": ray_address} if ray_address else {})
     summary = run_cells(plan.cells, Store(root), console, sweep={"name": plan.name, "sweep_hash": plan.sweep_hash},
-                        restart=restart)
+                        restart=restart, executor=executor or plan.executor, ray=ray)
     finish(root, summary, console)
     return root
 

@@ -5,7 +5,7 @@ config is the same form a *group*: their runs are stacked on the run axis and ad
 together in one compiled program. Metrics come back to the host only between chunks.
 
 Resume: after every chunk the group's metric parts are written, then an orbax checkpoint
-of its state, then the manifest records the chunk as done. Killed at any moment, the same
+of its state, then the group's progress file records the chunk as done. Killed at any moment, the same
 command continues every unfinished group from its last recorded chunk with the same
 run-axis width (so the tables come out bit-identical, DESIGN §8.2), and skips finished cells.
 """
@@ -96,8 +96,11 @@ class _Fault:
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
-def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console: Console, fault: _Fault) -> None:
-    """Train every run of `cells` (same static config) together from its last finished chunk."""
+def run_group(gid: str, cells: list[Cell], store: Store, console: Console, fault: _Fault) -> None:
+    """Train every run of `cells` (same static config) together from its last finished chunk.
+
+    Progress goes to the group's own file (`Store.write_group`), never to the shared
+    manifest, so groups may run concurrently (the Ray executor)."""
     cfg = cells[0].cfg
     task = cfg.task.build()
     graphdef, base_params, base_info = base_lib.get_base(
@@ -106,11 +109,12 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
         announce=console.print)
     console.print(f"base {base_info['base_key']}: greedy held-out accuracy {base_info['greedy_accuracy']:.2f}, "
                   f"sampled {base_info['sampled_accuracy']:.2f} ({base_info['steps']} supervised steps)")
-    group = manifest["groups"][gid]
+    group = dict(store.read_manifest()["groups"][gid])
+    record = {"group": group, "cells": {c.cell_id: {} for c in cells}}
     group["base"] = {k: base_info[k] for k in ("base_key", "greedy_accuracy", "sampled_accuracy", "steps")}
     cells, calibration = resolve_targets(cells, graphdef, base_params)
     for cell_id, got in calibration.items():
-        manifest["cells"][cell_id]["calibration"] = got
+        record["cells"][cell_id]["calibration"] = got
         console.print(f"  {cell_id}: target {got['metric']} {got['target']:.3g} -> noise scale {got['scale']:.4g} "
                       f"(achieved {got['achieved']:.3g} at the base model; per-token KL "
                       f"{got['kl_sampler_learner']:.3g}, per-response KL {got['seq_kl']:.3g})")
@@ -172,8 +176,8 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
                 scales = tracker.recalibrate(state.params, hp)
                 hp, group["tracked_scales"] = place(tracker.with_scales(hp, scales), over_runs=True), scales
             for cell in cells:
-                manifest["cells"][cell.cell_id].update(status="running", steps_done=c * chunk_steps)
-            store.write_manifest(manifest)
+                record["cells"][cell.cell_id].update(status="running", steps_done=c * chunk_steps)
+            store.write_group(gid, record)
             if c > 1:
                 shutil.rmtree(store.checkpoint_dir(gid, (c - 1) * chunk_steps), ignore_errors=True)
             info = (f"held-out acc {np.mean(ev['eval_greedy_accuracy'][:n_runs]):.2f}  "
@@ -183,6 +187,10 @@ def run_group(gid: str, cells: list[Cell], store: Store, manifest: dict, console
                 console.print(f"  {label[:40]}: step {c * chunk_steps}/{cfg.run.steps}: {info} "
                               f"({time.perf_counter() - t0:.1f}s)")
             fault.tick()
+    group["status"] = "done"
+    for cell in cells:
+        record["cells"][cell.cell_id]["status"] = "done"
+    store.write_group(gid, record)
 
 
 _PROGRAMS: dict[tuple[str, int], tuple] = {}
@@ -293,8 +301,11 @@ def _check_compatible(cells: list[Cell], manifest: dict, sweep: dict) -> None:
 
 
 def run_cells(cells: list[Cell], store: Store, console: Console | None = None, sweep: dict | None = None,
-              restart: bool = False) -> pd.DataFrame:
-    """Run (or resume) all cells into `store`; returns the per-run summary table."""
+              restart: bool = False, executor: str = "local", ray: dict | None = None) -> pd.DataFrame:
+    """Run (or resume) all cells into `store`; returns the per-run summary table.
+
+    `executor`: `local` runs the groups one after another in this process; `ray` makes each
+    group a Ray task (`timsim.executors`, options in `ray`). Both write the same files."""
     console = console or Console()
     sweep = sweep or {"name": cells[0].cfg.run.name}
     if restart:
@@ -313,13 +324,18 @@ def run_cells(cells: list[Cell], store: Store, console: Console | None = None, s
     if skipped:
         console.print(f"{len(skipped)} finished cell(s) kept, not recomputed: {', '.join(skipped[:6])}"
                       f"{' ...' if len(skipped) > 6 else ''}")
-    fault, start = _Fault(), time.perf_counter()
-    for gid, group_cells in groups.items():
-        run_group(gid, group_cells, store, manifest, console, fault)
-        manifest["groups"][gid]["status"] = "done"
-        for c in group_cells:
-            manifest["cells"][c.cell_id]["status"] = "done"
-        store.write_manifest(manifest)
+    start = time.perf_counter()
+    if executor == "ray":
+        from timsim.executors import run_on_ray
+
+        run_on_ray(groups, store.root, console, **(ray or {}))
+    elif executor == "local":
+        fault = _Fault()
+        for gid, group_cells in groups.items():
+            run_group(gid, group_cells, store, console, fault)
+    else:
+        raise ConfigError(f"executor must be local or ray, got {executor!r}.")
+    manifest = store.read_manifest()
     metrics, _ = load(store.root)
     summary = summarize_runs(metrics)
     store.write_summary(summary)

@@ -89,7 +89,22 @@ class Store:
         return self.root / "manifest.json"
 
     def read_manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text()) if self.manifest_path.exists() else {}
+        """The manifest with every group's progress file laid over it. A group's runner (in
+        this process or a Ray worker) writes only its own `groups/<gid>.json`, so concurrent
+        groups never overwrite each other's progress; the driver writes the plan."""
+        if not self.manifest_path.exists():
+            return {}
+        manifest = json.loads(self.manifest_path.read_text())
+        for path in sorted((self.root / "groups").glob("*.json")):
+            progress = json.loads(path.read_text())
+            manifest["groups"].setdefault(path.stem, {}).update(progress["group"])
+            for cell_id, fields in progress["cells"].items():
+                manifest["cells"].setdefault(cell_id, {}).update(fields)
+        return manifest
+
+    def write_group(self, gid: str, progress: dict) -> None:
+        """A group's progress: `{"group": {...}, "cells": {cell_id: {...}}}` (see read_manifest)."""
+        atomic_write_bytes(self.root / "groups" / f"{gid}.json", json.dumps(progress, indent=2).encode())
 
     def write_manifest(self, manifest: dict) -> None:
         atomic_write_bytes(self.manifest_path, json.dumps(manifest, indent=2, sort_keys=False).encode())

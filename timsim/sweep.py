@@ -13,6 +13,8 @@ zip:                            # paired axes (equal lengths), crossed with the 
 cells:                          # optional named cells, crossed with grid and zip
   recompute: {grpo.old_logprobs: recompute}
   bypass: {grpo.old_logprobs: bypass}
+executor: local                 # or ray: one Ray task per compiled program (timsim.executors)
+ray: {address: null, cpus_per_task: 1}
 ```
 
 Every cell is validated before any compute, so a bad axis fails at once with the field named.
@@ -26,13 +28,24 @@ import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from timsim.config import Config, ConfigError, config_from_dict, parse_overrides, set_dotted, static_hash
 from timsim.runner import Cell
+
+
+class RaySettings(BaseModel):
+    """`ray:` block of a sweep file (used with `executor: ray`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray instance
+    num_cpus: int | None = Field(None, ge=1)  # CPUs of a local instance (default: all)
+    cpus_per_task: float = Field(1.0, gt=0)  # CPUs reserved per group (one Ray task per group)
+    gpus_per_task: float = Field(0.0, ge=0)
 
 
 class SweepFile(BaseModel):
@@ -45,6 +58,8 @@ class SweepFile(BaseModel):
     grid: dict[str, list[Any]] = Field(default_factory=dict)
     zip: dict[str, list[Any]] = Field(default_factory=dict)
     cells: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    executor: Literal["local", "ray"] = "local"
+    ray: RaySettings = RaySettings()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +67,8 @@ class Plan:
     name: str
     cells: list[Cell]
     sweep_hash: str  # identity of the sweep's base config: a directory belongs to one sweep
+    executor: str = "local"
+    ray: RaySettings = RaySettings()
 
     @property
     def n_runs(self) -> int:
@@ -163,7 +180,7 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
         ids.add(cid)
         cells.append(Cell(cid, cfg, {**fixed, **assignment}))
     sweep_hash = hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest()[:12]
-    return Plan(name=name, cells=cells, sweep_hash=sweep_hash)
+    return Plan(name=name, cells=cells, sweep_hash=sweep_hash, executor=spec.executor, ray=spec.ray)
 
 
 def estimate_seconds(cfg: Config, n_runs: int) -> float:
