@@ -48,7 +48,7 @@ def test_decode_path_matches_learner_to_float_precision(tiny_cfg, tiny_base):
     model = nnx.merge(graphdef, params)
     prompts = tiny_cfg.task.build().sample(jax.random.key(3), 64)
     out = sample(model, prompts, jax.random.key(4), 1.0, 4)
-    logp, _ = learner_logprobs(model, prompts, out.responses, out.mask, 1.0)
+    logp = learner_logprobs(model, prompts, out.responses, out.mask, 1.0)[0]
     np.testing.assert_allclose(out.logp_decode, logp, atol=1e-4)
 
 
@@ -58,8 +58,8 @@ def test_padding_does_not_leak_into_learner_logprobs(tiny_cfg, tiny_base):
     prompts = tiny_cfg.task.build().sample(jax.random.key(5), 16)
     out = sample(model, prompts, jax.random.key(6), 1.0, 6)
     garbage = jnp.where(out.mask > 0, out.responses, jax.random.randint(jax.random.key(7), out.responses.shape, 0, 16))
-    a, _ = learner_logprobs(model, prompts, out.responses, out.mask, 1.0)
-    b, _ = learner_logprobs(model, prompts, garbage, out.mask, 1.0)
+    a = learner_logprobs(model, prompts, out.responses, out.mask, 1.0)[0]
+    b = learner_logprobs(model, prompts, garbage, out.mask, 1.0)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 

@@ -244,7 +244,7 @@ def test_context_noise_is_a_deterministic_function_of_the_context():
     prompts = jnp.array([[1, 2, 12], [1, 2, 12], [1, 2, 12]])
     responses = jnp.array([[4, 5, 6, 11], [4, 5, 6, 11], [4, 7, 6, 11]])
     logits = jnp.zeros((3, 4, 16))
-    out = np.asarray(report_logits(spec, logits, None, prompts, responses, noise_key_for(spec, 0, 0),
+    out = np.asarray(report_logits(spec, logits, prompts, responses, noise_key_for(spec, 0, 0),
                                    {"scale": jnp.float32(1.0)}))
     assert np.array_equal(out[0], out[1])
     assert np.array_equal(out[0, :2], out[2, :2]), "positions 0 and 1 share the context"
@@ -265,7 +265,7 @@ def test_state_noise_is_a_deterministic_function_of_the_predictive_distribution(
     logits = jnp.stack([jnp.stack([confident, confident + 1e-3, jnp.zeros(16)])] * 2
                        + [jnp.stack([jnp.zeros(16).at[5].set(8.0)] * 3)])
     knobs = {"scale": jnp.float32(1.0), "state_bin": jnp.float32(0.1)}
-    out = np.asarray(report_logits(spec, logits, None, prompts, responses, noise_key_for(spec, 0, 0), knobs))
+    out = np.asarray(report_logits(spec, logits, prompts, responses, noise_key_for(spec, 0, 0), knobs))
     noise = out - np.asarray(logits)
     np.testing.assert_allclose(noise[0], noise[1], rtol=0, atol=1e-6)  # other context, same states
     np.testing.assert_allclose(noise[0, 0], noise[0, 1], rtol=0, atol=1e-6)  # near-identical states share it

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from timsim.config import Config
-from timsim.model import init_model, response_logits, token_logprobs
+from timsim.model import init_model, response_forward, token_logprobs
 from timsim.rollout import sample
 from timsim.tasks import VOCAB_SIZE, Task
 from timsim.train import eval_prompts
@@ -38,7 +38,9 @@ class CheckpointError(RuntimeError):
 def base_key(cfg: Config) -> str:
     """Name of the base checkpoint: task name and a hash of what determines the weights."""
     ident = {"task": cfg.task.model_dump(exclude={"partial_credit", "eval_prompts"}),
-             "model": cfg.model.model_dump(),
+             # MoE fields only when used: dense bases keep the keys they had before MoE existed
+             "model": cfg.model.model_dump(exclude=set() if cfg.model.experts else
+                                           {"experts", "expert_top_k", "balance_coef"}),
              "pretrain": cfg.pretrain.model_dump(exclude={"cache_dir"})}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.task.name}-{digest}"
@@ -61,9 +63,11 @@ def make_pretrain_chunk(cfg: Config, task: Task, graphdef, length: int) -> Calla
 
     def loss_fn(params, prompts):
         targets = task.target(prompts, response_len)
-        logp, _ = token_logprobs(response_logits(nnx.merge(graphdef, params), prompts, targets), targets, 1.0)
+        logits, _, balance = response_forward(nnx.merge(graphdef, params), prompts, targets)
+        logp, _ = token_logprobs(logits, targets, 1.0)
         checked = (jnp.arange(response_len) <= task.answer_len)[None, :]
-        return -(logp * checked).sum() / (checked.sum() * prompts.shape[0])
+        loss = -(logp * checked).sum() / (checked.sum() * prompts.shape[0])
+        return loss + cfg.model.balance_coef * balance if cfg.model.experts else loss
 
     def step(carry, i):
         params, opt_state, key = carry

@@ -22,9 +22,9 @@ from flax import nnx
 
 from timsim.config import Config, ConfigError, traced_values
 from timsim.diagnostics import mismatch_metrics
-from timsim.model import response_logits, token_logprobs
+from timsim.model import token_logprobs
 from timsim.perturb import (SCALED, decode_logits_fn, learner_transform, noise_knobs, report_logits, sampler_model,
-                            sampler_spec)
+                            sampler_routing, sampler_spec, teacher_forced_pair)
 from timsim.rollout import sample
 
 CALIBRATION_SEED = 2024
@@ -40,18 +40,20 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
     spec = sampler_spec(cfg)
     key = jax.random.key(seed)
     prompts = jnp.repeat(task.sample(jax.random.fold_in(key, 0), cfg.grpo.prompts_per_step), cfg.grpo.group_size, 0)
-    noise_key, sample_key, weight_key = (jax.random.fold_in(key, i) for i in (1, 2, 3))
+    noise_key, sample_key, weight_key, router_key = (jax.random.fold_in(key, i) for i in (1, 2, 3, 4))
 
     @jax.jit
     def measure(params, hp):
         model = nnx.merge(graphdef, params)
         knobs, temperature = noise_knobs(hp), hp["sampler.temperature"]
         sampler = sampler_model(spec, graphdef, params, model, weight_key, hp)
+        routing = sampler_routing(spec, router_key, hp)
         rollout = sample(sampler, prompts, sample_key, temperature, cfg.response_len,
-                         logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
-        logits = response_logits(model, prompts, rollout.responses, spec.learner_nm)
+                         logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm, routing=routing)
+        logits, _, logits_sampler, _ = teacher_forced_pair(spec, model, sampler, prompts, rollout.responses, routing,
+                                                           cfg.correction.routing_replay)
         _, logp_all = token_logprobs(learner_transform(spec, knobs)(logits), rollout.responses, temperature)
-        logits_sampler = report_logits(spec, logits, sampler, prompts, rollout.responses, noise_key, knobs)
+        logits_sampler = report_logits(spec, logits_sampler, prompts, rollout.responses, noise_key, knobs)
         _, logp_all_sampler = token_logprobs(logits_sampler, rollout.responses, temperature)
         metrics = mismatch_metrics(logp_all, logp_all_sampler, rollout.responses, rollout.mask)
         collision = (jnp.exp(logp_all) ** 2).sum(-1)

@@ -56,11 +56,17 @@ class ModelConfig(_Section):
     n_heads: int = Field(4, ge=1)
     d_mlp: int = Field(256, ge=8)
     max_len: int = Field(32, ge=4, description="context length (prompt + response)")
+    experts: int = Field(0, ge=0, description="mixture-of-experts MLP with this many experts (0: dense MLP)")
+    expert_top_k: int = Field(2, ge=1, description="experts per token (top-k routing)")
+    balance_coef: float = Field(0.01, ge=0.0, description="weight of the load-balancing loss (0: off)")
 
     @model_validator(mode="after")
     def _heads_divide(self):
         if self.d_model % self.n_heads:
             raise ValueError(f"model.d_model ({self.d_model}) must be divisible by model.n_heads ({self.n_heads})")
+        if self.experts and self.expert_top_k > self.experts:
+            raise ValueError(f"model.expert_top_k ({self.expert_top_k}) must be at most model.experts "
+                             f"({self.experts})")
         return self
 
 
@@ -146,6 +152,11 @@ class Config(_Section):
         if n % self.grpo.minibatches:
             raise ValueError(f"grpo.minibatches ({self.grpo.minibatches}) must divide "
                              f"prompts_per_step * group_size ({n})")
+        if not self.model.experts and (self.correction.routing_replay != "none"
+                                       or self.perturbation.router_noise.family != "none"):
+            field = ("correction.routing_replay" if self.correction.routing_replay != "none"
+                     else "perturbation.router_noise.family")
+            raise ValueError(f"{field} needs a mixture-of-experts policy: set model.experts (e.g. 4)")
         if self.run.probe_every % self.run.chunk_steps:
             raise ValueError(f"run.probe_every ({self.run.probe_every}) must be 0 or a multiple of run.chunk_steps "
                              f"({self.run.chunk_steps}): probes run at chunk boundaries")

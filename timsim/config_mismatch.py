@@ -99,6 +99,14 @@ class WeightNoiseConfig(_Section):
     hold_steps: int = Field(1, ge=1, description="keep one draw for this many updates (1: re-drawn every step)")
 
 
+class RouterNoiseConfig(_Section):
+    """Gaussian noise on the sampler's mixture-of-experts router logits (needs model.experts):
+    flips expert choices while the rest of the network stays identical."""
+
+    family: Literal["none", "gaussian"] = "none"
+    scale: Traced = Field(0.0, ge=0.0, description="standard deviation added to each router logit")
+
+
 TARGET_METRICS = {  # target field -> the measured metric it sets (timsim.diagnostics)
     "token_kl": "kl_sampler_learner",
     "token_k3": "mismatch_k3",
@@ -155,6 +163,7 @@ class PerturbationConfig(_Section):
     sampler_precision: PrecisionConfig = PrecisionConfig()
     learner_precision: PrecisionConfig = PrecisionConfig()
     weight_noise: WeightNoiseConfig = WeightNoiseConfig()
+    router_noise: RouterNoiseConfig = RouterNoiseConfig()
     lag_steps: int = Field(0, ge=0, description=(
         "staleness, not mismatch: the sampler runs the weights of this many updates ago (async RL)"))
     target: TargetConfig = TargetConfig()
@@ -191,6 +200,9 @@ class CorrectionConfig(_Section):
     cis_lambda: Traced = Field(2.3, gt=0.0, description="cis: cap 1 + lambda * max(1 - p, kappa)")
     cis_kappa: Traced = Field(5e-3, gt=0.0, le=1.0)
     prefix_cap: Traced = Field(1e4, ge=1.0, description="prefix_is / minpro: cap C on the weight (large: untruncated)")
+    routing_replay: Literal["none", "r2", "r3"] = Field("none", description=(
+        "mixture of experts: r2 replays the experts the learner chose for pi_old in every update; r3 replays the "
+        "experts the sampler chose, in the learner's old log-probs and every update"))
     score_centering: bool = Field(False, description="subtract the sampler's expected score from every token's")
     batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
 

@@ -121,3 +121,24 @@ def delta_quantiles_by_bin(logp_old_NT, logp_sampler_NT, mask_NT, position_bins:
         row["max"] = float(values.max()) if values.size else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)
+
+
+MAX_ROUTING_LAYERS = 8  # per-layer routing metrics are logged for the first this many layers
+
+
+def routing_metrics(routes_sampler, routes_learner, mask_NT) -> dict:
+    """Mixture of experts: how often the sampler's expert choice differs from the learner's.
+
+    Routes are per layer [N, P + T - 1, k] over the teacher-forced positions; the last T of
+    them process the tokens that predict the response, and a token "sees a different expert"
+    in a layer when the two sides' sets of k experts differ there. Empty for a dense model."""
+    if routes_learner is None:
+        return {}
+    t = mask_NT.shape[1]
+    differs = [(jnp.sort(a[:, -t:], -1) != jnp.sort(b[:, -t:], -1)).any(-1)
+               for a, b in zip(routes_sampler, routes_learner)]
+    per_layer = [masked_mean(d, mask_NT) for d in differs]
+    out = {f"route_flip_l{i}": v for i, v in enumerate(per_layer[:MAX_ROUTING_LAYERS])}
+    out["route_flip_frac"] = jnp.mean(jnp.stack(per_layer))
+    out["route_any_layer_frac"] = masked_mean(jnp.stack(differs).any(0), mask_NT)
+    return out

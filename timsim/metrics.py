@@ -85,6 +85,10 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
            "perturbation on held-out prompts; equals eval_sampled_accuracy at zero mismatch"),
     Metric("eval_sampler_greedy_accuracy", "exact-match accuracy of greedy decoding under the sampler's "
            "perturbation (its own noise draws) on held-out prompts; equals eval_greedy_accuracy at zero mismatch"),
+    Metric("route_flip_frac", "mixture of experts: fraction of (response token, layer) router decisions whose set of "
+           "k experts differs between the sampler and the learner's forward, averaged over layers"),
+    Metric("route_any_layer_frac", "fraction of response tokens that see a different expert in at least one layer"),
+    *[Metric(f"route_flip_l{i}", f"route_flip_frac in layer {i}") for i in range(8)],
     *[Metric(f"probe_{mode}_{name}", formula.format(mode=mode)) for mode in ("recompute", "bypass")
       for name, formula in [
           ("cos", "cosine between the {mode}-mode policy gradient under the configured mismatch and correction and "

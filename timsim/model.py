@@ -10,6 +10,8 @@ fp32; exact zero mismatch is obtained by reporting the learner path's log-probs 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -26,6 +28,57 @@ def dense(layer: nnx.Linear, x: jax.Array, nm: Numerics) -> jax.Array:
     return y if layer.bias is None else y + layer.bias[...]
 
 
+class Routing(NamedTuple):
+    """How the mixture-of-experts routers pick experts in one forward.
+
+    `noise_key`/`noise_scale`: Gaussian noise on the router logits (the sampler's routing
+    perturbation), drawn per layer and per absolute position, so the KV-cache decode and the
+    teacher-forced forward of the same sequence see the same noise. `replay`: per layer, the
+    expert indices [N, S, k] to use instead of the router's own top-k (R2, R3); the gates are
+    still the router's softmax over the replayed experts, so gradients reach the router."""
+
+    noise_key: jax.Array | None = None
+    noise_scale: jax.Array | float = 0.0
+    replay: tuple[jax.Array, ...] | None = None
+
+
+class MoE(nnx.Module):
+    """Top-k mixture of `experts` GELU MLPs (hidden `d_mlp` each). Every expert is evaluated
+    on every token and the outputs are combined with the gates (cheap at this scale, and the
+    same arithmetic whichever experts are chosen)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h = cfg.d_model, cfg.d_mlp
+        self.n_experts, self.top_k = cfg.experts, cfg.expert_top_k
+        self.router = nnx.Linear(d, cfg.experts, use_bias=False, rngs=rngs)
+        self.experts_in = nnx.List([nnx.Linear(d, h, rngs=rngs) for _ in range(cfg.experts)])
+        self.experts_out = nnx.List([nnx.Linear(h, d, rngs=rngs) for _ in range(cfg.experts)])
+
+    def __call__(self, x_NSD, positions_S, layer: int, routing: Routing | None, nm: Numerics):
+        """(output [N, S, D], chosen experts [N, S, k], load-balancing loss)."""
+        n_experts = self.n_experts
+        logits_NSE = nm.round(dense(self.router, x_NSD, nm), "router")
+        if routing is not None and routing.noise_key is not None:
+            key = jax.random.fold_in(routing.noise_key, layer)
+            noise_SNE = jax.vmap(lambda p: jax.random.normal(jax.random.fold_in(key, p),
+                                                             (x_NSD.shape[0], n_experts)))(positions_S)
+            logits_NSE = logits_NSE + routing.noise_scale * noise_SNE.swapaxes(0, 1)
+        replay = None if routing is None or routing.replay is None else routing.replay[layer]
+        experts_NSK = jax.lax.top_k(logits_NSE, self.top_k)[1] if replay is None else replay
+        gates_NSK = jax.nn.softmax(jnp.take_along_axis(logits_NSE, experts_NSK, axis=-1), axis=-1)
+        chosen_NSKE = jax.nn.one_hot(experts_NSK, n_experts, dtype=x_NSD.dtype)
+        weights_NSE = (chosen_NSKE * gates_NSK[..., None]).sum(-2)
+        out = jnp.zeros_like(x_NSD)
+        for e in range(n_experts):
+            h = dense(self.experts_in[e], x_NSD, nm)
+            out = out + weights_NSE[..., e:e + 1] * dense(self.experts_out[e], nm.round(jax.nn.gelu(h), "activations"),
+                                                          nm)
+        # Switch-style balance: E * sum_e (fraction of assignments to e) * (mean router prob of e)
+        share_E = chosen_NSKE.sum(-2).mean((0, 1)) / self.top_k
+        balance = n_experts * (share_E * jax.nn.softmax(logits_NSE, axis=-1).mean((0, 1))).sum()
+        return out, experts_NSK.astype(jnp.int32), balance
+
+
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d = cfg.d_model
@@ -34,8 +87,11 @@ class Block(nnx.Module):
         self.qkv = nnx.Linear(d, 3 * d, rngs=rngs)
         self.attn_out = nnx.Linear(d, d, rngs=rngs)
         self.ln_mlp = nnx.LayerNorm(d, rngs=rngs)
-        self.mlp_in = nnx.Linear(d, cfg.d_mlp, rngs=rngs)
-        self.mlp_out = nnx.Linear(cfg.d_mlp, d, rngs=rngs)
+        if cfg.experts:
+            self.moe = MoE(cfg, rngs=rngs)
+        else:
+            self.mlp_in = nnx.Linear(d, cfg.d_mlp, rngs=rngs)
+            self.mlp_out = nnx.Linear(cfg.d_mlp, d, rngs=rngs)
 
     def _heads(self, x_NSD, nm):
         """Queries, keys, values in [N, H, S, K] layout (batched matmuls over N, H: measured
@@ -56,28 +112,32 @@ class Block(nnx.Module):
         n, _, q_len, _ = out.shape
         return dense(self.attn_out, out.transpose(0, 2, 1, 3).reshape(n, q_len, -1), nm)
 
-    def _mlp(self, x, nm):
-        h = dense(self.mlp_in, nm.round(self.ln_mlp(x), "activations"), nm)
-        return dense(self.mlp_out, nm.round(jax.nn.gelu(h), "activations"), nm)
+    def _mlp(self, x, nm, positions_S, layer, routing):
+        """(output, chosen experts or None, balance loss) of the MLP or mixture of experts."""
+        h = nm.round(self.ln_mlp(x), "activations")
+        if hasattr(self, "moe"):
+            return self.moe(h, positions_S, layer, routing, nm)
+        h = dense(self.mlp_in, h, nm)
+        return dense(self.mlp_out, nm.round(jax.nn.gelu(h), "activations"), nm), None, jnp.zeros(())
 
-    def __call__(self, x_NSD, nm: Numerics = FP32):
-        return self.forward_with_kv(x_NSD, nm)[0]
-
-    def forward_with_kv(self, x_NSD, nm: Numerics = FP32):
-        """Causal forward over all positions; also returns this layer's keys and values."""
+    def forward_with_kv(self, x_NSD, nm: Numerics = FP32, layer: int = 0, routing: Routing | None = None):
+        """Causal forward over all positions: (output, keys, values, chosen experts, balance)."""
         q, k, v = self._heads(x_NSD, nm)
         s = x_NSD.shape[1]
         causal = jnp.tril(jnp.ones((s, s), bool))
         x_NSD = x_NSD + self._attend(q, k, v, causal, nm)
-        return x_NSD + self._mlp(x_NSD, nm), k, v
+        out, experts, balance = self._mlp(x_NSD, nm, jnp.arange(s), layer, routing)
+        return x_NSD + out, k, v, experts, balance
 
-    def decode(self, x_N1D, pos, k_cache_NHSK, v_cache_NHSK, nm: Numerics = FP32):
+    def decode(self, x_N1D, pos, k_cache_NHSK, v_cache_NHSK, nm: Numerics = FP32, layer: int = 0,
+               routing: Routing | None = None):
         q, k, v = self._heads(x_N1D, nm)
         k_cache_NHSK = jax.lax.dynamic_update_slice_in_dim(k_cache_NHSK, k, pos, axis=2)
         v_cache_NHSK = jax.lax.dynamic_update_slice_in_dim(v_cache_NHSK, v, pos, axis=2)
         allowed = (jnp.arange(k_cache_NHSK.shape[2]) <= pos)[None, :]
         x_N1D = x_N1D + self._attend(q, k_cache_NHSK, v_cache_NHSK, allowed, nm)
-        return x_N1D + self._mlp(x_N1D, nm), k_cache_NHSK, v_cache_NHSK
+        out = self._mlp(x_N1D, nm, pos[None], layer, routing)[0]
+        return x_N1D + out, k_cache_NHSK, v_cache_NHSK
 
 
 class Transformer(nnx.Module):
@@ -91,25 +151,33 @@ class Transformer(nnx.Module):
         self.ln_final = nnx.LayerNorm(cfg.d_model, rngs=rngs)
         self.head = nnx.Linear(cfg.d_model, vocab_size, use_bias=False, rngs=rngs)
 
-    def __call__(self, tokens_NS: jax.Array, nm: Numerics = FP32) -> jax.Array:
+    def __call__(self, tokens_NS: jax.Array, nm: Numerics = FP32, routing: Routing | None = None) -> jax.Array:
         """Logits [N, S, V]: position s predicts token s+1."""
+        return self.forward(tokens_NS, nm, routing)[0]
+
+    def forward(self, tokens_NS: jax.Array, nm: Numerics = FP32, routing: Routing | None = None):
+        """(logits [N, S, V], per layer the chosen experts [N, S, k] (None: dense MLP), the
+        load-balancing loss summed over layers)."""
         x = self._embed(tokens_NS, jnp.arange(tokens_NS.shape[1]), nm)
-        for block in self.blocks:
-            x = block(x, nm)
-        return self._logits(x, nm)
+        routes, balance = [], jnp.zeros(())
+        for layer, block in enumerate(self.blocks):
+            x, _, _, experts, layer_balance = block.forward_with_kv(x, nm, layer, routing)
+            routes.append(experts)
+            balance = balance + layer_balance
+        return self._logits(x, nm), (tuple(routes) if self.cfg.experts else None), balance
 
     def _logits(self, x, nm):
         return nm.round(dense(self.head, nm.round(self.ln_final(x), "activations"), nm), "logits")
 
-    def prefill(self, tokens_NS: jax.Array, length: int, nm: Numerics = FP32) -> dict:
+    def prefill(self, tokens_NS: jax.Array, length: int, nm: Numerics = FP32, routing: Routing | None = None) -> dict:
         """A KV cache of `length` positions holding the keys and values of `tokens_NS`, computed
         in one causal forward (cheaper than one decode step per prompt token). One [N, H, S, K]
         buffer per layer: decode updates each in place (stacking the layers would copy the
         whole cache at every generated token, measured 50x slower at 256 positions)."""
         x = self._embed(tokens_NS, jnp.arange(tokens_NS.shape[1]), nm)
         ks, vs = [], []
-        for block in self.blocks:
-            x, k, v = block.forward_with_kv(x, nm)
+        for layer, block in enumerate(self.blocks):
+            x, k, v, _, _ = block.forward_with_kv(x, nm, layer, routing)
             ks.append(k)
             vs.append(v)
         pad_NHSK = [(0, 0), (0, 0), (0, length - tokens_NS.shape[1]), (0, 0)]
@@ -120,12 +188,13 @@ class Transformer(nnx.Module):
         pos = nm.round(self.pos_embed.embedding[...], "weights")[positions]
         return tok + pos[None]
 
-    def decode(self, token_N: jax.Array, pos: jax.Array, cache: dict, nm: Numerics = FP32) -> tuple[jax.Array, dict]:
+    def decode(self, token_N: jax.Array, pos: jax.Array, cache: dict, nm: Numerics = FP32,
+               routing: Routing | None = None) -> tuple[jax.Array, dict]:
         """Logits [N, V] for the token after `token_N` at position `pos`, and the updated cache."""
         x = self._embed(token_N[:, None], pos[None], nm)
         ks, vs = [], []
         for i, block in enumerate(self.blocks):
-            x, k, v = block.decode(x, pos, cache["k"][i], cache["v"][i], nm)
+            x, k, v = block.decode(x, pos, cache["k"][i], cache["v"][i], nm, i, routing)
             ks.append(k)
             vs.append(v)
         logits = self._logits(x, nm)[:, 0]
@@ -137,10 +206,18 @@ def init_model(cfg: ModelConfig, vocab_size: int, seed: int) -> Transformer:
 
 
 def response_logits(model: Transformer, prompts_NP: jax.Array, responses_NT: jax.Array,
-                    nm: Numerics = FP32) -> jax.Array:
+                    nm: Numerics = FP32, routing: Routing | None = None) -> jax.Array:
     """Teacher-forced logits [N, T, V] that predict each response token."""
+    return response_forward(model, prompts_NP, responses_NT, nm, routing)[0]
+
+
+def response_forward(model: Transformer, prompts_NP: jax.Array, responses_NT: jax.Array, nm: Numerics = FP32,
+                     routing: Routing | None = None):
+    """`response_logits`, the experts chosen at every position of prompt + response (per layer
+    [N, P + T - 1, k], None for a dense model) and the load-balancing loss."""
     tokens = jnp.concatenate([prompts_NP, responses_NT], axis=1)[:, :-1]
-    return model(tokens, nm)[:, prompts_NP.shape[1] - 1 :]
+    logits, routes, balance = model.forward(tokens, nm, routing)
+    return logits[:, prompts_NP.shape[1] - 1 :], routes, balance
 
 
 def token_logprobs(logits_NTV: jax.Array, tokens_NT: jax.Array, temperature) -> tuple[jax.Array, jax.Array]:

@@ -7,7 +7,8 @@ compiled HLO, DESIGN §3, §8.7).
 
 Sites: ``weights`` (every matmul weight), ``matmul_in`` (every matmul input), ``matmul_out``
 (every matmul result, i.e. the accumulator written back in low precision), ``activations``
-(outputs of LayerNorm, softmax and GELU), ``logits`` (the output head).
+(outputs of LayerNorm, softmax and GELU), ``logits`` (the output head), ``router`` (the
+mixture-of-experts router logits: ``sites: [router]`` alone flips expert choices and nothing else).
 
 Reordered reductions model kernels that add the same numbers in another order:
 - split-K: a dense layer's contraction is cut into ``split_k`` chunks, each chunk's partial sum is
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 FORMATS = {"fp32": None, "bf16": (8, 7), "fp16": (5, 10)}
-SITES = ("weights", "matmul_in", "matmul_out", "activations", "logits")
+SITES = ("weights", "matmul_in", "matmul_out", "activations", "logits", "router")
 BATCH_VARIANT_ROWS = 1024  # batch-variant: the full split_k below this many rows, fewer splits above
 
 

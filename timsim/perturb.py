@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from timsim.keys import step_key
-from timsim.model import response_logits
+from timsim.model import Routing, response_forward
 from timsim.numerics import Numerics
 from timsim.rollout import prefix_hashes
 
@@ -156,6 +156,7 @@ class SamplerSpec:
     report_only: bool = False  # the logit noise perturbs the reported log-probs, not the sampling
     version_steps: int = 0  # persistent modes: a new error every this many updates (0: never)
     learner_too: bool = False  # the learner applies the same deterministic transform (the consistent fix)
+    router_noise: bool = False  # noise on the mixture-of-experts router logits
 
     @property
     def persistent(self) -> bool:
@@ -164,7 +165,7 @@ class SamplerSpec:
     @property
     def separate_forward(self) -> bool:
         """The sampler's logits need their own forward (other weights or numerics)."""
-        return self.weight_noise or self.sampler_nm != self.learner_nm
+        return self.weight_noise or self.router_noise or self.sampler_nm != self.learner_nm
 
 
 def sampler_spec(cfg) -> SamplerSpec:
@@ -172,7 +173,7 @@ def sampler_spec(cfg) -> SamplerSpec:
     return SamplerSpec(make_logits_fn(p.logit_noise.family), p.logit_noise.mode, p.sampler_precision.numerics(),
                        p.learner_precision.numerics(), p.weight_noise.family != "none",
                        p.weight_noise.hold_steps, p.logit_noise.report_only, p.logit_noise.version_steps,
-                       p.logit_noise.learner_too)
+                       p.logit_noise.learner_too, p.router_noise.family != "none")
 
 
 def with_weight_noise(params, key: jax.Array, scale) -> nnx.State:
@@ -193,6 +194,13 @@ def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.A
     if not spec.weight_noise:
         return learner_model
     return nnx.merge(graphdef, with_weight_noise(params, key, hp["perturbation.weight_noise.scale"]))
+
+
+def sampler_routing(spec: SamplerSpec, key: jax.Array, hp: dict) -> Routing | None:
+    """The sampler's router perturbation (a fresh draw per key), or None."""
+    if not spec.router_noise:
+        return None
+    return Routing(noise_key=key, noise_scale=hp["perturbation.router_noise.scale"])
 
 
 def learner_transform(spec: SamplerSpec, knobs: dict) -> Callable:
@@ -236,12 +244,29 @@ def decode_logits_fn(spec: SamplerSpec, noise_key: jax.Array, knobs: dict) -> Ca
     return lambda logits, t, hashes: spec.noise_fn(jax.random.fold_in(noise_key, t), logits, knobs)
 
 
-def report_logits(spec: SamplerSpec, learner_logits_NTV, model, prompts_NP, responses_NT,
-                  noise_key: jax.Array, knobs: dict) -> jax.Array:
-    """The sampler's teacher-forced logits of its own responses (what it reports log mu of)."""
-    logits = learner_logits_NTV
+def teacher_forced_pair(spec: SamplerSpec, model, sampler, prompts_NP, responses_NT, routing: Routing | None,
+                        replay: str = "none"):
+    """Teacher-forced forwards of both sides over the sampled responses: (learner logits,
+    learner's experts, sampler logits before its logit noise, sampler's experts); experts are
+    per layer [N, P + T - 1, k], None for a dense model. The sampler runs its own forward only
+    when it differs (other weights, numerics or routing); else both are the learner's.
+    `replay="r3"`: the learner's forward uses the experts the sampler chose (R3)."""
+    logits_sampler = routes_sampler = None
     if spec.separate_forward:
-        logits = response_logits(model, prompts_NP, responses_NT, spec.sampler_nm)
+        logits_sampler, routes_sampler, _ = response_forward(sampler, prompts_NP, responses_NT, spec.sampler_nm,
+                                                             routing)
+    learner_routing = Routing(replay=routes_sampler) if replay == "r3" and routes_sampler is not None else None
+    logits, routes, _ = response_forward(model, prompts_NP, responses_NT, spec.learner_nm, learner_routing)
+    if logits_sampler is None:
+        logits_sampler, routes_sampler = logits, routes
+    return logits, routes, logits_sampler, routes_sampler
+
+
+def report_logits(spec: SamplerSpec, sampler_logits_NTV, prompts_NP, responses_NT, noise_key: jax.Array,
+                  knobs: dict) -> jax.Array:
+    """The sampler's teacher-forced logits of its own responses (what it reports log mu of):
+    its own forward's logits (the learner's when it has none) with its logit noise."""
+    logits = sampler_logits_NTV
     if spec.noise_fn is None:
         return logits
     if spec.persistent:

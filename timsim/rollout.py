@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from timsim.model import Transformer, response_logits, token_logprobs
+from timsim.model import Routing, Transformer, response_forward, token_logprobs
 from timsim.numerics import FP32, Numerics
 from timsim.tasks import EOS, PAD
 
@@ -28,17 +28,17 @@ class Rollout(NamedTuple):
 
 def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperature,
            response_len: int, greedy: bool = False, logits_fn: Callable | None = None,
-           nm: Numerics = FP32) -> Rollout:
+           nm: Numerics = FP32, routing: Routing | None = None) -> Rollout:
     """Sample `response_len` tokens after each prompt; `greedy` takes the argmax instead.
     `logits_fn(logits_NV, t, context_hash_N)` is the sampler's perturbation of response
     position t's logits (the hash identifies prompt + response so far), `nm` the numerics of
-    its forward."""
+    its forward, `routing` its router perturbation (mixture of experts)."""
     n, p = prompts_NP.shape
-    cache = model.prefill(prompts_NP[:, :-1], p + response_len, nm)
+    cache = model.prefill(prompts_NP[:, :-1], p + response_len, nm, routing)
 
     def generate(carry, t):
         cache, token, done, context = carry
-        logits, cache = model.decode(token, p - 1 + t, cache, nm)
+        logits, cache = model.decode(token, p - 1 + t, cache, nm, routing)
         if logits_fn is not None:
             logits = logits_fn(logits, t, context)
         logits = logits / temperature
@@ -78,13 +78,14 @@ def prefix_hashes(prompts_NP: jax.Array, responses_NT: jax.Array) -> jax.Array:
 
 
 def learner_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temperature, nm: Numerics = FP32,
-                     transform: Callable | None = None):
+                     transform: Callable | None = None, routing: Routing | None = None):
     """The learner's per-token log-probs of given responses (teacher forcing), 0 on padding,
-    and the full log-softmax [N, T, V] (for entropies and exact divergences). `transform`: a
-    logit transform the learner applies (the consistent fix for a one-sided sampler one)."""
-    logits = response_logits(model, prompts_NP, responses_NT, nm)
+    the full log-softmax [N, T, V] (for entropies and exact divergences) and the
+    load-balancing loss (0 for a dense model). `transform`: a logit transform the learner
+    applies (the consistent fix for a one-sided sampler one); `routing`: replayed experts."""
+    logits, _, balance = response_forward(model, prompts_NP, responses_NT, nm, routing)
     if transform is not None:
         logits = transform(logits)
     logp, logp_all = token_logprobs(logits, responses_NT, temperature)
-    return logp * mask_NT, logp_all
+    return logp * mask_NT, logp_all, balance
 

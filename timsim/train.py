@@ -22,10 +22,11 @@ from timsim.config import Config
 from timsim.corrections import (WEIGHTING, apply_corrections, centered_score_logp, correction_knobs,
                                 correction_metrics, make_inputs)
 from timsim.keys import step_key
-from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics
-from timsim.model import response_logits, token_logprobs
+from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics, routing_metrics
+from timsim.model import Routing, token_logprobs
 from timsim.perturb import (SamplerSpec, decode_logits_fn, learner_transform, noise_key_for, noise_knobs,
-                            report_logits, sampler_model, sampler_spec, weight_noise_key)
+                            report_logits, sampler_model, sampler_routing, sampler_spec, teacher_forced_pair,
+                            weight_noise_key)
 from timsim.rollout import learner_logprobs, sample
 from timsim.tasks import Task
 
@@ -61,12 +62,14 @@ class Collected(NamedTuple):
     logp_decode_NT: jax.Array  # the decode path's own log-probs (the floor metric)
     reward_N: jax.Array
     adv_N: jax.Array
+    routes_learner: tuple | None  # mixture of experts: per layer [N, P + T - 1, k] (None: dense)
+    routes_sampler: tuple | None
 
 
 def zero_mismatch_spec(spec: SamplerSpec) -> SamplerSpec:
     """The zero-mismatch twin of `spec`: the sampler is the learner (same numerics), no noise."""
     return dataclasses.replace(spec, noise_fn=None, sampler_nm=spec.learner_nm, weight_noise=False,
-                               report_only=False, learner_too=False)
+                               report_only=False, learner_too=False, router_noise=False)
 
 
 def make_collect(cfg: Config, task: Task, graphdef, spec: SamplerSpec) -> Callable:
@@ -85,24 +88,27 @@ def make_collect(cfg: Config, task: Task, graphdef, spec: SamplerSpec) -> Callab
         prompts_N = jnp.repeat(prompts, group, axis=0)
         noise_key, knobs = noise_key_for(spec, seed, step), noise_knobs(hp)
         sampler = sampler_model(spec, graphdef, old_params, model, weight_noise_key(spec, seed, step), hp)
+        routing = sampler_routing(spec, step_key(seed, "router_noise", step), hp)
         rollout = sample(sampler, prompts_N, step_key(seed, "sample", step), temperature, response_len,
-                         logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
+                         logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm, routing=routing)
         responses, mask = rollout.responses, rollout.mask
         chex.assert_shape([responses, mask], (n_prompts * group, response_len))
 
-        # One teacher-forced forward gives the learner's logits; the sampler reports log mu of its
-        # own teacher-forced logits (a function of the learner's when only its logits differ;
-        # the zero-mismatch sampler reports the learner's own).
-        logits = response_logits(model, prompts_N, responses, spec.learner_nm)
+        # Teacher-forced forwards: the learner's logits, and the sampler's own when it differs by
+        # more than its logit noise. The sampler reports log mu of its teacher-forced logits
+        # (the zero-mismatch sampler reports the learner's own, bit for bit).
+        logits, routes, logits_sampler, routes_sampler = teacher_forced_pair(
+            spec, model, sampler, prompts_N, responses, routing, cfg.correction.routing_replay)
         logp_learner, logp_all_learner = token_logprobs(learner_transform(spec, knobs)(logits), responses, temperature)
         if spec.noise_fn is None and not spec.separate_forward:
             logp_sampler, logp_all_sampler = logp_learner, logp_all_learner
         else:
-            logits_sampler = report_logits(spec, logits, sampler, prompts_N, responses, noise_key, knobs)
+            logits_sampler = report_logits(spec, logits_sampler, prompts_N, responses, noise_key, knobs)
             logp_sampler, logp_all_sampler = token_logprobs(logits_sampler, responses, temperature)
         reward = task.reward(prompts_N, responses, cfg.task.partial_credit)
         return Collected(prompts_N, responses, mask, logp_learner * mask, logp_sampler * mask, logp_all_learner,
-                         logp_all_sampler, rollout.logp_decode, reward, grpo.advantages(reward, group, g.advantage))
+                         logp_all_sampler, rollout.logp_decode, reward, grpo.advantages(reward, group, g.advantage),
+                         routes, routes_sampler)
 
     return collect
 
@@ -118,6 +124,7 @@ class LearnerBatch(NamedTuple):
     weight_NT: jax.Array  # correction weights, never differentiated (1 without corrections)
     keep_NT: jax.Array  # tokens the corrections keep (the loss's mask and denominator)
     mu_NTV: jax.Array | None  # the sampler's full distribution, for score centering (else None)
+    replay: tuple | None = None  # experts the loss's forward replays (R2: pi_old's, R3: the sampler's)
 
 
 def learner_batch(c: Collected, hp: dict, old_logprobs: str, corr) -> LearnerBatch:
@@ -132,7 +139,10 @@ def learner_batch(c: Collected, hp: dict, old_logprobs: str, corr) -> LearnerBat
         if old_logprobs == "bypass" and any(k in WEIGHTING for k in corr.kinds):
             logp_old = c.logp_learner_NT  # the weight replaces r_corr in bypass mode instead of multiplying it
     mu = jax.lax.stop_gradient(jnp.exp(c.logp_all_sampler_NTV)) if corr.score_centering else None
-    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu)
+    # R2 and R3 both replay the routes of the old policy's forward: under R3 that forward
+    # already replayed the sampler's experts (`teacher_forced_pair`)
+    replay = c.routes_learner if corr.routing_replay != "none" else None
+    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu, replay)
 
 
 def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -> Callable:
@@ -147,8 +157,9 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
         model = nnx.merge(graphdef, params)
         temperature = hp["sampler.temperature"]
         transform = learner_transform(spec, noise_knobs(hp))
-        logp, logp_all = learner_logprobs(model, batch.prompts_N, batch.responses_NT, batch.mask_NT, temperature,
-                                          spec.learner_nm, transform)
+        routing = None if batch.replay is None else Routing(replay=batch.replay)
+        logp, logp_all, balance = learner_logprobs(model, batch.prompts_N, batch.responses_NT, batch.mask_NT,
+                                                   temperature, spec.learner_nm, transform, routing)
         logp_old = batch.logp_old_NT
         if recompute_first:
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
@@ -162,11 +173,13 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
         entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
         loss = grpo.aggregate(per_token, mask, g.loss_agg)
         loss = loss - hp["grpo.entropy_coef"] * grpo.aggregate(entropy_NT, mask, g.loss_agg)
+        if cfg.model.experts:
+            loss = loss + cfg.model.balance_coef * balance
         kl_ref = jnp.zeros(())
         if g.kl_ref != "none":
             ref = nnx.merge(graphdef, ref_params)
             logp_ref = jax.lax.stop_gradient(learner_logprobs(ref, batch.prompts_N, batch.responses_NT, mask,
-                                                              temperature, spec.learner_nm, transform)[0])
+                                                              temperature, spec.learner_nm, transform, routing)[0])
             kl_NT = grpo.kl_to_reference(logp, logp_ref, g.kl_ref)
             kl_ref = grpo.masked_mean(kl_NT, mask)
             loss = loss + hp["grpo.kl_coef"] * grpo.aggregate(kl_NT, mask, g.loss_agg)
@@ -237,6 +250,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             "delta_floor_max": jnp.abs(c.logp_decode_NT - c.logp_sampler_NT).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
             **correction_metrics(batch.weight_NT, batch.keep_NT, mask, any_kept),
+            **routing_metrics(c.routes_sampler, c.routes_learner, mask),
             **per_update,
         }
         lagged = None if not lag else jax.tree.map(lambda b, p: b.at[state.step % lag].set(p), state.lagged,
@@ -352,7 +366,8 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
             sampler = sampler_model(spec, graphdef, params, model, step_key(seed, "eval", 2), hp)
             for name, greedy in (("greedy", True), ("sampled", False)):
                 perturbed = sample(sampler, prompts, key, temperature, response_len, greedy=greedy,
-                                   logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm)
+                                   logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm,
+                                   routing=sampler_routing(spec, step_key(seed, "eval", 3), hp))
                 out[f"eval_sampler_{name}_accuracy"] = task.verify(prompts, perturbed.responses).mean()
         return out
 
