@@ -238,3 +238,18 @@ def test_ray_executor_matches_the_local_executor(tiny_overrides, tiny_base, tmp_
     pd.testing.assert_frame_equal(s1, s2, check_exact=True)
     groups = Store(tmp_path / "ray" / "ex").read_manifest()["groups"]
     assert len(groups) == 2 and all(g["status"] == "done" and g["chunks_done"] == 2 for g in groups.values())
+
+
+def test_program_cache_is_bounded_and_rebuilds_after_clearing(tiny_overrides, tiny_base, tmp_path, monkeypatch):
+    """A sweep with more static configs than MAX_PROGRAMS drops compiled programs (memory maps
+    are a finite resource) and compiles again when an old config comes back, without tripping
+    the no-silent-recompile guard."""
+    monkeypatch.setattr(runner, "MAX_PROGRAMS", 1)
+    monkeypatch.setattr(runner, "_PROGRAMS", {})
+    base = tiny_overrides + ["run.steps=5", "run.seeds=[0]"]
+    a, b = load_config(None, base), load_config(None, base + ["grpo.old_logprobs=bypass"])
+    first = run_cells([Cell("a", a)], Store(tmp_path / "a1"))
+    run_cells([Cell("b", b)], Store(tmp_path / "b"))
+    assert len(runner._PROGRAMS) == 1
+    again = run_cells([Cell("a", a)], Store(tmp_path / "a2"))
+    pd.testing.assert_frame_equal(first, again, check_exact=True)

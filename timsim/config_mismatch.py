@@ -61,7 +61,7 @@ class LogitNoiseConfig(_Section):
         return family
 
 
-Site = Literal["weights", "matmul_in", "matmul_out", "activations", "logits"]
+Site = Literal["weights", "matmul_in", "matmul_out", "activations", "logits", "router"]
 
 
 class PrecisionConfig(_Section):

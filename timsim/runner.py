@@ -194,14 +194,24 @@ def run_group(gid: str, cells: list[Cell], store: Store, console: Console, fault
 
 
 _PROGRAMS: dict[tuple[str, int], tuple] = {}
+MAX_PROGRAMS = 6
 
 
 def _programs(cfg: Config, task, graphdef, width: int) -> tuple:
     """The chunk, evaluation and probe programs of a static config at a run-axis width, built once
     per process: later groups with the same static config and width (a sweep's added cells,
-    the finder's bisection rounds) reuse the compiled programs instead of compiling again."""
+    the finder's bisection rounds) reuse the compiled programs instead of compiling again.
+
+    At most MAX_PROGRAMS configs are kept: each compiled XLA CPU program maps thousands of
+    memory sections, and a process may hold ~65k (vm.max_map_count); a sweep of 14 static
+    configs in one process hit that limit ("LLVM ERROR: Unable to allocate section memory").
+    When full, every compiled program of the process is dropped (`jax.clear_caches`) and the
+    next ones compile afresh."""
     key = (static_hash(cfg), width)
     if key not in _PROGRAMS:
+        if len(_PROGRAMS) >= MAX_PROGRAMS:
+            _PROGRAMS.clear()
+            jax.clear_caches()
         static = static_view(cfg)
         probe = make_probe(static, task, graphdef) if cfg.run.probe_every else None
         _PROGRAMS[key] = make_chunk(static, task, graphdef), make_eval(static, task, graphdef), probe
