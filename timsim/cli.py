@@ -83,6 +83,14 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="time one GRPO step (standard shape: 32 prompts x 8 samples x 16 tokens)")
     bench.add_argument("overrides", nargs="*")
     bench.add_argument("--runs", type=int, default=4, help="runs on the run axis for the vmap/map comparison")
+
+    prof = sub.add_parser("profile", help="fit an engine profile from paired sampler/trainer log-probs (Parquet/CSV)")
+    prof.add_argument("pairs", nargs="?", help="file with columns logp_sampler, logp_trainer[, position]")
+    prof.add_argument("--out", default=None, help="profile JSON to write (default: PAIRS with .profile.json)")
+    prof.add_argument("--example", default=None, help="write a synthetic example pairs file here and exit")
+    prof.add_argument("--config", default=None, help="also inject the fit into this config's tiny model (family "
+                      "profile, scale 1) and report achieved against target per probability bin")
+    prof.add_argument("overrides", nargs="*", help="overrides of --config")
     return parser
 
 
@@ -146,6 +154,11 @@ def _dispatch(args, console) -> int:
 
         bench(args.overrides, args.runs, console)
         return 0
+
+    if args.command == "profile":
+        from timsim.profile import command
+
+        return command(args.pairs, args.out, args.example, args.config, args.overrides, console)
 
     if args.command == "critical":
         from timsim.report import critical

@@ -39,9 +39,16 @@ class LogitNoiseConfig(_Section):
     learner_too: bool = Field(False, description=(
         "the consistent fix for a one-sided transform (temperature, top_k, top_p): the learner applies "
         "the same transform, so the two sides agree again"))
+    profile: str | None = Field(None, description=(
+        "profile family: a fitted engine profile (JSON written by `timsim profile PAIRS --out FILE`)"))
 
     @model_validator(mode="after")
     def _learner_too_is_deterministic(self):
+        if (self.family == "profile") != (self.profile is not None):
+            raise ValueError("the profile family needs perturbation.logit_noise.profile (a file written by "
+                             "`timsim profile PAIRS --out FILE`), and only it uses one"
+                             if self.family == "profile" else "perturbation.logit_noise.profile is used only "
+                             f"by family: profile (got family {self.family!r})")
         if not self.learner_too:  # (checked first: default sections are built while timsim.config loads)
             return self
         from timsim.perturb import DETERMINISTIC

@@ -26,6 +26,7 @@ for the truncation families `top_k` / `top_p`, which draw no noise.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable
 
 import jax
@@ -101,7 +102,29 @@ def temperature(key, logits, knobs):
     return logits / knobs["temperature"]
 
 
+def profile(key, logits, knobs, table_BL):
+    """Engine-profile noise (`timsim.profile`): each vocabulary entry's logit is lowered by a
+    draw from the fitted distribution of delta for its probability bin (inverse CDF, linear
+    between the fitted quantile levels; tails beyond them are cut), times `scale` (1 = the
+    profile). Then delta_v = log pi_v - log mu_v = scale eps_v + a normalisation shift
+    common to the position, which is small when the draws are."""
+    from timsim.profile import LEVELS, PROB_EDGES
+
+    levels = jnp.asarray(LEVELS, logits.dtype)
+    table = jnp.asarray(table_BL, logits.dtype)
+    prob = jax.nn.softmax(logits, axis=-1)
+    bins = jnp.clip(jnp.searchsorted(jnp.asarray(PROB_EDGES, logits.dtype), prob, side="right") - 1, 0,
+                    table.shape[0] - 1)
+    u = jax.random.uniform(key, logits.shape, logits.dtype, levels[0], levels[-1])
+    hi = jnp.clip(jnp.searchsorted(levels, u), 1, levels.size - 1)
+    lo_level, hi_level = levels[hi - 1], levels[hi]
+    lo_value, hi_value = table[bins, hi - 1], table[bins, hi]
+    eps = lo_value + (u - lo_level) / (hi_level - lo_level) * (hi_value - lo_value)
+    return logits - knobs["scale"] * eps
+
+
 LOGIT_NOISE: dict[str, Callable] = {
+    "profile": profile,
     "gaussian": gaussian,
     "student_t": student_t,
     "spikes": spikes,
@@ -111,7 +134,7 @@ LOGIT_NOISE: dict[str, Callable] = {
     "top_p": top_p,
     "temperature": temperature,
 }
-SCALED = ("gaussian", "student_t", "spikes", "magnitude", "dirichlet")  # families whose `scale` calibration can tune
+SCALED = ("gaussian", "student_t", "spikes", "magnitude", "dirichlet", "profile")  # families whose `scale` calibration can tune
 DETERMINISTIC = ("temperature", "top_k", "top_p")  # transforms the learner can apply too (`learner_too`)
 
 
@@ -121,10 +144,14 @@ def noise_knobs(hp: dict) -> dict:
     return {k.removeprefix(prefix): v for k, v in hp.items() if k.startswith(prefix)}
 
 
-def make_logits_fn(family: str) -> Callable | None:
+def make_logits_fn(family: str, profile_path: str | None = None) -> Callable | None:
     """`fn(key, logits, knobs) -> sampler logits`, or None for the zero-mismatch sampler."""
     if family == "none":
         return None
+    if family == "profile":
+        from timsim.profile import load_profile, prob_table
+
+        return functools.partial(profile, table_BL=prob_table(load_profile(profile_path)))
     return LOGIT_NOISE[family]
 
 
@@ -170,7 +197,7 @@ class SamplerSpec:
 
 def sampler_spec(cfg) -> SamplerSpec:
     p = cfg.perturbation
-    return SamplerSpec(make_logits_fn(p.logit_noise.family), p.logit_noise.mode, p.sampler_precision.numerics(),
+    return SamplerSpec(make_logits_fn(p.logit_noise.family, p.logit_noise.profile), p.logit_noise.mode, p.sampler_precision.numerics(),
                        p.learner_precision.numerics(), p.weight_noise.family != "none",
                        p.weight_noise.hold_steps, p.logit_noise.report_only, p.logit_noise.version_steps,
                        p.logit_noise.learner_too, p.router_noise.family != "none")
