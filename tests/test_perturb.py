@@ -1,5 +1,7 @@
 """Perturbations, calibration and mismatch diagnostics."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,10 @@ from timsim.perturb import LOGIT_NOISE, SCALED, perturb_teacher_forced
 from timsim.tasks import VOCAB_SIZE
 from test_core import _train_chunks
 
+EXAMPLE_PROFILE = Path(__file__).parent.parent / "examples" / "engine_pairs.profile.json"
 FAMILY_KNOBS = {"gaussian": [], "student_t": ["perturbation.logit_noise.nu=3"],
-                "spikes": ["perturbation.logit_noise.rate=0.05"], "magnitude": [], "dirichlet": []}
+                "spikes": ["perturbation.logit_noise.rate=0.05"], "magnitude": [], "dirichlet": [],
+                "profile": [f"perturbation.logit_noise.profile={EXAMPLE_PROFILE}"]}
 TRUNCATION_KNOBS = {"top_k": "perturbation.logit_noise.top_k=3", "top_p": "perturbation.logit_noise.top_p=0.8"}
 
 
