@@ -254,3 +254,18 @@ def test_program_cache_is_bounded_and_rebuilds_after_clearing(tiny_overrides, ti
     assert len(runner._PROGRAMS) == 1
     again = run_cells([Cell("a", a)], Store(tmp_path / "a2"))
     pd.testing.assert_frame_equal(first, again, check_exact=True)
+
+
+def test_paired_table_pairs_by_seed_and_names_unknown_cells():
+    from timsim.report import paired_table
+
+    summary = pd.DataFrame({"cell_id": ["zero"] * 3 + ["noisy"] * 3, "seed": [0, 1, 2, 2, 1, 0],
+                            "final_accuracy": [0.5, 0.6, 0.7, 0.6, 0.5, 0.3], "collapsed": [0.0] * 6,
+                            "collapse_step": [np.nan] * 6})
+    metrics = pd.DataFrame({"cell_id": ["zero", "noisy"], "step": [1, 1], "kl_sampler_learner": [0.0, 0.02]})
+    table = paired_table(metrics, summary, ["zero"]).set_index("cell")
+    # noisy minus zero by seed: 0.3-0.5, 0.5-0.6, 0.6-0.7 -> mean -0.133
+    assert np.isclose(table.loc["noisy", "minus_zero"], -0.4 / 3)
+    assert table.loc["noisy", "kl_sampler_learner"] == 0.02 and np.isnan(table.loc["noisy", "probe_bypass_cos"])
+    with pytest.raises(ConfigError, match="unknown cell"):
+        paired_table(metrics, summary, ["nope"])

@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
 
     summarize = sub.add_parser("summarize", help="print the per-run summary of a results directory")
     summarize.add_argument("path")
+    summarize.add_argument("--against", nargs="+", default=None, metavar="CELL",
+                           help="also print each cell paired by seed against these reference cells (e.g. zero)")
 
     calibrate = sub.add_parser("calibrate", help="map mismatch targets (mean per-token KL) to noise scales on the base model")
     calibrate.add_argument("config")
@@ -140,8 +142,12 @@ def _dispatch(args, console) -> int:
         from timsim.report import print_summary
         from timsim.store import load
 
-        _, summary = load(args.path)
+        metrics, summary = load(args.path)
         print_summary(summary, console)
+        if args.against:
+            from timsim.report import paired_table, print_paired
+
+            print_paired(paired_table(metrics, summary, args.against), args.against, console)
         return 0
     if args.command == "sweep":
         from timsim.report import sweep

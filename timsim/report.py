@@ -44,6 +44,57 @@ def print_summary(summary: pd.DataFrame, console: Console) -> None:
     console.print(table)
 
 
+def paired_table(metrics: pd.DataFrame, summary: pd.DataFrame, against: list[str],
+                 confidence: float = 0.95) -> pd.DataFrame:
+    """Per cell: final held-out accuracy, its paired difference (same seeds) against each
+    reference cell, collapse rate and first collapse step, and means over training of the
+    mismatch (per-token KL, per-response KL, r_corr outside [0.5, 2]), of the corrections'
+    rejected fraction and of the bypass probe cosine where the sweep has them."""
+    from timsim.critical import paired_ci
+
+    unknown = [ref for ref in against if ref not in set(summary.cell_id)]
+    if unknown:
+        raise ConfigError(f"--against names unknown cell(s) {unknown}; the results have "
+                          f"{', '.join(summary.cell_id.unique())}.")
+    rows = []
+    for cell, runs in summary.groupby("cell_id", sort=False):
+        acc, acc_ci = paired_ci(runs.final_accuracy.to_numpy(), confidence)
+        row = {"cell": cell, "seeds": len(runs), "final_accuracy": acc, "final_accuracy_ci": acc_ci}
+        for ref in against:
+            twin = summary[summary.cell_id == ref].set_index("seed").final_accuracy
+            common = [s for s in runs.seed if s in twin.index]
+            diffs = runs.set_index("seed").final_accuracy.loc[common] - twin.loc[common]
+            row[f"minus_{ref}"], row[f"minus_{ref}_ci"] = (0.0, 0.0) if cell == ref else paired_ci(
+                diffs.to_numpy(float), confidence)
+        row["collapse_rate"] = float(runs.collapsed.mean())
+        row["first_collapse_step"] = float(runs.collapse_step.min())
+        trained = metrics[(metrics.cell_id == cell) & (metrics.step > 0)]
+        for name in ("kl_sampler_learner", "seq_kl", "ratio_out_band_frac", "rejected_token_frac"):
+            row[name] = float(trained[name].mean()) if name in trained else float("nan")
+        probes = trained.probe_bypass_cos.dropna() if "probe_bypass_cos" in trained else pd.Series(dtype=float)
+        row["probe_bypass_cos"] = float(probes.mean()) if len(probes) else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def print_paired(table: pd.DataFrame, against: list[str], console: Console) -> None:
+    out = Table(title="paired by seed (final held-out greedy accuracy; mismatch and corrections averaged over "
+                      "training)")
+    heads = ["cell", "n", "final acc", *[f"- {ref}" for ref in against], "collapsed", "token KL", "resp KL",
+             "r out [0.5,2]", "rejected", "probe cos"]
+    for h in heads:
+        out.add_column(h, justify="left" if h == "cell" else "right", overflow="fold")
+    num = lambda v: "-" if pd.isna(v) else f"{v:.3g}"  # noqa: E731
+    for r in table.to_dict("records"):
+        collapsed = f"{r['collapse_rate']:.2f}" + ("" if pd.isna(r["first_collapse_step"]) else
+                                                   f" (step {r['first_collapse_step']:.0f})")
+        out.add_row(r["cell"], str(r["seeds"]), _fmt(r["final_accuracy"], r["final_accuracy_ci"]),
+                    *[("-" if r["cell"] == ref else _fmt(r[f"minus_{ref}"], r[f"minus_{ref}_ci"])) for ref in against],
+                    collapsed, num(r["kl_sampler_learner"]), num(r["seq_kl"]), num(r["ratio_out_band_frac"]),
+                    num(r["rejected_token_frac"]), num(r["probe_bypass_cos"]))
+    console.print(out)
+
+
 def print_calibration(cfg: Config, targets: list[float], console: Console, metric: str = "token_kl",
                       real_length: int = 4096, bins: bool = False) -> None:
     """`timsim calibrate`: the scale reaching each target on the config's base model, what it
