@@ -61,3 +61,15 @@ def test_bad_moe_settings_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(None, override)
     assert field in str(err.value)
+
+
+def test_router_noise_calibrates_to_a_kl_target(tiny_overrides, moe_base):
+    """With router noise as the only scaled source, perturbation.target sets its scale."""
+    from timsim.calibrate import resolve_targets
+    from timsim.runner import Cell
+
+    cfg = load_config(None, tiny_overrides + MOE + NOISE + ["perturbation.target.token_kl=0.01"])
+    assert cfg.perturbation.scale_key == "perturbation.router_noise.scale"
+    (cell,), report = resolve_targets([Cell("c", cfg)], *moe_base[:2])
+    assert cell.cfg.perturbation.router_noise.scale == report["c"]["scale"] > 0
+    assert abs(report["c"]["achieved"] / 0.01 - 1) < 0.05

@@ -71,7 +71,7 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
 
 def hyperparams(cfg: Config, scale: float) -> dict:
     """`cfg`'s traced values as float32 scalars, with the noise scale set to `scale`."""
-    values = {**traced_values(cfg), "perturbation.logit_noise.scale": scale}
+    values = {**traced_values(cfg), cfg.perturbation.scale_key: scale}
     return {k: jnp.float32(v) for k, v in values.items()}
 
 
@@ -86,19 +86,20 @@ def calibrate_scale(measure: Callable, params, cfg: Config, target: float, metri
     resolution), and the metrics measured there. Every target metric grows with the scale.
     `start`: a scale near the answer, to begin the search from."""
     family = cfg.perturbation.logit_noise.family
-    if family not in SCALED:
-        raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale; accepted: "
-                          f"{', '.join(SCALED)} (got {family!r}).")
+    if cfg.perturbation.scaled_source is None:
+        raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale ({', '.join(SCALED)}) or "
+                          f"perturbation.router_noise.family: gaussian (got logit-noise family {family!r}).")
+    source = cfg.perturbation.scaled_source
     at = lambda s: {k: float(v) for k, v in jax.device_get(measure(params, hyperparams(cfg, s))).items()}  # noqa: E731
     hi = 1.0
     if start is not None and start > 0:  # e.g. the previous chunk's scale when tracking a target
         hi = 2.0 * start
-    elif family == "gaussian" and metric == "kl_sampler_learner":
+    elif source == "gaussian logit noise" and metric == "kl_sampler_learner":
         hi = max(1e-6, 2.0 * math.sqrt(2.0 * target / max(at(0.0)["one_minus_sum_p2"], 1e-12)))
     top = at(hi)
     while top[metric] < target:
         if hi >= MAX_SCALE:
-            raise ConfigError(f"A calibration target of {metric} = {target:g} is out of reach for family {family!r} "
+            raise ConfigError(f"A calibration target of {metric} = {target:g} is out of reach for {source} "
                               f"on this model and response length: the largest scale tried ({MAX_SCALE:g}) gives "
                               f"{top[metric]:.3g}; reachable range is (0, {top[metric]:.3g}] (set a smaller "
                               f"perturbation.target, or use longer responses for a per-response target).")
@@ -122,14 +123,14 @@ def calibration_table(measure: Callable, params, cfg: Config, scales: list[float
     for scale in scales:
         got = {k: float(v) for k, v in jax.device_get(measure(params, hyperparams(cfg, scale))).items()}
         row = {"scale": scale, **got}
-        if cfg.perturbation.logit_noise.family == "gaussian":
+        if cfg.perturbation.scaled_source == "gaussian logit noise":
             row["closed_form_kl"] = gaussian_closed_form_kl(scale, got["one_minus_sum_p2"], cfg.sampler.temperature)
         rows.append(row)
     return rows
 
 
 def resolve_targets(cells: list, graphdef, params) -> tuple[list, dict[str, dict]]:
-    """Replace each cell's `perturbation.target` by the calibrated `logit_noise.scale` (at the
+    """Replace each cell's `perturbation.target` by the calibrated scale (at the
     base model); returns the new cells and what was achieved per cell (for the manifest)."""
     from timsim.runner import Cell
 
@@ -143,8 +144,9 @@ def resolve_targets(cells: list, graphdef, params) -> tuple[list, dict[str, dict
         if "measure" not in programs:
             programs["measure"] = make_measure(cell.cfg, graphdef)
         scale, got = calibrate_scale(programs["measure"], params, cell.cfg, value, metric)
-        noise = cell.cfg.perturbation.logit_noise.model_copy(update={"scale": scale})
-        perturbation = cell.cfg.perturbation.model_copy(update={"logit_noise": noise})
+        section = cell.cfg.perturbation.scale_key.split(".")[1]  # logit_noise or router_noise
+        noise = getattr(cell.cfg.perturbation, section).model_copy(update={"scale": scale})
+        perturbation = cell.cfg.perturbation.model_copy(update={section: noise})
         out.append(Cell(cell.cell_id, cell.cfg.model_copy(update={"perturbation": perturbation}), cell.swept))
         report[cell.cell_id] = {"track": target.track, "metric": metric, "target": value, "scale": scale,
                                 "achieved": got[metric], **{k: got[k] for k in REPORTED}}

@@ -125,7 +125,8 @@ TARGET_METRICS = {  # target field -> the measured metric it sets (timsim.diagno
 
 
 class TargetConfig(_Section):
-    """A mismatch size that sets `logit_noise.scale` by calibration (`timsim.calibrate`); set
+    """A mismatch size that sets the source's scale by calibration (`timsim.calibrate`: the
+    logit noise's, or the router noise's when it is the only scaled source); set
     exactly one of the metrics, or none (the raw scale is used)."""
 
     token_kl: HostValue = Field(None, gt=0.0, description="mean per-token exact KL(mu || pi) over response tokens")
@@ -175,15 +176,33 @@ class PerturbationConfig(_Section):
         "staleness, not mismatch: the sampler runs the weights of this many updates ago (async RL)"))
     target: TargetConfig = TargetConfig()
 
+    @property
+    def scale_key(self) -> str:
+        """The traced scale that calibration, tracking and the finder turn: the logit noise's,
+        or the router noise's when that is the only scaled source."""
+        if self.logit_noise.family == "none" and self.router_noise.family != "none":
+            return "perturbation.router_noise.scale"
+        return "perturbation.logit_noise.scale"
+
+    @property
+    def scaled_source(self) -> str | None:
+        """A description of the source `scale_key` turns, or None if it has no scale."""
+        from timsim.perturb import SCALED
+
+        if self.scale_key == "perturbation.router_noise.scale":
+            return "router noise"
+        return f"{self.logit_noise.family} logit noise" if self.logit_noise.family in SCALED else None
+
     @model_validator(mode="after")
     def _target_needs_family(self):
         if self.target.metric is None:  # (checked first: default sections are built while timsim.config loads)
             return self
         from timsim.perturb import SCALED
 
-        if self.logit_noise.family not in SCALED:
+        if self.scaled_source is None:
             raise ValueError(f"perturbation.target.{self.target.metric} needs a perturbation.logit_noise.family "
-                             f"with a scale ({', '.join(SCALED)}), got {self.logit_noise.family!r}")
+                             f"with a scale ({', '.join(SCALED)}) or perturbation.router_noise.family: gaussian, "
+                             f"got logit-noise family {self.logit_noise.family!r}")
         return self
 
 

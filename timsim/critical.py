@@ -117,9 +117,9 @@ class FinderSettings:
             problems.append(f"--metric must be final_accuracy, peak_accuracy or final_reward (got {self.metric!r})")
         if self.bisect_rounds < 0:
             problems.append(f"--bisect must be >= 0 (got {self.bisect_rounds})")
-        if cfg.perturbation.logit_noise.family not in SCALED:
-            problems.append(f"perturbation.logit_noise.family must be a family with a scale ({', '.join(SCALED)}), "
-                            f"got {cfg.perturbation.logit_noise.family!r}")
+        if cfg.perturbation.scaled_source is None:
+            problems.append(f"perturbation.logit_noise.family must be a family with a scale ({', '.join(SCALED)}) "
+                            f"or perturbation.router_noise.family gaussian; got {cfg.perturbation.logit_noise.family!r}")
         if len(cfg.run.seeds) < MIN_SEEDS:
             problems.append(f"run.seeds needs at least {MIN_SEEDS} seeds for a paired confidence interval "
                             f"(got {len(cfg.run.seeds)}; e.g. run.seeds=[0,1,2,3,4])")
@@ -156,7 +156,7 @@ def make_cells(cfg: Config, settings: FinderSettings, levels: list[float], arm: 
     from timsim.runner import Cell
 
     zero = uncorrected(cfg).model_dump()
-    set_dotted(zero, "perturbation.logit_noise.scale", 0.0)
+    set_dotted(zero, cfg.perturbation.scale_key, 0.0)
     cells = [Cell(ZERO_CELL, config_from_dict(zero), {f"perturbation.target.{settings.target}": 0.0})]
     for level in levels:
         raw = cfg.model_dump()
@@ -257,7 +257,7 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
     atomic_write_parquet(root / "critical.parquet", table)
     record = {"target": settings.target, "margin": settings.margin, "confidence": settings.confidence,
               "metric": settings.metric, "seeds": list(cfg.run.seeds),
-              "family": cfg.perturbation.logit_noise.family, "mode": cfg.perturbation.logit_noise.mode,
+              "family": cfg.perturbation.scaled_source, "mode": cfg.perturbation.logit_noise.mode,
               "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps,
               **_critical_fields(findings[arms[-1][0]], tables[-1])}
     if has_correction(cfg):

@@ -69,7 +69,8 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
     Metric("nonfinite_frac", "fraction of response tokens whose sampler or learner log-prob is NaN or inf "
            "(a perturbation that breaks the numbers is reported, the run goes on)"),
     Metric("nonfinite_update", "fraction of the step's updates skipped because the loss or gradient was not finite"),
-    Metric("noise_scale", "the logit-noise scale the sampler used (calibrated when perturbation.target is set)"),
+    Metric("noise_scale", "the scale of the sampler's logit noise (or router noise, when that is the only scaled "
+           "source) that the run used (calibrated when perturbation.target is set)"),
     Metric("delta_floor_max", "max_t |logp of the KV-cache decode path - learner logp|: the numerical floor "
            "between the sampling path and the learner, reported not injected", "nats"),
     Metric("ratio_first_dev_max", "max_t |r_ppo - 1| at the step's first update (exactly 0 in recompute mode; "

@@ -225,12 +225,11 @@ class _TargetTracker:
     changing it recompiles nothing; the chosen scales are saved in the manifest with the
     chunk, so a resumed run uses the same ones."""
 
-    KEY = "perturbation.logit_noise.scale"
-
     def __init__(self, cells: list[Cell], runs: list, graphdef):
         self.runs = [(i, cell) for i, (cell, _, _) in enumerate(runs)
                      if cell.cfg.perturbation.target.metric is not None
                      and cell.cfg.perturbation.target.track == "every_chunk"]
+        self.KEY = cells[0].cfg.perturbation.scale_key  # one static config per group: one scaled source
         self.measure = None
         if self.runs:
             from timsim.calibrate import make_measure
