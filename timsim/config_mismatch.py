@@ -43,12 +43,16 @@ class LogitNoiseConfig(_Section):
         "profile family: a fitted engine profile (JSON written by `timsim profile PAIRS --out FILE`)"))
 
     @model_validator(mode="after")
-    def _learner_too_is_deterministic(self):
+    def _profile_file_with_profile_family(self):
         if (self.family == "profile") != (self.profile is not None):
             raise ValueError("the profile family needs perturbation.logit_noise.profile (a file written by "
                              "`timsim profile PAIRS --out FILE`), and only it uses one"
                              if self.family == "profile" else "perturbation.logit_noise.profile is used only "
                              f"by family: profile (got family {self.family!r})")
+        return self
+
+    @model_validator(mode="after")
+    def _learner_too_is_deterministic(self):
         if not self.learner_too:  # (checked first: default sections are built while timsim.config loads)
             return self
         from timsim.perturb import DETERMINISTIC
@@ -231,6 +235,15 @@ class CorrectionConfig(_Section):
         "experts the sampler chose, in the learner's old log-probs and every update"))
     score_centering: bool = Field(False, description="subtract the sampler's expected score from every token's")
     batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
+
+    @property
+    def active(self) -> bool:
+        """Whether any weight, mask or score correction is configured."""
+        return bool(self.kinds) or self.score_centering
+
+    def without_corrections(self) -> "CorrectionConfig":
+        """This section with every weight, mask and score correction off (thresholds kept)."""
+        return self.model_copy(update={"kinds": [], "score_centering": False, "batch_normalize": False})
 
     @field_validator("kinds")
     @classmethod

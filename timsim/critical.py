@@ -136,17 +136,9 @@ def level_cell_id(level: float, arm: str = "") -> str:
     return f"{arm}level={level:.4g}"
 
 
-def has_correction(cfg: Config) -> bool:
-    return bool(cfg.correction.kinds) or cfg.correction.score_centering
-
-
 def uncorrected(cfg: Config) -> Config:
     """`cfg` without its corrections (the finder's reference arm and its zero-mismatch twin)."""
-    from timsim.config import config_from_dict
-
-    raw = cfg.model_dump()
-    raw["correction"] = {**raw["correction"], "kinds": [], "score_centering": False, "batch_normalize": False}
-    return config_from_dict(raw)
+    return cfg.model_copy(update={"correction": cfg.correction.without_corrections()})
 
 
 def make_cells(cfg: Config, settings: FinderSettings, levels: list[float], arm: str = "") -> list:
@@ -166,11 +158,14 @@ def make_cells(cfg: Config, settings: FinderSettings, levels: list[float], arm: 
     return cells
 
 
-def paired_differences(summary: pd.DataFrame, cell_id: str, column: str = "final_accuracy") -> np.ndarray:
-    """Per seed: `column` of the level's run minus the zero-mismatch twin's (same seed)."""
-    twin = summary[summary.cell_id == ZERO_CELL].set_index("seed")[column]
+def paired_differences(summary: pd.DataFrame, cell_id: str, column: str = "final_accuracy",
+                       reference: str = ZERO_CELL) -> np.ndarray:
+    """Per seed both cells ran: `column` of `cell_id`'s run minus `reference`'s (by default the
+    zero-mismatch twin's)."""
+    twin = summary[summary.cell_id == reference].set_index("seed")[column]
     runs = summary[summary.cell_id == cell_id].set_index("seed")[column]
-    return (runs - twin.loc[runs.index]).to_numpy(float)
+    common = runs.index.intersection(twin.index)
+    return (runs.loc[common] - twin.loc[common]).to_numpy(float)
 
 
 def first_significant_step(metrics: pd.DataFrame, cell_id: str, margin: float, confidence: float) -> float:
@@ -229,7 +224,7 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
         import shutil
 
         shutil.rmtree(root, ignore_errors=True)
-    arms = [("", uncorrected(cfg)), (CORRECTED, cfg)] if has_correction(cfg) else [("", cfg)]
+    arms = [("", uncorrected(cfg)), (CORRECTED, cfg)] if cfg.correction.active else [("", cfg)]
     sweep = {"name": f"critical-{cfg.run.name}", "sweep_hash": None}
     findings = {}
     for arm, arm_cfg in arms:
@@ -260,7 +255,7 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
               "family": cfg.perturbation.scaled_source, "mode": cfg.perturbation.logit_noise.mode,
               "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps,
               **_critical_fields(findings[arms[-1][0]], tables[-1])}
-    if has_correction(cfg):
+    if cfg.correction.active:
         base = _critical_fields(findings[""], tables[0])
         record["correction"] = correction_label(cfg)
         record["uncorrected"] = base

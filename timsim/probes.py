@@ -57,7 +57,9 @@ def make_probe(cfg: Config, task: Task, graphdef) -> Callable:
     spec = sampler_spec(cfg)
     twin = zero_mismatch_spec(spec)
     collect, collect_twin = make_collect(cfg, task, graphdef, spec), make_collect(cfg, task, graphdef, twin)
-    no_correction = cfg.correction.model_copy(update={"kinds": [], "score_centering": False, "batch_normalize": False})
+    no_correction = cfg.correction.without_corrections()
+    losses = {mode: (make_loss(cfg, graphdef, spec, recompute_first=mode == "recompute"),
+                     make_loss(cfg, graphdef, twin, recompute_first=mode == "recompute")) for mode in MODES}
 
     def gradients(loss_fn, batch, params, ref_params, hp) -> list:
         """Gradients of the full loss and of its A > 0 and A < 0 parts (with the full loss's
@@ -76,8 +78,7 @@ def make_probe(cfg: Config, task: Task, graphdef) -> Callable:
         mismatched, zero = collect(params, hp, step), collect_twin(params, hp, step)
         out = {}
         for mode in MODES:
-            loss_fn = make_loss(cfg, graphdef, spec, recompute_first=mode == "recompute")
-            loss_twin = make_loss(cfg, graphdef, twin, recompute_first=mode == "recompute")
+            loss_fn, loss_twin = losses[mode]
             g, g_pos, g_neg = gradients(loss_fn, learner_batch(mismatched, hp, mode, cfg.correction), params,
                                         ref_params, hp)
             g0, g0_pos, g0_neg = gradients(loss_twin, learner_batch(zero, hp, mode, no_correction), params,

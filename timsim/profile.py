@@ -189,12 +189,21 @@ def achieved(cfg, profile_path: str, graphdef, params) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _print_frame(frame: pd.DataFrame, title: str, console) -> None:
+    from rich.table import Table
+
+    view = Table(title=title)
+    for col in frame.columns:
+        view.add_column(col, justify="right")
+    for r in frame.itertuples(index=False):
+        view.add_row(*[str(v) if isinstance(v, (str, int)) else f"{v:.3g}" for v in r])
+    console.print(view)
+
+
 def command(pairs: str | None, out: str | None, example: str | None, config: str | None, overrides: list[str],
             console) -> int:
     """`timsim profile`: write the example pairs file, or fit a pairs file (and with --config,
     inject the fit into that config's tiny model and report achieved against target)."""
-    from rich.table import Table
-
     if example:
         path = Path(example)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,14 +219,8 @@ def command(pairs: str | None, out: str | None, example: str | None, config: str
     out_path = Path(out or Path(pairs).with_suffix(".profile.json"))
     out_path.write_text(json.dumps(profile, indent=2))
     for by in ("by_prob", "by_position") if "position" in df.columns else ("by_prob",):
-        frame = table(profile, by)
-        view = Table(title=f"delta = logp_trainer - logp_sampler, quantiles {by.replace('_', ' ')} "
-                           f"({profile['tokens']:,} tokens)")
-        for col in frame.columns:
-            view.add_column(col, justify="right")
-        for r in frame.itertuples(index=False):
-            view.add_row(*[str(v) if isinstance(v, (str, int)) else f"{v:.3g}" for v in r])
-        console.print(view)
+        _print_frame(table(profile, by), f"delta = logp_trainer - logp_sampler, quantiles {by.replace('_', ' ')} "
+                                         f"({profile['tokens']:,} tokens)", console)
     png = plot(df, out_path.with_suffix(".png"))
     console.print(f"profile: {out_path}; plot (fitted vs held-out quantiles): {png}")
     if config:
@@ -226,12 +229,7 @@ def command(pairs: str | None, out: str | None, example: str | None, config: str
 
         cfg = load_config(config, overrides)
         graphdef, params, _ = get_base(cfg, announce=console.print)
-        frame = achieved(cfg, str(out_path), graphdef, params)
-        view = Table(title="family profile (scale 1) on the tiny model at the base: target against achieved delta")
-        for col in frame.columns:
-            view.add_column(col, justify="right")
-        for r in frame.itertuples(index=False):
-            view.add_row(*[str(v) if isinstance(v, (str, int)) else f"{v:.3g}" for v in r])
-        console.print(view)
+        _print_frame(achieved(cfg, str(out_path), graphdef, params),
+                     "family profile (scale 1) on the tiny model at the base: target against achieved delta", console)
         console.print(f"use it: perturbation.logit_noise.family=profile perturbation.logit_noise.profile={out_path}")
     return 0

@@ -50,7 +50,7 @@ def paired_table(metrics: pd.DataFrame, summary: pd.DataFrame, against: list[str
     reference cell, collapse rate and first collapse step, and means over training of the
     mismatch (per-token KL, per-response KL, r_corr outside [0.5, 2]), of the corrections'
     rejected fraction and of the bypass probe cosine where the sweep has them."""
-    from timsim.critical import paired_ci
+    from timsim.critical import paired_ci, paired_differences
 
     unknown = [ref for ref in against if ref not in set(summary.cell_id)]
     if unknown:
@@ -61,11 +61,8 @@ def paired_table(metrics: pd.DataFrame, summary: pd.DataFrame, against: list[str
         acc, acc_ci = paired_ci(runs.final_accuracy.to_numpy(), confidence)
         row = {"cell": cell, "seeds": len(runs), "final_accuracy": acc, "final_accuracy_ci": acc_ci}
         for ref in against:
-            twin = summary[summary.cell_id == ref].set_index("seed").final_accuracy
-            common = [s for s in runs.seed if s in twin.index]
-            diffs = runs.set_index("seed").final_accuracy.loc[common] - twin.loc[common]
             row[f"minus_{ref}"], row[f"minus_{ref}_ci"] = (0.0, 0.0) if cell == ref else paired_ci(
-                diffs.to_numpy(float), confidence)
+                paired_differences(summary, cell, "final_accuracy", ref), confidence)
         row["collapse_rate"] = float(runs.collapsed.mean())
         row["first_collapse_step"] = float(runs.collapse_step.min())
         trained = metrics[(metrics.cell_id == cell) & (metrics.step > 0)]

@@ -229,7 +229,7 @@ class _TargetTracker:
         self.runs = [(i, cell) for i, (cell, _, _) in enumerate(runs)
                      if cell.cfg.perturbation.target.metric is not None
                      and cell.cfg.perturbation.target.track == "every_chunk"]
-        self.KEY = cells[0].cfg.perturbation.scale_key  # one static config per group: one scaled source
+        self.key = cells[0].cfg.perturbation.scale_key  # one static config per group: one scaled source
         self.measure = None
         if self.runs:
             from timsim.calibrate import make_measure
@@ -239,7 +239,7 @@ class _TargetTracker:
     def recalibrate(self, params, hp) -> list[float]:
         from timsim.calibrate import calibrate_scale
 
-        scales = np.asarray(jax.device_get(hp[self.KEY]), float).copy()
+        scales = np.asarray(jax.device_get(hp[self.key]), float).copy()
         host_params = jax.device_get(params)
         for i, cell in self.runs:
             metric, value = cell.cfg.perturbation.target.resolved()
@@ -248,7 +248,7 @@ class _TargetTracker:
         return scales.tolist()
 
     def with_scales(self, hp: dict, scales: list[float]) -> dict:
-        return {**hp, self.KEY: jnp.asarray(scales, jnp.float32)}
+        return {**hp, self.key: jnp.asarray(scales, jnp.float32)}
 
 
 def load_trained_params(root, base_params, hp_template: dict, run: int = 0, lag_steps: int = 0):
