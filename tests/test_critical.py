@@ -3,6 +3,7 @@ training), plus one tiny end-to-end run that checks the study's files and resume
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -116,3 +117,19 @@ def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny
     expected = (hi / lo if lo is not None and hi is not None else None if lo is None and hi is None
                 else "up" if hi is None else "down")
     assert record["critical_shift"] == expected
+
+
+def test_study_finder_block_is_kept_unless_the_command_line_sets_an_option(tmp_path):
+    """The CLI passes every finder option, None when not given: those must not erase the
+    study file's `finder:` block, and a given option wins over it."""
+    from timsim.critical import load_study
+
+    study = tmp_path / "study.yaml"
+    study.write_text("base: " + str(Path(__file__).parent.parent / "configs" / "quickstart.yaml") + "\n"
+                     "finder: {levels: [0.01, 0.1], target: seq_kl, margin: 0.1}\n"
+                     "variants: {a: {perturbation.logit_noise.family: gaussian}}\n")
+    unset = {"levels": None, "target": None, "margin": None, "confidence": None, "bisect": None, "metric": None}
+    settings = load_study(study, [], unset)[2]
+    assert (settings.levels, settings.target, settings.margin) == ([0.01, 0.1], "seq_kl", 0.1)
+    settings = load_study(study, [], {**unset, "margin": 0.02})[2]
+    assert (settings.target, settings.margin) == ("seq_kl", 0.02)

@@ -364,7 +364,8 @@ def load_study(path: str | Path, overrides: list[str], cli: dict) -> tuple[str, 
             set_dotted(raw, key, value)
         set_dotted(raw, "run.name", variant)
         variants[variant] = config_from_dict(raw, f"{str(path)!r}, variant {variant}")
-    return name, variants, FinderSettings.from_options({**spec.finder, **cli})
+    given = {k: v for k, v in cli.items() if v is not None}  # an option not given keeps the file's value
+    return name, variants, FinderSettings.from_options({**spec.finder, **given})
 
 
 def study_row(variant: str, record: dict, real_length: int = 4096) -> dict:
