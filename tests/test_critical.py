@@ -1,6 +1,7 @@
 """The critical-mismatch finder: statistics and search on synthetic dose-responses (no
 training), plus one tiny end-to-end run that checks the study's files and resume."""
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -96,6 +97,8 @@ def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides
     parts = sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir())
     assert run_finder(cfg, settings, tmp_path / "crit", Console(width=120)) == record
     assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts  # nothing recomputed
+    with pytest.raises(ConfigError, match=r"levels in token_kl, not 'seq_kl'.*--restart"):
+        run_finder(cfg, dataclasses.replace(settings, target="seq_kl"), tmp_path / "crit", Console(width=120))
 
 
 def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny_overrides, tiny_base):

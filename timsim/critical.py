@@ -227,10 +227,16 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
     arms = [("", uncorrected(cfg)), (CORRECTED, cfg)] if cfg.correction.active else [("", cfg)]
     sweep = {"name": f"critical-{cfg.run.name}", "sweep_hash": None}
     findings = {}
+    earlier = {cid: c for cid, c in store.read_manifest().get("cells", {}).items() if cid != ZERO_CELL}
+    other_targets = {k.removeprefix("perturbation.target.") for c in earlier.values() for k in c["swept"]
+                     if k.startswith("perturbation.target.")} - {settings.target}
+    if other_targets:
+        raise ConfigError(f"{root} holds a finder run with levels in {', '.join(sorted(other_targets))}, not "
+                          f"{settings.target!r} (--target): rerun with that target to resume it, add --restart to "
+                          f"discard it, or give another --out-dir.")
     for arm, arm_cfg in arms:
-        known = sorted(c["swept"][f"perturbation.target.{settings.target}"]
-                       for cid, c in store.read_manifest().get("cells", {}).items()
-                       if cid != ZERO_CELL and cid.startswith(arm) and (arm or not cid.startswith(CORRECTED)))
+        known = sorted(c["swept"][f"perturbation.target.{settings.target}"] for cid, c in earlier.items()
+                       if cid.startswith(arm) and (arm or not cid.startswith(CORRECTED)))
         tried: list[float] = []
 
         def evaluate(levels: list[float]) -> dict[float, np.ndarray]:
