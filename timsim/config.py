@@ -101,9 +101,6 @@ class GRPOConfig(_Section):
     epochs: int = Field(1, ge=1)
     minibatches: int = Field(1, ge=1)
     lr: Traced = Field(3e-4, gt=0.0)
-    warmup_steps: Traced = Field(0, ge=0, description=(
-        "linear lr warmup over this many RL steps (0: none). Adam's first update moves every "
-        "weight by about lr whatever the gradient's size; long exact-match tasks need a warmup or a small lr"))
     weight_decay: Traced = Field(0.0, ge=0.0)
     max_grad_norm: Traced = Field(1.0, gt=0.0)
     clip_eps_low: Traced = Field(0.2, ge=0.0, lt=1.0)

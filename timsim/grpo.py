@@ -130,14 +130,5 @@ def make_optimizer(hp: dict) -> optax.GradientTransformation:
     )
 
 
-def warmup_factor(hp: dict, step: jax.Array) -> jax.Array:
-    """The learning rate's multiplier at RL step `step` (0-based): (step + 1) / warmup_steps up to 1.
-
-    Applied to the optimizer's updates rather than inside AdamW, so the optimizer state keeps
-    its structure; with no warmup the factor is exactly 1 (runs are bit-identical)."""
-    warmup = hp["grpo.warmup_steps"]
-    return jnp.where(warmup > 0, jnp.minimum(1.0, (step + 1) / jnp.maximum(warmup, 1.0)), 1.0)
-
-
 def masked_mean(x_NT, mask_NT):
     return (x_NT * mask_NT).sum() / jnp.maximum(mask_NT.sum(), 1.0)

@@ -213,7 +213,6 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         any_kept = batch.keep_NT.sum() > 0  # a batch with every token rejected skips its update (counted)
         batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
         tx = grpo.make_optimizer(hp)
-        warm = grpo.warmup_factor(hp, state.step)
 
         def update(carry, i):
             params, opt_state = carry
@@ -221,7 +220,6 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             (loss, aux), grads = grad_fn(params, ref_params, mb, hp, i == 0)
             grad_norm = optax.tree.norm(grads)
             updates, new_opt_state = tx.update(grads, opt_state, params)
-            updates = jax.tree.map(lambda u: u * warm, updates)
             # a non-finite loss or gradient leaves this run's weights untouched (and is counted);
             # the other runs on the run axis are independent and go on
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
