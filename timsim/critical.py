@@ -95,9 +95,10 @@ class FinderSettings:
     metric: str = "final_accuracy"  # the summary column compared with the twin (final_reward: partial credit)
 
     @classmethod
-    def from_options(cls, options: dict) -> "FinderSettings":
-        """From a study's `finder:` block or the command line (None: not given, the default)."""
-        given = {k: v for k, v in options.items() if v is not None}
+    def from_options(cls, *layers: dict) -> "FinderSettings":
+        """From a study's `finder:` block and/or the command line; a later layer wins, and a
+        None value (an option not given) keeps the earlier layer's value or the default."""
+        given = {k: v for layer in layers for k, v in layer.items() if v is not None}
         return cls(levels=[float(v) for v in given.pop("levels", [1e-3, 1e-2, 1e-1])],
                    bisect_rounds=int(given.pop("bisect", 2)), **given)
 
@@ -370,8 +371,7 @@ def load_study(path: str | Path, overrides: list[str], cli: dict) -> tuple[str, 
             set_dotted(raw, key, value)
         set_dotted(raw, "run.name", variant)
         variants[variant] = config_from_dict(raw, f"{str(path)!r}, variant {variant}")
-    given = {k: v for k, v in cli.items() if v is not None}  # an option not given keeps the file's value
-    return name, variants, FinderSettings.from_options({**spec.finder, **given})
+    return name, variants, FinderSettings.from_options(spec.finder, cli)
 
 
 def study_row(variant: str, record: dict, real_length: int = 4096) -> dict:
