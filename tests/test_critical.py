@@ -136,3 +136,18 @@ def test_study_finder_block_is_kept_unless_the_command_line_sets_an_option(tmp_p
     assert (settings.levels, settings.target, settings.margin) == ([0.01, 0.1], "seq_kl", 0.1)
     settings = load_study(study, [], {**unset, "margin": 0.02})[2]
     assert (settings.target, settings.margin) == ("seq_kl", 0.02)
+
+
+def test_study_command_line_overrides_win_over_a_variants_own_changes(tmp_path):
+    """`timsim critical study.yaml grpo.lr=1e-4` must run every variant at lr 1e-4, also one
+    that sets its own lr (an override applied to the base alone would be silently undone)."""
+    from timsim.critical import load_study
+
+    study = tmp_path / "study.yaml"
+    study.write_text("base: " + str(Path(__file__).parent.parent / "configs" / "quickstart.yaml") + "\n"
+                     "variants: {own: {grpo.lr: 3.0e-5}, inherited: {grpo.group_size: 4}}\n")
+    variants = load_study(study, [], {})[1]
+    assert (variants["own"].grpo.lr, variants["inherited"].grpo.lr) == (3.0e-5, 3.0e-4)
+    variants = load_study(study, ["grpo.lr=1e-4"], {})[1]
+    assert variants["own"].grpo.lr == variants["inherited"].grpo.lr == 1e-4
+    assert variants["inherited"].grpo.group_size == 4

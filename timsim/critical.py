@@ -351,9 +351,10 @@ def is_study_file(path: str | Path) -> bool:
 
 
 def load_study(path: str | Path, overrides: list[str], cli: dict) -> tuple[str, dict[str, Config], FinderSettings]:
-    """(study name, {variant: config}, finder settings); `cli` holds the options given on
-    the command line, which win over the file's `finder:` block."""
-    from timsim.config import config_from_dict
+    """(study name, {variant: config}, finder settings). The command line wins over the file:
+    `overrides` (dotted.key=value) over every variant's own changes, `cli` (the finder options
+    given) over the file's `finder:` block."""
+    from timsim.config import config_from_dict, parse_overrides
     from timsim.sweep import read_spec, resolve_base
 
     path = Path(path)
@@ -362,12 +363,12 @@ def load_study(path: str | Path, overrides: list[str], cli: dict) -> tuple[str, 
     if unknown:
         raise ConfigError(f"Invalid study file {str(path)!r}: unknown finder key(s) {sorted(unknown)}; accepted: "
                           f"{', '.join(sorted(FINDER_KEYS))}.")
-    base = resolve_base(path, spec, overrides)
+    base = resolve_base(path, spec, None)
     name = spec.name or path.stem
     variants = {}
     for variant, changes in spec.variants.items():
         raw = json.loads(json.dumps(base))
-        for key, value in changes.items():
+        for key, value in {**changes, **parse_overrides(overrides)}.items():
             set_dotted(raw, key, value)
         set_dotted(raw, "run.name", variant)
         variants[variant] = config_from_dict(raw, f"{str(path)!r}, variant {variant}")
