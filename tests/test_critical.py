@@ -59,9 +59,47 @@ def test_finder_says_when_even_the_smallest_level_degrades():
     assert found.critical == 1e-3 and found.below is None
 
 
+def _summary(twin_final: list[float], level_final: list[float], base: float = 0.4) -> pd.DataFrame:
+    seeds = range(len(twin_final))
+    return pd.DataFrame({"cell_id": ["zero"] * len(twin_final) + ["level=0.1"] * len(level_final),
+                         "seed": [*seeds, *seeds], "base_accuracy": base,
+                         "final_accuracy": [*twin_final, *level_final]})
+
+
+def test_a_margin_relative_to_the_twins_gain_scales_with_what_the_run_learns():
+    """The same paired drop (0.03) is most of what a run gaining 0.05 learns and a small part
+    of a 0.5 gain: with margin_of twin_gain it degrades in the first run only; an absolute
+    margin of 0.05 calls neither."""
+    from timsim.critical import margin_unit, paired_differences, twin_gain
+
+    jitter = np.array([0.0, 0.004, -0.004, 0.002, -0.002])
+    small = _summary(list(0.45 + jitter), list(0.42 + jitter))  # twin gains 0.05, level loses 0.03
+    large = _summary(list(0.90 + jitter), list(0.87 + jitter))  # twin gains 0.50, level loses 0.03
+    relative = FinderSettings([0.1], margin=0.25, margin_of="twin_gain")
+    assert twin_gain(small) == pytest.approx(0.05) and twin_gain(large) == pytest.approx(0.5)
+    calls = {}
+    for name, summary in (("small", small), ("large", large)):
+        diffs = paired_differences(summary, "level=0.1")
+        assert diffs == pytest.approx(-0.03)
+        calls[name] = (degrades(diffs / margin_unit(summary, relative), relative.margin, 0.95),
+                       degrades(diffs / margin_unit(summary, FinderSettings([0.1])), 0.05, 0.95))
+    assert calls == {"small": (True, False), "large": (False, False)}
+
+
+def test_a_relative_margin_needs_a_twin_that_learns_and_an_accuracy_metric():
+    from timsim.critical import margin_unit
+
+    flat = _summary([0.40, 0.41, 0.39, 0.40, 0.39], [0.35] * 5)
+    with pytest.raises(ConfigError, match=r"did not improve on the base.*--margin-of absolute"):
+        margin_unit(flat, FinderSettings([0.1], margin_of="twin_gain"))
+    cfg = load_config(None, ["perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]"])
+    with pytest.raises(ConfigError, match="--margin-of twin_gain needs an accuracy --metric"):
+        FinderSettings([0.1], margin_of="twin_gain", metric="final_reward").validate(cfg)
+
+
 @pytest.mark.parametrize("flag, value, match", [
     ("margin", 1.5, "--margin"), ("confidence", 1.0, "--confidence"), ("levels", [0.0, 1e-2], "--levels"),
-    ("target", "kl", "--target"), ("metric", "accuracy", "--metric"),
+    ("target", "kl", "--target"), ("metric", "accuracy", "--metric"), ("margin_of", "relative", "--margin-of"),
 ])
 def test_bad_finder_settings_name_the_option(flag, value, match):
     cfg = load_config(None, ["perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]"])
@@ -99,6 +137,19 @@ def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides
     assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts  # nothing recomputed
     with pytest.raises(ConfigError, match=r"levels in token_kl, not 'seq_kl'.*--restart"):
         run_finder(cfg, dataclasses.replace(settings, target="seq_kl"), tmp_path / "crit", Console(width=120))
+    relative = dataclasses.replace(settings, margin=0.5, margin_of="twin_gain", bisect_rounds=0)
+    gain = record["twin_gain"]
+    if gain > 0:  # re-deciding the finished runs with a relative margin trains nothing
+        again = run_finder(cfg, relative, tmp_path / "crit", Console(width=120))
+        assert again["margin_abs"] == pytest.approx(0.5 * gain)
+        table = pd.read_parquet(tmp_path / "crit" / "critical.parquet")
+        assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts
+    else:
+        with pytest.raises(ConfigError, match="did not improve on the base"):
+            run_finder(cfg, relative, tmp_path / "crit", Console(width=120))
+        table = pd.read_parquet(tmp_path / "crit" / "critical.parquet")
+    levels = table[table.level > 0]
+    assert (levels.gain_lost * gain == pytest.approx(-levels.paired_diff)) if gain > 0 else levels.gain_lost.isna().all()
 
 
 def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny_overrides, tiny_base):

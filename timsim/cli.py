@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
     critical.add_argument("--target", default=None, help="what a level measures, a perturbation.target key "
                                                          "(default token_kl)")
     critical.add_argument("--margin", type=float, default=None, help="accuracy drop that counts (default 0.05)")
+    critical.add_argument("--margin-of", default=None, choices=["absolute", "twin_gain"],
+                          help="--margin is an accuracy difference (absolute, the default) or a fraction of what "
+                               "the zero-mismatch twin learns (twin_gain: its final minus the base's accuracy)")
     critical.add_argument("--confidence", type=float, default=None, help="of the paired interval (default 0.95)")
     critical.add_argument("--bisect", type=int, default=None, help="bisection rounds after the grid (default 2)")
     critical.add_argument("--metric", default=None, help="compared with the twin: final_accuracy (default), "
@@ -170,7 +173,8 @@ def _dispatch(args, console) -> int:
         from timsim.report import critical
 
         cli = {"levels": _floats(args.levels, "--levels") if args.levels else None, "target": args.target,
-               "margin": args.margin, "confidence": args.confidence, "bisect": args.bisect, "metric": args.metric}
+               "margin": args.margin, "margin_of": args.margin_of, "confidence": args.confidence,
+               "bisect": args.bisect, "metric": args.metric}
         critical(args.config, args.overrides, cli, console, only=args.only, out_dir=args.out_dir,
                  restart=args.restart)
         return 0

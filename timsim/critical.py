@@ -8,7 +8,11 @@ so each seed's level run shares prompts, sampling uniforms and noise draws with 
 A level *degrades* when the mean paired difference (level minus twin) of final held-out
 accuracy (or `metric`: final_reward for partial-credit tasks) is below -margin and
 the upper end of its confidence interval (Student t over seeds) is below 0: worse by more
-than the margin on average, and significantly worse. The finder starts on a log-spaced grid
+than the margin on average, and significantly worse. The margin is an accuracy difference,
+or (`margin_of: twin_gain`) a fraction of what the twin learns (its final accuracy minus the
+base's): a fixed 0.05 is most of what a run that gains 0.07 learns and a small part of
+what one that gains 0.65 learns, so only a relative margin compares tasks of different
+headroom. The finder starts on a log-spaced grid
 and bisects geometrically between the highest level below the first degrading one and that
 level. All levels share one static config, so the runs of a round batch on the run axis of
 one compiled program. The study is a sweep directory: interrupt it and rerun the same
@@ -33,6 +37,7 @@ from timsim.config import TARGET_METRICS, Config, ConfigError, set_dotted
 
 MIN_SEEDS = 5
 ZERO_CELL = "zero"
+MARGIN_OF = ("absolute", "twin_gain")
 
 
 def paired_ci(diffs: np.ndarray, confidence: float) -> tuple[float, float]:
@@ -93,6 +98,7 @@ class FinderSettings:
     confidence: float = 0.95
     bisect_rounds: int = 2
     metric: str = "final_accuracy"  # the summary column compared with the twin (final_reward: partial credit)
+    margin_of: str = "absolute"  # or "twin_gain": margin is a fraction of the twin's gain over the base
 
     @classmethod
     def from_options(cls, *layers: dict) -> "FinderSettings":
@@ -109,7 +115,13 @@ class FinderSettings:
         if self.target not in TARGET_METRICS:
             problems.append(f"--target must be one of {', '.join(TARGET_METRICS)} (got {self.target!r})")
         if not 0.0 <= self.margin < 1.0:
-            problems.append(f"--margin is an accuracy difference in [0, 1) (got {self.margin})")
+            problems.append(f"--margin is an accuracy difference, or with --margin-of twin_gain a fraction of the "
+                            f"twin's gain, in [0, 1) (got {self.margin})")
+        if self.margin_of not in MARGIN_OF:
+            problems.append(f"--margin-of must be {' or '.join(MARGIN_OF)} (got {self.margin_of!r})")
+        elif self.margin_of == "twin_gain" and self.metric == "final_reward":
+            problems.append("--margin-of twin_gain needs an accuracy --metric (final_accuracy or peak_accuracy): "
+                            "the base's reward is not recorded")
         if not 0.5 <= self.confidence < 1.0:
             problems.append(f"--confidence must be in [0.5, 1) (got {self.confidence})")
         if not self.levels or min(self.levels) <= 0:
@@ -169,6 +181,25 @@ def paired_differences(summary: pd.DataFrame, cell_id: str, column: str = "final
     return (runs.loc[common] - twin.loc[common]).to_numpy(float)
 
 
+def twin_gain(summary: pd.DataFrame, metric: str = "final_accuracy") -> float:
+    """What the zero-mismatch twin learns: its `metric` minus the base's accuracy, mean over seeds."""
+    twin = summary[summary.cell_id == ZERO_CELL]
+    return float((twin[metric] - twin.base_accuracy).mean())
+
+
+def margin_unit(summary: pd.DataFrame, settings: "FinderSettings") -> float:
+    """The accuracy difference that one unit of `settings.margin` stands for: 1, or the twin's
+    gain with `margin_of: twin_gain` (a ConfigError when the twin learned nothing)."""
+    if settings.margin_of == "absolute":
+        return 1.0
+    gain = twin_gain(summary, settings.metric)
+    if not gain > 0:
+        raise ConfigError(f"--margin-of twin_gain: the zero-mismatch twin did not improve on the base (mean "
+                          f"{settings.metric} minus base accuracy {gain:+.3g}), so a margin relative to its gain is "
+                          f"undefined; use --margin-of absolute (the finished runs are kept and reused).")
+    return gain
+
+
 def first_significant_step(metrics: pd.DataFrame, cell_id: str, margin: float, confidence: float) -> float:
     """The first evaluation step at which the level degrades against its twin (NaN: never)."""
     ev = metrics.dropna(subset=["eval_greedy_accuracy"])
@@ -183,8 +214,11 @@ def first_significant_step(metrics: pd.DataFrame, cell_id: str, margin: float, c
 
 
 def dose_response(finding: Finding, metrics: pd.DataFrame, summary: pd.DataFrame, manifest: dict,
-                  settings: FinderSettings, arm: str = "") -> pd.DataFrame:
-    """One row per level (the twin first): calibration, accuracy, collapse rate, paired difference."""
+                  settings: FinderSettings, margin_abs: float, arm: str = "") -> pd.DataFrame:
+    """One row per level (the twin first): calibration, accuracy, collapse rate, paired difference
+    (in accuracy, and as the fraction of the twin's gain it costs); `margin_abs` is the margin as
+    an accuracy difference."""
+    gain = twin_gain(summary, settings.metric) if settings.metric != "final_reward" else math.nan
     rows = []
     for level in [0.0, *finding.diffs]:
         cell_id = ZERO_CELL if level == 0.0 else level_cell_id(level, arm)
@@ -198,12 +232,14 @@ def dose_response(finding: Finding, metrics: pd.DataFrame, summary: pd.DataFrame
                "final_accuracy": acc, "final_accuracy_ci": acc_ci, "peak_accuracy": peak, "peak_accuracy_ci": peak_ci,
                "collapse_rate": float(runs.collapsed.mean())}
         if level == 0.0:
-            row.update(paired_diff=0.0, paired_diff_ci=0.0, degrades=False, first_significant_step=float("nan"))
+            row.update(paired_diff=0.0, paired_diff_ci=0.0, gain_lost=0.0, degrades=False,
+                       first_significant_step=float("nan"))
         else:
-            mean, half = paired_ci(finding.diffs[level], settings.confidence)
-            row.update(paired_diff=mean, paired_diff_ci=half,
-                       degrades=degrades(finding.diffs[level], settings.margin, settings.confidence),
-                       first_significant_step=first_significant_step(metrics, cell_id, settings.margin,
+            diffs = paired_differences(summary, cell_id, settings.metric)
+            mean, half = paired_ci(diffs, settings.confidence)
+            row.update(paired_diff=mean, paired_diff_ci=half, gain_lost=-mean / gain if gain > 0 else math.nan,
+                       degrades=degrades(diffs, margin_abs, settings.confidence),
+                       first_significant_step=first_significant_step(metrics, cell_id, margin_abs,
                                                                      settings.confidence))
         rows.append(row)
     return pd.DataFrame(rows)
@@ -248,16 +284,20 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
                           f"{', '.join(f'{lv:.3g}' for lv in plan)} ({settings.target}) x {len(cfg.run.seeds)} "
                           f"seeds, against the zero-mismatch twin")
             summary = run_cells(make_cells(arm_cfg, settings, plan, arm), store, console, sweep=sweep)
-            return {lv: paired_differences(summary, level_cell_id(lv, arm), settings.metric) for lv in plan}
+            unit = margin_unit(summary, settings)  # the decisions compare diffs / unit with settings.margin
+            return {lv: paired_differences(summary, level_cell_id(lv, arm), settings.metric) / unit for lv in plan}
 
         findings[arm] = find_critical(evaluate, settings.levels, settings.bisect_rounds, settings.margin,
                                       settings.confidence)
     metrics, summary = load(root)
     manifest = store.read_manifest()
-    tables = [dose_response(findings[arm], metrics, summary, manifest, settings, arm) for arm, _ in arms]
+    margin_abs = settings.margin * margin_unit(summary, settings)
+    tables = [dose_response(findings[arm], metrics, summary, manifest, settings, margin_abs, arm) for arm, _ in arms]
     table = pd.concat([tables[0], *[t[t.level > 0] for t in tables[1:]]], ignore_index=True)
     atomic_write_parquet(root / "critical.parquet", table)
-    record = {"target": settings.target, "margin": settings.margin, "confidence": settings.confidence,
+    record = {"target": settings.target, "margin": settings.margin, "margin_of": settings.margin_of,
+              "margin_abs": margin_abs, "twin_gain": twin_gain(summary, settings.metric)
+              if settings.metric != "final_reward" else None, "confidence": settings.confidence,
               "metric": settings.metric, "seeds": list(cfg.run.seeds),
               "family": cfg.perturbation.scaled_source, "mode": cfg.perturbation.logit_noise.mode,
               "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps,
@@ -272,6 +312,13 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
     atomic_write_bytes(root / "critical.json", json.dumps(record, indent=2).encode())
     plot_dose_response(table, record, root / "critical.png")
     return record
+
+
+def margin_words(record: dict) -> str:
+    """'0.05', or '0.25 of the twin's gain 0.07 = 0.0175'."""
+    if record.get("margin_of", "absolute") == "absolute":
+        return f"{record['margin']:g}"
+    return f"{record['margin']:g} of the twin's gain {record['twin_gain']:.3g} = {record['margin_abs']:.3g}"
 
 
 def correction_label(cfg: Config) -> str:
@@ -300,7 +347,7 @@ def plot_dose_response(table: pd.DataFrame, record: dict, path: Path) -> Path:
         label = arm if arm == "uncorrected" else record.get("correction", arm)
         ax.errorbar(levels.level, levels.paired_diff, yerr=levels.paired_diff_ci, marker="o", capsize=3, label=label)
     ax.axhline(0.0, color="gray", lw=0.8)
-    ax.axhline(-record["margin"], color="red", ls="--", lw=0.8, label=f"-margin ({record['margin']:g})")
+    ax.axhline(-record["margin_abs"], color="red", ls="--", lw=0.8, label=f"-margin ({margin_words(record)})")
     for found, style in ((record.get("uncorrected", {}).get("critical_level"), ":"), (record["critical_level"], "-")):
         if found is not None:
             ax.axvline(found, color="red", lw=0.8, ls=style, label=f"critical {found:.3g}")
@@ -342,7 +389,7 @@ class StudyFile(BaseModel):
     variants: dict[str, dict[str, Any]] = Field(min_length=1)
 
 
-FINDER_KEYS = {"levels", "target", "margin", "confidence", "bisect", "metric"}
+FINDER_KEYS = {"levels", "target", "margin", "margin_of", "confidence", "bisect", "metric"}
 
 
 def is_study_file(path: str | Path) -> bool:

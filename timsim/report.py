@@ -12,6 +12,7 @@ from rich.table import Table
 import jax
 
 from timsim.config import Config, ConfigError
+from timsim.critical import margin_words
 from timsim.plots import plot_curves
 from timsim.runner import Cell, run_cells
 from timsim.store import Store, load
@@ -266,8 +267,9 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
         from timsim.store import atomic_write_parquet
 
         atomic_write_parquet(root / "critical_table.parquet", table)
+        margin = f"{settings.margin:g}" + (" of the twin's gain" if settings.margin_of == "twin_gain" else "")
         out = Table(title=f"study {name}: critical mismatch per variant (levels in {settings.target}, margin "
-                          f"{settings.margin:g}, {settings.confidence:.0%} paired CI)")
+                          f"{margin}, {settings.confidence:.0%} paired CI)")
         corrected = bool(table.correction.any())
         for col in ["variant", "mode", "pi_old", "resp len", *(["correction", "uncorrected"] if corrected else []),
                     "critical level", "bracket", "token KL", "per-resp KL", "token KL @ 4096", "first signif. step"]:
@@ -290,7 +292,7 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
 
 def _critical_sentence(found: dict, record: dict, top_level: float) -> str:
     if found["critical_level"] is None:
-        return (f"no level degrades by more than {record['margin']:g} at {record['confidence']:.0%} confidence: "
+        return (f"no level degrades by more than {margin_words(record)} at {record['confidence']:.0%} confidence: "
                 f"the critical level lies above {top_level:g} (try larger --levels).")
     where = (f"between {found['below']:.3g} and {found['critical_level']:.3g}" if found["below"] is not None
              else f"at or below {found['critical_level']:.3g} (the smallest level tried; try smaller --levels)")
@@ -305,15 +307,16 @@ def _print_dose_response(table: pd.DataFrame, record: dict, top_level: float, ro
                       f"{record['steps']} steps (final = held-out greedy accuracy)")
     arms = "correction" in record
     for col in (["arm"] if arms else []) + ["level", "scale", "token KL", "per-resp KL", "mean k3 (train)",
-                                            "final acc", "peak acc", "collapsed", "paired diff", "degrades",
-                                            "first signif. step"]:
+                                            "final acc", "peak acc", "collapsed", "paired diff", "of gain",
+                                            "degrades", "first signif. step"]:
         out.add_column(col, justify="left" if col == "arm" else "right")
     for r in table.itertuples():
         arm = [record["correction"] if r.arm == "corrected" else r.arm] if arms else []
         out.add_row(*arm, f"{r.level:.3g}", f"{r.scale:.3g}", f"{r.token_kl_base:.3g}", f"{r.seq_kl_base:.3g}",
                     f"{r.mean_k3_training:.3g}", _fmt(r.final_accuracy, r.final_accuracy_ci),
                     _fmt(r.peak_accuracy, r.peak_accuracy_ci), f"{r.collapse_rate:.2f}",
-                    _fmt(r.paired_diff, r.paired_diff_ci), "yes" if r.degrades else "no",
+                    _fmt(r.paired_diff, r.paired_diff_ci), "-" if math.isnan(r.gain_lost) or not r.level else
+                    f"{-r.gain_lost:+.0%}", "yes" if r.degrades else "no",
                     "-" if math.isnan(r.first_significant_step) else f"{r.first_significant_step:g}")
     console.print(out)
     if arms:
