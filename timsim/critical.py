@@ -182,7 +182,10 @@ def paired_differences(summary: pd.DataFrame, cell_id: str, column: str = "final
 
 
 def twin_gain(summary: pd.DataFrame, metric: str = "final_accuracy") -> float:
-    """What the zero-mismatch twin learns: its `metric` minus the base's accuracy, mean over seeds."""
+    """What the zero-mismatch twin learns: its accuracy `metric` minus the base's greedy accuracy,
+    mean over seeds (NaN for final_reward: the base's reward is not recorded)."""
+    if metric == "final_reward":
+        return math.nan
     twin = summary[summary.cell_id == ZERO_CELL]
     return float((twin[metric] - twin.base_accuracy).mean())
 
@@ -218,7 +221,7 @@ def dose_response(finding: Finding, metrics: pd.DataFrame, summary: pd.DataFrame
     """One row per level (the twin first): calibration, accuracy, collapse rate, paired difference
     (in accuracy, and as the fraction of the twin's gain it costs); `margin_abs` is the margin as
     an accuracy difference."""
-    gain = twin_gain(summary, settings.metric) if settings.metric != "final_reward" else math.nan
+    gain = twin_gain(summary, settings.metric)
     rows = []
     for level in [0.0, *finding.diffs]:
         cell_id = ZERO_CELL if level == 0.0 else level_cell_id(level, arm)
@@ -292,12 +295,13 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
     metrics, summary = load(root)
     manifest = store.read_manifest()
     margin_abs = settings.margin * margin_unit(summary, settings)
+    gain = twin_gain(summary, settings.metric)
     tables = [dose_response(findings[arm], metrics, summary, manifest, settings, margin_abs, arm) for arm, _ in arms]
     table = pd.concat([tables[0], *[t[t.level > 0] for t in tables[1:]]], ignore_index=True)
     atomic_write_parquet(root / "critical.parquet", table)
     record = {"target": settings.target, "margin": settings.margin, "margin_of": settings.margin_of,
-              "margin_abs": margin_abs, "twin_gain": twin_gain(summary, settings.metric)
-              if settings.metric != "final_reward" else None, "confidence": settings.confidence,
+              "margin_abs": margin_abs, "twin_gain": None if math.isnan(gain) else gain,
+              "confidence": settings.confidence,
               "metric": settings.metric, "seeds": list(cfg.run.seeds),
               "family": cfg.perturbation.scaled_source, "mode": cfg.perturbation.logit_noise.mode,
               "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps,
