@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from timsim.base import CheckpointError
     from timsim.config import ConfigError
 
-    console = Console() if sys.stdout.isatty() else Console(width=160)
+    console = Console() if sys.stdout.isatty() else Console(width=200)  # logs: tables unwrapped
     try:
         return _dispatch(args, console)
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as err:
