@@ -115,7 +115,7 @@ def test_finder_needs_five_seeds_and_a_scaled_family():
         FinderSettings([1e-2]).validate(load_config(None, ["run.seeds=[0,1,2,3,4]"]))
 
 
-def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides, tiny_base):
+def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides, tiny_base, monkeypatch):
     """Tiny and short: checks the files, the twin pairing and that a rerun recomputes nothing."""
     from rich.console import Console
 
@@ -137,19 +137,16 @@ def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides
     assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts  # nothing recomputed
     with pytest.raises(ConfigError, match=r"levels in token_kl, not 'seq_kl'.*--restart"):
         run_finder(cfg, dataclasses.replace(settings, target="seq_kl"), tmp_path / "crit", Console(width=120))
+    # re-deciding the finished runs with a relative margin trains nothing; the tiny twin's real
+    # gain after 2 steps may be <= 0 (that error is tested above), so it is set here
+    monkeypatch.setattr("timsim.critical.twin_gain", lambda summary, metric="final_accuracy": 0.1)
     relative = dataclasses.replace(settings, margin=0.5, margin_of="twin_gain", bisect_rounds=0)
-    gain = record["twin_gain"]
-    if gain > 0:  # re-deciding the finished runs with a relative margin trains nothing
-        again = run_finder(cfg, relative, tmp_path / "crit", Console(width=120))
-        assert again["margin_abs"] == pytest.approx(0.5 * gain)
-        table = pd.read_parquet(tmp_path / "crit" / "critical.parquet")
-        assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts
-    else:
-        with pytest.raises(ConfigError, match="did not improve on the base"):
-            run_finder(cfg, relative, tmp_path / "crit", Console(width=120))
-        table = pd.read_parquet(tmp_path / "crit" / "critical.parquet")
-    levels = table[table.level > 0]
-    assert (levels.gain_lost * gain == pytest.approx(-levels.paired_diff)) if gain > 0 else levels.gain_lost.isna().all()
+    again = run_finder(cfg, relative, tmp_path / "crit", Console(width=120))
+    assert (again["margin_abs"], again["twin_gain"]) == (pytest.approx(0.05), 0.1)
+    assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts
+    levels = pd.read_parquet(tmp_path / "crit" / "critical.parquet").query("level > 0")
+    assert list(levels.gain_lost) == pytest.approx(list(-levels.paired_diff / 0.1))
+    assert list(levels.degrades) == [d < -0.05 and d + ci < 0 for d, ci in zip(levels.paired_diff, levels.paired_diff_ci)]
 
 
 def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny_overrides, tiny_base):
