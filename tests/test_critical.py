@@ -49,6 +49,24 @@ def test_finder_recovers_a_known_threshold(threshold):
     assert len(calls) == 1 + rounds and all(len(c) == 1 for c in calls[1:])  # one new level per round
 
 
+def test_a_rerun_replays_the_search_and_trains_nothing_new():
+    """A store that holds every level of an earlier invocation must not steer the search: a
+    second run of a finished finder asks for the same levels and finds them all stored."""
+    trained: dict[float, np.ndarray] = {}
+    truth = synthetic(0.02, noise=0.0)
+
+    def evaluate_with_store(levels):
+        for lv in levels:
+            trained.setdefault(lv, truth([lv])[lv])
+        return dict(trained)  # like run_cells on a resumed store: every level ever run
+
+    first = find_critical(evaluate_with_store, [1e-3, 1e-2, 1e-1, 1.0], 3, 0.05, 0.95)
+    ran = set(trained)
+    second = find_critical(evaluate_with_store, [1e-3, 1e-2, 1e-1, 1.0], 3, 0.05, 0.95)
+    assert set(trained) == ran  # nothing new trained
+    assert (second.critical, second.below, sorted(second.diffs)) == (first.critical, first.below, sorted(first.diffs))
+
+
 def test_finder_reports_no_critical_level_when_nothing_degrades():
     found = find_critical(synthetic(10.0), [1e-3, 1e-2], 3, 0.05, 0.95)
     assert found.critical is None and set(found.diffs) == {1e-3, 1e-2}

@@ -67,14 +67,22 @@ class Finding:
 
 def find_critical(evaluate: Callable[[list[float]], dict[float, np.ndarray]], levels: list[float],
                   bisect_rounds: int, margin: float, confidence: float) -> Finding:
-    """`evaluate(levels) -> {level: paired differences per seed}` (it may return earlier levels
-    too); grid first, then `bisect_rounds` geometric bisections of the bracket."""
-    diffs = dict(evaluate(sorted(levels)))
+    """`evaluate(levels) -> {level: paired differences per seed}`; grid first, then
+    `bisect_rounds` geometric bisections of the bracket.
+
+    Only the levels asked for enter the search, even when `evaluate` also returns others (a
+    resumed study's store holds every level any earlier invocation ran): a rerun, finished or
+    interrupted, then replays the same path, reuses its runs and trains nothing new."""
+    def ask(asked: list[float]) -> dict[float, np.ndarray]:
+        found = evaluate(asked)
+        return {lv: found[lv] for lv in asked}
+
+    diffs = ask(sorted(levels))
     for _ in range(bisect_rounds):
         critical, below = _bracket(diffs, margin, confidence)
         if critical is None or below is None:
             break
-        diffs.update(evaluate([math.sqrt(critical * below)]))
+        diffs.update(ask([math.sqrt(critical * below)]))
     critical, below = _bracket(diffs, margin, confidence)
     return Finding(dict(sorted(diffs.items())), critical, below)
 
