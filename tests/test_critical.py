@@ -191,7 +191,7 @@ def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny
 def test_study_finder_block_is_kept_unless_the_command_line_sets_an_option(tmp_path):
     """The CLI passes every finder option, None when not given: those must not erase the
     study file's `finder:` block, and a given option wins over it."""
-    from timsim.critical import load_study
+    from timsim.study import load_study
 
     study = tmp_path / "study.yaml"
     study.write_text("base: " + str(Path(__file__).parent.parent / "configs" / "quickstart.yaml") + "\n"
@@ -207,7 +207,7 @@ def test_study_finder_block_is_kept_unless_the_command_line_sets_an_option(tmp_p
 def test_study_command_line_overrides_win_over_a_variants_own_changes(tmp_path):
     """`timsim critical study.yaml grpo.lr=1e-4` must run every variant at lr 1e-4, also one
     that sets its own lr (an override applied to the base alone would be silently undone)."""
-    from timsim.critical import load_study
+    from timsim.study import load_study
 
     study = tmp_path / "study.yaml"
     study.write_text("base: " + str(Path(__file__).parent.parent / "configs" / "quickstart.yaml") + "\n"

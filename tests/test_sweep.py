@@ -202,7 +202,7 @@ def test_every_shipped_config_sweep_and_study_file_is_valid():
     """The files under configs/ load and expand (no compute): a renamed key fails here."""
     from pathlib import Path
 
-    from timsim.critical import load_study
+    from timsim.study import load_study
 
     root = Path(__file__).parent.parent / "configs"
     configs, sweeps, studies = (sorted((root / sub).glob("*.yaml")) for sub in (".", "sweeps", "studies"))

@@ -236,7 +236,8 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
     """`timsim critical`: run (or resume) the finder on a config, or on every variant of a
     study file; print the dose-response table(s) and, for a study, the critical table."""
     from timsim.config import load_config
-    from timsim.critical import FinderSettings, is_study_file, load_study, run_finder, study_row
+    from timsim.critical import FinderSettings, run_finder
+    from timsim.study import is_study_file, load_study, study_row
 
     if is_study_file(path):
         name, variants, settings = load_study(path, overrides, cli)
