@@ -13,7 +13,7 @@ from timsim.rollout import learner_logprobs, sample
 from timsim.runner import Cell, load_trained_params, run_cells, stack_hyperparams
 from timsim.store import Store, load
 from timsim.tasks import EOS, PAD, VOCAB_SIZE
-from timsim.train import init_state, make_chunk
+from timsim.train import init_state, make_chunk, place
 
 
 def test_sampler_shapes_eos_and_padding(tiny_cfg, tiny_base):
@@ -66,7 +66,8 @@ def test_padding_does_not_leak_into_learner_logprobs(tiny_cfg, tiny_base):
 def _train_chunks(cfg, graphdef, params, n_chunks):
     cells = [Cell("c", cfg)]
     hp, _ = stack_hyperparams(cells)
-    state = jax.vmap(lambda h: init_state(params, h, cfg.perturbation.lag_steps))(hp)
+    hp, params = place(hp, over_runs=True), place(params, over_runs=False)
+    state = place(jax.vmap(lambda h: init_state(params, h, cfg.perturbation.lag_steps))(hp), over_runs=True)
     chunk = make_chunk(static_view(cfg), cfg.task.build(), graphdef)
     out = []
     for _ in range(n_chunks):

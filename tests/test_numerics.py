@@ -105,13 +105,25 @@ def test_chunked_softmax_is_exact_in_float64_and_differs_with_bf16_block_sums():
 
 
 def test_batch_variant_numerics_depend_on_the_batch_size():
-    """The same rows get different numbers in batches of different sizes, unless batch_variant is off."""
+    """batch_variant picks the split count from the row count, so the same 16 rows get other
+    numbers in a batch of 4,096: every entry moves by bf16-partial rounding. Without it both
+    sizes use the same split; what XLA's own fp32 kernels do at two shapes is not timsim's to
+    promise (DESIGN §8.2: bits only at the same shapes), so that side is bounded in mean, where a
+    rare last-bit flip of one partial cannot reach the variant's systematic change."""
+    varying = Numerics(split_k=8, partials="bf16", batch_variant=True)
+    fixed = Numerics(split_k=8, partials="bf16")
+    assert (varying.splits_for(16, 256), varying.splits_for(4096, 256)) == (8, 2)
+    assert (fixed.splits_for(16, 256), fixed.splits_for(4096, 256)) == (8, 8)
     x, w = _dense_inputs(np.float32, rows=4096)
-    for nm, varies in [(Numerics(split_k=8, partials="bf16", batch_variant=True), True),
-                       (Numerics(split_k=8, partials="bf16"), False)]:
+
+    def gap(nm):
         small = np.asarray(jax.jit(nm.matmul)(x[:16], w))
         large = np.asarray(jax.jit(nm.matmul)(x, w))[:16]
-        assert (np.abs(small - large).max() > 0) == varies
+        return np.abs(small - large)
+
+    scale = np.abs(x[:16] @ w).mean()
+    assert gap(varying).mean() > 1e-3 * scale, "a bf16 partial is off by ~2^-9 of itself"
+    assert gap(fixed).mean() < gap(varying).mean() / 10
 
 
 def test_reordered_sampler_forward_creates_mismatch(tiny_overrides, tiny_base):
