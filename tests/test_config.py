@@ -220,7 +220,7 @@ def test_traced_keys():
 
 
 def test_traced_values():
-    cfg = C.load_config(None, ["grpo.lr=1e-3", "sampler.temperature=0.5", "grpo.kl_coef=0.1"])
+    cfg = C.load_config(None, ["grpo.lr=1e-3", "sampler.temperature=0.5", "grpo.kl_ref=k3", "grpo.kl_coef=0.1"])
     values = C.traced_values(cfg)
     assert set(values) == set(C.traced_keys())
     assert values["grpo.lr"] == pytest.approx(1e-3) == cfg.grpo.lr

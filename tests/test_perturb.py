@@ -315,11 +315,15 @@ def test_weight_noise_is_held_for_hold_steps():
 
 def test_a_perturbation_that_breaks_the_numbers_is_reported_not_raised(tiny_overrides, tiny_base):
     """Infinite logit spikes: reported in metrics; in bypass mode the loss is not finite, so the
-    update is skipped and counted, and the run's weights stay finite."""
+    update is skipped and counted, and the run's weights stay finite. (A config refuses an
+    infinite scale; numbers that overflow inside a run are what this stands for, so the scale
+    is set past validation.)"""
     import jax
 
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=spikes", "perturbation.logit_noise.rate=0.5",
-                                              "perturbation.logit_noise.scale=.inf", "grpo.old_logprobs=bypass"])
+                                              "perturbation.logit_noise.scale=1.0", "grpo.old_logprobs=bypass"])
+    noise = cfg.perturbation.logit_noise.model_copy(update={"scale": float("inf")})
+    cfg = cfg.model_copy(update={"perturbation": cfg.perturbation.model_copy(update={"logit_noise": noise})})
     state, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
     assert np.all(metrics["nonfinite_frac"][:, 0] > 0)
     assert np.any(metrics["nonfinite_update"] > 0)

@@ -29,7 +29,10 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from timsim import tasks as tasks_lib
 from timsim.config_mismatch import (TARGET_METRICS, CorrectionConfig, LogitNoiseConfig, PerturbationConfig,  # noqa: F401
                                     PrecisionConfig, TargetConfig, WeightNoiseConfig)
-from timsim.config_types import HOST, TRACED, ConfigError, HostValue, Traced, _Section  # noqa: F401
+from timsim.config_types import (FIELD_MARK, HOST, TRACED, ConfigError, HostValue, Traced, _Section,  # noqa: F401
+                                 check_name, inside, name_problem)
+
+MAX_SEED = 2**24  # seeds ride the float32 run axis with the traced values: integers are exact below 2^24
 
 
 class TaskConfig(_Section):
@@ -46,6 +49,9 @@ class TaskConfig(_Section):
             raise ValueError(f"unknown task {name!r}; accepted: {', '.join(tasks_lib.TASKS)}")
         return name
 
+    def inert_fields(self) -> dict[str, str]:
+        return {"modulus": f"only task modmul reads it (got task {self.name!r})"} if self.name != "modmul" else {}
+
     def build(self) -> tasks_lib.Task:
         return tasks_lib.make_task(self.name, n_digits=self.n_digits, modulus=self.modulus)
 
@@ -59,6 +65,10 @@ class ModelConfig(_Section):
     experts: int = Field(0, ge=0, description="mixture-of-experts MLP with this many experts (0: dense MLP)")
     expert_top_k: int = Field(2, ge=1, description="experts per token (top-k routing)")
     balance_coef: float = Field(0.01, ge=0.0, description="weight of the load-balancing loss (0: off)")
+
+    def inert_fields(self) -> dict[str, str]:
+        return {} if self.experts else {name: "model.experts is 0 (a dense MLP)"
+                                        for name in ("expert_top_k", "balance_coef")}
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -109,6 +119,16 @@ class GRPOConfig(_Section):
     kl_coef: Traced = Field(0.0, ge=0.0)
     entropy_coef: Traced = 0.0
 
+    def inert_fields(self) -> dict[str, str]:
+        inert = {}
+        if self.loss != "ppo":
+            inert["dual_clip"] = f"the dual clip is part of grpo.loss 'ppo' (got {self.loss!r})"
+        if self.loss == "reinforce":
+            inert |= {name: "grpo.loss 'reinforce' has no ratio to clip" for name in ("clip_eps_low", "clip_eps_high")}
+        if self.kl_ref == "none":
+            inert["kl_coef"] = "grpo.kl_ref is 'none' (set it to k1, k2 or k3 for a KL penalty to the reference)"
+        return inert
+
 
 class RunConfig(_Section):
     name: str = "run"
@@ -119,6 +139,26 @@ class RunConfig(_Section):
                              "chunk_steps; 0: off); also at step 0")
     batching: Literal["auto", "vmap", "map"] = "auto"
     out_dir: str = "runs"
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        problem = name_problem(name)
+        if problem:
+            raise ValueError(problem)
+        return name
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int]) -> list[int]:
+        repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+        if repeated:
+            raise ValueError(f"seed(s) {repeated} listed twice: a repeated seed is an identical run that only "
+                             "narrows every confidence interval")
+        outside = [s for s in seeds if not 0 <= s < MAX_SEED]
+        if outside:
+            raise ValueError(f"seeds must lie in [0, {MAX_SEED}) (they travel as float32 on the run axis)")
+        return seeds
 
 
 class Config(_Section):
@@ -180,6 +220,9 @@ def _format_validation_error(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "config"
         msg = e["msg"].removeprefix("Value error, ")
+        if msg.startswith(FIELD_MARK):  # a section's error about one of its fields (config_types)
+            field, msg = msg[1:].split(FIELD_MARK, 1)
+            loc = f"{loc}.{field}" if e["loc"] else field
         if e["type"] == "extra_forbidden":
             msg = "unknown key (check the spelling; `timsim --help` lists the sections)"
         got = e.get("input")
@@ -205,9 +248,15 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
     parsed = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"Invalid override {item!r}: write overrides as dotted.key=value, e.g. grpo.lr=1e-3.")
-        parsed[key.strip()] = yaml.safe_load(raw)
+        try:
+            parsed[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            problem = str(getattr(err, "problem", None) or err).strip()
+            raise ConfigError(f"Invalid override {item!r}: the value {raw!r} is not valid YAML ({problem}); close "
+                              f"brackets and quotes, e.g. run.seeds=[0,1] or run.name=my-run.") from None
     return parsed
 
 

@@ -42,24 +42,35 @@ class LogitNoiseConfig(_Section):
     profile: str | None = Field(None, description=(
         "profile family: a fitted engine profile (JSON written by `timsim profile PAIRS --out FILE`)"))
 
+    def inert_fields(self) -> dict[str, str]:
+        if self.family == "none":  # (checked first: default sections are built while timsim.config loads)
+            return {name: "perturbation.logit_noise.family is 'none' (no logit noise)"
+                    for name in type(self).model_fields if name != "family"}
+        from timsim.perturb import DETERMINISTIC, KNOBS
+
+        used = KNOBS[self.family]
+        inert = {knob: f"family {self.family!r} reads only {', '.join(used)}"
+                 for knob in ("scale", "nu", "rate", "top_k", "top_p", "temperature") if knob not in used}
+        if self.family in DETERMINISTIC:
+            inert |= {name: f"family {self.family!r} is a deterministic transform and draws no noise"
+                      for name in ("mode", "version_steps", "state_bin")}
+        else:
+            inert["learner_too"] = (f"learner_too applies a deterministic transform on the learner's side too "
+                                    f"({', '.join(DETERMINISTIC)}), and family {self.family!r} is not one")
+        if self.family != "profile":
+            inert["profile"] = f"only family 'profile' reads an engine profile (got family {self.family!r})"
+        if self.mode == "fresh":
+            inert |= {"version_steps": "mode 'fresh' draws new noise every step (version_steps re-keys the "
+                                       "persistent modes context and state)"}
+        if self.mode != "state":
+            inert |= {"state_bin": f"mode {self.mode!r} is not keyed by the rounded state (only mode 'state' is)"}
+        return inert
+
     @model_validator(mode="after")
     def _profile_file_with_profile_family(self):
-        if (self.family == "profile") != (self.profile is not None):
+        if self.family == "profile" and self.profile is None:
             raise ValueError("the profile family needs perturbation.logit_noise.profile (a file written by "
-                             "`timsim profile PAIRS --out FILE`), and only it uses one"
-                             if self.family == "profile" else "perturbation.logit_noise.profile is used only "
-                             f"by family: profile (got family {self.family!r})")
-        return self
-
-    @model_validator(mode="after")
-    def _learner_too_is_deterministic(self):
-        if not self.learner_too:  # (checked first: default sections are built while timsim.config loads)
-            return self
-        from timsim.perturb import DETERMINISTIC
-
-        if self.family not in DETERMINISTIC:
-            raise ValueError(f"learner_too applies a deterministic transform on the learner's side; accepted "
-                             f"families: {', '.join(DETERMINISTIC)} (got {self.family!r})")
+                             "`timsim profile PAIRS --out FILE`)")
         return self
 
     @field_validator("family")
@@ -97,6 +108,9 @@ class PrecisionConfig(_Section):
                              "set split_k > 1 or softmax_chunks > 1")
         return self
 
+    def inert_fields(self) -> dict[str, str]:
+        return {"sites": "dtype fp32 rounds nothing"} if self.dtype == "fp32" else {}
+
     def numerics(self) -> Numerics:
         sites = tuple(self.sites) if self.dtype != "fp32" else Numerics.sites
         return Numerics(self.dtype, sites, self.split_k, self.partials, self.softmax_chunks, self.batch_variant)
@@ -109,6 +123,10 @@ class WeightNoiseConfig(_Section):
     scale: Traced = Field(0.0, ge=0.0, description="standard deviation added to each weight")
     hold_steps: int = Field(1, ge=1, description="keep one draw for this many updates (1: re-drawn every step)")
 
+    def inert_fields(self) -> dict[str, str]:
+        return {} if self.family != "none" else {
+            name: "perturbation.weight_noise.family is 'none'" for name in ("scale", "hold_steps")}
+
 
 class RouterNoiseConfig(_Section):
     """Gaussian noise on the sampler's mixture-of-experts router logits (needs model.experts):
@@ -116,6 +134,9 @@ class RouterNoiseConfig(_Section):
 
     family: Literal["none", "gaussian"] = "none"
     scale: Traced = Field(0.0, ge=0.0, description="standard deviation added to each router logit")
+
+    def inert_fields(self) -> dict[str, str]:
+        return {"scale": "perturbation.router_noise.family is 'none'"} if self.family == "none" else {}
 
 
 TARGET_METRICS = {  # target field -> the measured metric it sets (timsim.diagnostics)
@@ -154,6 +175,10 @@ class TargetConfig(_Section):
         if self.equivalent_length is not None and set_ != ["token_kl"]:
             raise ValueError("equivalent_length scales a per-token target: use it with token_kl")
         return self
+
+    def inert_fields(self) -> dict[str, str]:
+        return {"track": "no target metric is set (track says when a target is re-calibrated)"} \
+            if self.metric is None else {}
 
     @property
     def metric(self) -> str | None:
@@ -235,6 +260,18 @@ class CorrectionConfig(_Section):
         "experts the sampler chose, in the learner's old log-probs and every update"))
     score_centering: bool = Field(False, description="subtract the sampler's expected score from every token's")
     batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
+
+    def inert_fields(self) -> dict[str, str]:
+        from timsim.corrections import KNOBS
+
+        used = {knob for kind in self.kinds for knob in KNOBS[kind]}
+        listed = f"correction.kinds is {self.kinds}" if self.kinds else "correction.kinds is empty"
+        readers = lambda knob: [k for k in KNOBS if knob in KNOBS[k]]  # noqa: E731
+        inert = {knob: f"{listed}; only {' and '.join(readers(knob))} {'reads' if len(readers(knob)) == 1 else 'read'} it"
+                 for knobs in KNOBS.values() for knob in knobs if knob not in used}
+        if not self.kinds:
+            inert["batch_normalize"] = "correction.kinds is empty (there are no weights to normalise)"
+        return inert
 
     @property
     def active(self) -> bool:

@@ -172,6 +172,14 @@ CORRECTIONS: dict[str, Callable] = {
     "prefix_is": prefix_is,
     "minpro": minpro,
 }
+# The `correction.*` fields each kind reads: the config rejects a threshold that no listed kind uses.
+KNOBS: dict[str, tuple[str, ...]] = {
+    "token_tis": ("tis_cap",), "seq_tis": ("tis_cap",), "token_mis": ("mis_low", "mis_high"),
+    "seq_mask": ("seq_low", "seq_high"), "seq_mis": ("seq_low", "seq_high"), "geometric": ("geo_low", "geo_high"),
+    "kl_rejection": ("kl_estimator", "kl_aggregate", "kl_threshold"), "veto": ("veto_threshold",),
+    "offpolicy_mask": ("offpolicy_threshold",), "cis": ("cis_lambda", "cis_kappa"), "prefix_is": ("prefix_cap",),
+    "minpro": ("prefix_cap",),
+}
 WEIGHTING = ("token_tis", "seq_tis", "token_mis", "seq_mis", "cis", "prefix_is", "minpro")  # produce weights, not only masks
 
 

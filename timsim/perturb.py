@@ -134,6 +134,12 @@ LOGIT_NOISE: dict[str, Callable] = {
     "top_p": top_p,
     "temperature": temperature,
 }
+# The traced `perturbation.logit_noise.*` knobs each family reads: the config rejects the others.
+KNOBS: dict[str, tuple[str, ...]] = {
+    "profile": ("scale",), "gaussian": ("scale",), "student_t": ("scale", "nu"), "spikes": ("scale", "rate"),
+    "magnitude": ("scale",), "dirichlet": ("scale",), "top_k": ("top_k",), "top_p": ("top_p",),
+    "temperature": ("temperature",),
+}
 SCALED = ("gaussian", "student_t", "spikes", "magnitude", "dirichlet", "profile")  # families whose `scale` calibration can tune
 DETERMINISTIC = ("temperature", "top_k", "top_p")  # transforms the learner can apply too (`learner_too`)
 

@@ -11,7 +11,7 @@ from rich.table import Table
 
 import jax
 
-from timsim.config import Config, ConfigError
+from timsim.config import Config, ConfigError, inside
 from timsim.critical import margin_words
 from timsim.plots import plot_curves
 from timsim.runner import Cell, run_cells
@@ -196,7 +196,7 @@ def finish(root: Path, summary: pd.DataFrame, console: Console) -> Path:
 
 def train(cfg: Config, console: Console, restart: bool = False) -> Path:
     """`timsim train`: one cell (the config's seeds) into out_dir/name; rerunning resumes."""
-    root = Path(cfg.run.out_dir) / cfg.run.name
+    root = inside(cfg.run.out_dir, cfg.run.name)
     summary = run_cells([Cell(cfg.run.name, cfg)], Store(root), console, restart=restart)
     finish(root, summary, console)
     return root
@@ -208,7 +208,7 @@ def sweep(path: str, overrides: list[str], console: Console, dry_run: bool = Fal
     from timsim.sweep import estimate_seconds, load_plan
 
     plan = load_plan(path, overrides)
-    root = Path(out_dir or plan.cells[0].cfg.run.out_dir) / plan.name
+    root = inside(out_dir or plan.cells[0].cfg.run.out_dir, plan.name)
     groups = plan.groups()
     table = Table(title=f"sweep {plan.name}: {len(plan.cells)} cells, {plan.n_runs} runs, "
                         f"{len(groups)} compiled program(s) -> {root}")
@@ -255,10 +255,10 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
         settings.validate(cfg)
     first = next(iter(variants.values()))
     parent = Path(out_dir or first.run.out_dir)
-    root = parent / name if name else parent
+    root = inside(parent, name) if name else parent
     rows = []
     for variant, cfg in variants.items():
-        vroot = root / variant if name else root / f"critical-{variant}"
+        vroot = inside(root, variant if name else f"critical-{variant}")
         console.rule(f"critical finder: {variant}")
         record = run_finder(cfg, settings, vroot, console, restart=restart)
         _print_dose_response(pd.read_parquet(vroot / "critical.parquet"), record, max(settings.levels), vroot, console)

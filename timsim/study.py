@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from timsim.config import Config, ConfigError, set_dotted
+from timsim.config import Config, ConfigError, check_name, set_dotted
 from timsim.critical import FinderSettings
 
 
@@ -59,7 +59,8 @@ def load_study(path: str | Path, overrides: list[str], cli: dict) -> tuple[str, 
         raise ConfigError(f"Invalid study file {str(path)!r}: unknown finder key(s) {sorted(unknown)}; accepted: "
                           f"{', '.join(sorted(FINDER_KEYS))}.")
     base = resolve_base(path, spec, None)
-    name = spec.name or path.stem
+    name = check_name(path.stem if spec.name is None else spec.name,
+                      f"study name (`name:` of {str(path)!r}, default: the file's stem)")
     variants = {}
     for variant, changes in spec.variants.items():
         raw = json.loads(json.dumps(base))

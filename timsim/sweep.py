@@ -33,7 +33,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from timsim.config import Config, ConfigError, config_from_dict, parse_overrides, set_dotted, static_hash
+from timsim.config import Config, ConfigError, check_name, config_from_dict, parse_overrides, set_dotted, static_hash
 from timsim.runner import Cell
 
 
@@ -159,7 +159,8 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
     spec = read_spec(path, SweepFile, "sweep")
     _check_axes(spec)
     base = resolve_base(path, spec, overrides)
-    name = spec.name or path.stem
+    name = check_name(path.stem if spec.name is None else spec.name,
+                      f"sweep name (`name:` of {str(path)!r}, default: the file's stem)")
     set_dotted(base, "run.name", name)
     config_from_dict(base, f"{str(path)!r} (base)")
 
@@ -173,7 +174,7 @@ def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
         assignment = {**g, **z}
         for key, value in {**fixed, **assignment}.items():
             set_dotted(raw_cell, key, value)
-        cid = cell_id(cell_name, assignment)
+        cid = check_name(cell_id(cell_name, assignment), "cell name")
         cfg = config_from_dict(raw_cell, f"{str(path)!r}, cell {cid}")
         if cid in ids:
             raise ConfigError(f"Invalid sweep: two cells have the id {cid!r}; give named cells distinct names.")
