@@ -123,12 +123,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from timsim.base import CheckpointError
     from timsim.config import ConfigError
+    from timsim.store import ResultsBusy
 
     console = Console() if sys.stdout.isatty() else Console(width=200)  # logs: tables unwrapped
     try:
         return _dispatch(args, console)
-    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ResultsBusy) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
+        return 2
+    except OSError as err:  # a full or read-only disk, a path that is not a directory, ...
+        console.print(f"[bold red]error:[/] could not read or write {err.filename or 'the results'!s}: "
+                      f"{err.strerror or err}. Every chunk recorded before this point is intact on disk (files are "
+                      "written to a temporary name and renamed); fix the cause, e.g. free space or make the "
+                      "directory writable, and rerun the same command to resume.", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]: finished chunks are on disk")

@@ -111,8 +111,21 @@ class FinderSettings:
         """From a study's `finder:` block and/or the command line; a later layer wins, and a
         None value (an option not given) keeps the earlier layer's value or the default."""
         given = {k: v for layer in layers for k, v in layer.items() if v is not None}
-        return cls(levels=[float(v) for v in given.pop("levels", [1e-3, 1e-2, 1e-1])],
-                   bisect_rounds=int(given.pop("bisect", 2)), **given)
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)  # noqa: E731
+        levels = given.pop("levels", [1e-3, 1e-2, 1e-1])
+        if not isinstance(levels, (list, tuple)) or not levels or not all(number(v) and v > 0 for v in levels):
+            raise ConfigError(f"Finder `levels` must be a non-empty list of positive numbers, e.g. [0.01, 0.1, 1.0] "
+                              f"(got {levels!r}).")
+        bisect = given.pop("bisect", 2)
+        if not isinstance(bisect, int) or isinstance(bisect, bool) or bisect < 0:
+            raise ConfigError(f"Finder `bisect` must be a whole number of rounds >= 0 (got {bisect!r}).")
+        for key in ("margin", "confidence"):
+            if key in given and not number(given[key]):
+                raise ConfigError(f"Finder `{key}` must be a finite number (got {given[key]!r}).")
+        for key in ("target", "metric", "margin_of"):
+            if key in given and not isinstance(given[key], str):
+                raise ConfigError(f"Finder `{key}` must be a name (got {given[key]!r}).")
+        return cls(levels=[float(v) for v in levels], bisect_rounds=bisect, **given)
 
     def validate(self, cfg: Config) -> None:
         from timsim.perturb import SCALED
@@ -266,62 +279,61 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
 
     settings.validate(cfg)
     store = Store(root)
-    if restart:
-        import shutil
+    with store.lock():  # held across every round, so a second finder on `root` stops at once
+        if restart:
+            store.clear()
+        arms = [("", uncorrected(cfg)), (CORRECTED, cfg)] if cfg.correction.active else [("", cfg)]
+        sweep = {"name": f"critical-{cfg.run.name}", "sweep_hash": None}
+        findings = {}
+        earlier = {cid: c for cid, c in store.read_manifest().get("cells", {}).items() if cid != ZERO_CELL}
+        other_targets = {k.removeprefix("perturbation.target.") for c in earlier.values() for k in c["swept"]
+                         if k.startswith("perturbation.target.")} - {settings.target}
+        if other_targets:
+            raise ConfigError(f"{root} holds a finder run with levels in {', '.join(sorted(other_targets))}, not "
+                              f"{settings.target!r} (--target): rerun with that target to resume it, add --restart to "
+                              f"discard it, or give another --out-dir.")
+        for arm, arm_cfg in arms:
+            known = sorted(c["swept"][f"perturbation.target.{settings.target}"] for cid, c in earlier.items()
+                           if cid.startswith(arm) and (arm or not cid.startswith(CORRECTED)))
+            tried: list[float] = []
 
-        shutil.rmtree(root, ignore_errors=True)
-    arms = [("", uncorrected(cfg)), (CORRECTED, cfg)] if cfg.correction.active else [("", cfg)]
-    sweep = {"name": f"critical-{cfg.run.name}", "sweep_hash": None}
-    findings = {}
-    earlier = {cid: c for cid, c in store.read_manifest().get("cells", {}).items() if cid != ZERO_CELL}
-    other_targets = {k.removeprefix("perturbation.target.") for c in earlier.values() for k in c["swept"]
-                     if k.startswith("perturbation.target.")} - {settings.target}
-    if other_targets:
-        raise ConfigError(f"{root} holds a finder run with levels in {', '.join(sorted(other_targets))}, not "
-                          f"{settings.target!r} (--target): rerun with that target to resume it, add --restart to "
-                          f"discard it, or give another --out-dir.")
-    for arm, arm_cfg in arms:
-        known = sorted(c["swept"][f"perturbation.target.{settings.target}"] for cid, c in earlier.items()
-                       if cid.startswith(arm) and (arm or not cid.startswith(CORRECTED)))
-        tried: list[float] = []
+            def evaluate(levels: list[float]) -> dict[float, np.ndarray]:
+                nonlocal tried
+                tried = sorted(set(tried) | set(levels))
+                plan = sorted(set(tried) | set(known))  # levels an interrupted invocation started stay in the plan
+                console.print(f"[bold]critical finder[/]{' (' + arm.strip() + ')' if arm else ''}: levels "
+                              f"{', '.join(f'{lv:.3g}' for lv in plan)} ({settings.target}) x {len(cfg.run.seeds)} "
+                              f"seeds, against the zero-mismatch twin")
+                summary = run_cells(make_cells(arm_cfg, settings, plan, arm), store, console, sweep=sweep)
+                unit = margin_unit(summary, settings)  # the decisions compare diffs / unit with settings.margin
+                return {lv: paired_differences(summary, level_cell_id(lv, arm), settings.metric) / unit for lv in plan}
 
-        def evaluate(levels: list[float]) -> dict[float, np.ndarray]:
-            nonlocal tried
-            tried = sorted(set(tried) | set(levels))
-            plan = sorted(set(tried) | set(known))  # levels an interrupted invocation started stay in the plan
-            console.print(f"[bold]critical finder[/]{' (' + arm.strip() + ')' if arm else ''}: levels "
-                          f"{', '.join(f'{lv:.3g}' for lv in plan)} ({settings.target}) x {len(cfg.run.seeds)} "
-                          f"seeds, against the zero-mismatch twin")
-            summary = run_cells(make_cells(arm_cfg, settings, plan, arm), store, console, sweep=sweep)
-            unit = margin_unit(summary, settings)  # the decisions compare diffs / unit with settings.margin
-            return {lv: paired_differences(summary, level_cell_id(lv, arm), settings.metric) / unit for lv in plan}
-
-        findings[arm] = find_critical(evaluate, settings.levels, settings.bisect_rounds, settings.margin,
-                                      settings.confidence)
-    metrics, summary = load(root)
-    manifest = store.read_manifest()
-    margin_abs = settings.margin * margin_unit(summary, settings)
-    gain = twin_gain(summary, settings.metric)
-    tables = [dose_response(findings[arm], metrics, summary, manifest, settings, margin_abs, arm) for arm, _ in arms]
-    table = pd.concat([tables[0], *[t[t.level > 0] for t in tables[1:]]], ignore_index=True)
-    atomic_write_parquet(root / "critical.parquet", table)
-    record = {"target": settings.target, "margin": settings.margin, "margin_of": settings.margin_of,
-              "margin_abs": margin_abs, "twin_gain": None if math.isnan(gain) else gain,
-              "confidence": settings.confidence,
-              "metric": settings.metric, "seeds": list(cfg.run.seeds),
-              "family": cfg.perturbation.scaled_source, "mode": cfg.perturbation.logit_noise.mode,
-              "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps,
-              **_critical_fields(findings[arms[-1][0]], tables[-1])}
-    if cfg.correction.active:
-        base = _critical_fields(findings[""], tables[0])
-        record["correction"] = correction_label(cfg)
-        record["uncorrected"] = base
-        lo, hi = base["critical_level"], record["critical_level"]
-        record["critical_shift"] = (hi / lo if lo is not None and hi is not None
-                                    else None if lo is None and hi is None else "up" if hi is None else "down")
-    atomic_write_bytes(root / "critical.json", json.dumps(record, indent=2).encode())
-    plot_dose_response(table, record, root / "critical.png")
-    return record
+            findings[arm] = find_critical(evaluate, settings.levels, settings.bisect_rounds, settings.margin,
+                                          settings.confidence)
+        metrics, summary = load(root)
+        manifest = store.read_manifest()
+        margin_abs = settings.margin * margin_unit(summary, settings)
+        gain = twin_gain(summary, settings.metric)
+        tables = [dose_response(findings[arm], metrics, summary, manifest, settings, margin_abs, arm) for arm, _ in arms]
+        table = pd.concat([tables[0], *[t[t.level > 0] for t in tables[1:]]], ignore_index=True)
+        atomic_write_parquet(root / "critical.parquet", table)
+        record = {"target": settings.target, "margin": settings.margin, "margin_of": settings.margin_of,
+                  "margin_abs": margin_abs, "twin_gain": None if math.isnan(gain) else gain,
+                  "confidence": settings.confidence,
+                  "metric": settings.metric, "seeds": list(cfg.run.seeds),
+                  "family": cfg.perturbation.scaled_source, "mode": cfg.perturbation.logit_noise.mode,
+                  "old_logprobs": cfg.grpo.old_logprobs, "response_len": cfg.response_len, "steps": cfg.run.steps,
+                  **_critical_fields(findings[arms[-1][0]], tables[-1])}
+        if cfg.correction.active:
+            base = _critical_fields(findings[""], tables[0])
+            record["correction"] = correction_label(cfg)
+            record["uncorrected"] = base
+            lo, hi = base["critical_level"], record["critical_level"]
+            record["critical_shift"] = (hi / lo if lo is not None and hi is not None
+                                        else None if lo is None and hi is None else "up" if hi is None else "down")
+        atomic_write_bytes(root / "critical.json", json.dumps(record, indent=2).encode())
+        plot_dose_response(table, record, root / "critical.png")
+        return record
 
 
 def margin_words(record: dict) -> str:

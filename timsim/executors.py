@@ -21,10 +21,10 @@ from timsim.config import ConfigError
 
 def _run_group_task(root: str, gid: str, cells: list) -> str:
     """Body of one Ray task (runs in a worker process)."""
-    from timsim.runner import _Fault, run_group
+    from timsim.runner import run_group
     from timsim.store import Store
 
-    run_group(gid, cells, Store(root), Console(width=120, force_terminal=False), _Fault())
+    run_group(gid, cells, Store(root), Console(width=120, force_terminal=False))
     return gid
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
-import signal
 import time
 
 import jax
@@ -29,15 +27,14 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from timsim import base as base_lib
+from timsim import faults
 from timsim.calibrate import resolve_targets
-from timsim.config import Config, ConfigError, static_hash, static_view, to_yaml, traced_values
+from timsim.config import Config, ConfigError, check_name, static_hash, static_view, to_yaml, traced_values
 from timsim.metrics import METRICS
 from timsim.store import SCHEMA_VERSION, Store, load, provenance
 from timsim.summary import summarize_runs
 from timsim.probes import make_probe
 from timsim.train import init_state, make_chunk, make_eval, padded_width, place, resolve_batching
-
-FAULT_ENV = "TIMSIM_FAULT_AFTER_CHUNKS"  # test hook: SIGKILL this process after that many chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,20 +80,7 @@ def _progress(console: Console) -> Progress:
                     console=console, disable=not console.is_terminal)
 
 
-class _Fault:
-    """SIGKILL after N chunks when TIMSIM_FAULT_AFTER_CHUNKS=N (kill/resume tests)."""
-
-    def __init__(self):
-        self.left = int(os.environ.get(FAULT_ENV, "0"))
-
-    def tick(self):
-        if self.left:
-            self.left -= 1
-            if not self.left:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-
-def run_group(gid: str, cells: list[Cell], store: Store, console: Console, fault: _Fault) -> None:
+def run_group(gid: str, cells: list[Cell], store: Store, console: Console) -> None:
     """Train every run of `cells` (same static config) together from its last finished chunk.
 
     Progress goes to the group's own file (`Store.write_group`), never to the shared
@@ -170,6 +154,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, console: Console, fault
                 store.write_metrics_part(cell_id, c, df)
             ckpt = store.checkpoint_dir(gid, c * chunk_steps)
             checkpointer.save(ckpt.absolute(), state, force=True)
+            faults.reached("checkpoint", ckpt)
             checkpointer.wait_until_finished()
             group["chunks_done"] = c
             if tracker.runs and c < n_chunks:
@@ -186,7 +171,7 @@ def run_group(gid: str, cells: list[Cell], store: Store, console: Console, fault
             if not console.is_terminal:
                 console.print(f"  {label[:40]}: step {c * chunk_steps}/{cfg.run.steps}: {info} "
                               f"({time.perf_counter() - t0:.1f}s)")
-            fault.tick()
+            faults.reached("chunk_end")
     group["status"] = "done"
     for cell in cells:
         record["cells"][cell.cell_id]["status"] = "done"
@@ -315,10 +300,16 @@ def run_cells(cells: list[Cell], store: Store, console: Console | None = None, s
 
     `executor`: `local` runs the groups one after another in this process; `ray` makes each
     group a Ray task (`timsim.executors`, options in `ray`). Both write the same files."""
-    console = console or Console()
-    sweep = sweep or {"name": cells[0].cfg.run.name}
+    for cell in cells:
+        check_name(cell.cell_id, "cell name")
+    with store.lock():
+        return _run_locked(cells, store, console or Console(), sweep or {"name": cells[0].cfg.run.name}, restart,
+                           executor, ray)
+
+
+def _run_locked(cells, store, console, sweep, restart, executor, ray) -> pd.DataFrame:
     if restart:
-        shutil.rmtree(store.root, ignore_errors=True)
+        store.clear()
     manifest = store.read_manifest()
     if manifest:
         _check_compatible(cells, manifest, sweep)
@@ -339,9 +330,8 @@ def run_cells(cells: list[Cell], store: Store, console: Console | None = None, s
 
         run_on_ray(groups, store.root, console, **(ray or {}))
     elif executor == "local":
-        fault = _Fault()
         for gid, group_cells in groups.items():
-            run_group(gid, group_cells, store, console, fault)
+            run_group(gid, group_cells, store, console)
     else:
         raise ConfigError(f"executor must be local or ray, got {executor!r}.")
     manifest = store.read_manifest()

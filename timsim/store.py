@@ -6,6 +6,7 @@
 <dir>/metrics/part-<cell>-<chunk>.parquet   one row per run x step; parts are never rewritten
 <dir>/summary.parquet                   one row per run
 <dir>/ckpt/<group>/<step>/              orbax checkpoints of the run states at chunk ends
+<dir>/.lock                             held (flock) by the one process writing the directory
 ```
 
 Metrics table columns: ``cell_id, run_idx, seed, step``, every swept value as
@@ -16,34 +17,60 @@ reader never sees a torn file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
 
+from timsim import faults
+
 SCHEMA_VERSION = 1
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+TMP_SUFFIX = ".tmp"
+LOCK_NAME = ".lock"
+
+
+class ResultsBusy(RuntimeError):
+    """Another process is writing this results directory."""
+
+
+@contextlib.contextmanager
+def _temporary_beside(path: Path, point: str):
+    """A temporary file next to `path` that replaces it when the block succeeds and is
+    removed when it fails (a full disk leaves no half-written file behind). A process
+    killed inside the block leaves only a hidden `.name.*.tmp`, which readers never glob
+    and the next writer of the directory removes (`Store.lock`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TMP_SUFFIX)
+    os.close(fd)
+    try:
+        yield tmp
+        faults.reached(point, path)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _temporary_beside(path, "write_bytes") as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_parquet(path: Path, df: pd.DataFrame) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    df.to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    with _temporary_beside(path, "write_parquet") as tmp:
+        df.to_parquet(tmp, index=False)
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
@@ -78,11 +105,62 @@ def provenance() -> dict:
     }
 
 
+_HELD: dict[Path, int] = {}  # directories whose lock this process holds -> nesting depth
+
+
 class Store:
     """One run or sweep directory."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold this directory for this process: a second process (a second sweep started on
+        the same directory) gets `ResultsBusy` at once instead of interleaving its files.
+        Re-entrant within a process (the finder holds it across its rounds of `run_cells`).
+        The lock is an flock on `<dir>/.lock`, released by the kernel when the process
+        dies, so a killed run never leaves a stale lock."""
+        key = self.root.resolve()
+        if key in _HELD:
+            _HELD[key] += 1
+            try:
+                yield self
+            finally:
+                _HELD[key] -= 1
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = open(self.root / LOCK_NAME, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ResultsBusy(f"Results directory {str(self.root)!r} is in use by {holder}. Two runs writing one "
+                              "directory would interleave their files: wait for that one to finish (rerunning then "
+                              "resumes), or give this one another run.name or --out-dir.") from None
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"timsim pid {os.getpid()} on {platform.node()} since {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            handle.flush()
+            for stale in self.root.rglob(f".*{TMP_SUFFIX}"):  # left by a process killed mid-write
+                stale.unlink(missing_ok=True)
+            _HELD[key] = 1
+            yield self
+        finally:
+            _HELD.pop(key, None)
+            handle.close()
+
+    def clear(self) -> None:
+        """Delete every result in this directory (--restart), keeping the lock file."""
+        if not self.root.exists():
+            return
+        for child in self.root.iterdir():
+            if child.name == LOCK_NAME:
+                continue
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
 
     @property
     def manifest_path(self) -> Path:
