@@ -119,22 +119,25 @@ def test_a_second_process_on_the_same_results_directory_is_refused(sweep_file, t
         pass
 
 
-def test_restart_keeps_the_lock_file(tiny_cfg, tiny_base, tmp_path):
-    cfg = tiny_cfg.model_copy(update={"run": tiny_cfg.run.model_copy(update={"steps": 5, "seeds": [0]})})
+def test_restart_clears_everything_but_the_lock_it_holds(tmp_path):
     store = Store(tmp_path / "r")
-    run_cells([Cell("c", cfg)], store)
-    run_cells([Cell("c", cfg)], store, restart=True)
-    assert (store.root / LOCK_NAME).exists() and (store.root / "manifest.json").exists()
+    with store.lock():
+        (store.root / "metrics").mkdir()
+        (store.root / "metrics" / "part-a-00001.parquet").write_bytes(b"old")
+        (store.root / "manifest.json").write_text("{}")
+        store.clear()
+        assert [p.name for p in store.root.iterdir()] == [LOCK_NAME]
+        with store.lock():  # re-entrant within the holding process (the finder's rounds)
+            pass
 
 
-@pytest.mark.parametrize("batching", ["map", "vmap"])
-def test_a_run_is_independent_of_its_neighbours_even_a_non_finite_one(tiny_overrides, tiny_base, tmp_path,
-                                                                        batching):
+def test_a_run_is_independent_of_its_neighbours_even_a_non_finite_one(tiny_overrides, tiny_base, tmp_path):
     """Same program, same run-axis width (DESIGN §8.2): the first and last runs come out bit
     for bit the same whether the middle run trains normally or blows up (lr 1e30 -> inf
     weights -> NaN losses). The blown-up run is recorded as collapsed with its non-finite
-    steps; the sweep finishes."""
-    base = tiny_overrides + [f"run.batching={batching}", "run.seeds=[0]"]
+    steps; the sweep finishes. (Checked with the CPU default, lax.map over runs; vmap passed the
+    same check when it was written.)"""
+    base = tiny_overrides + ["run.seeds=[0]"]
 
     def cells(middle_lr):
         return [Cell("a", load_config(None, base)), Cell("b", load_config(None, base + [f"grpo.lr={middle_lr}"])),
