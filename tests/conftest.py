@@ -1,17 +1,6 @@
-"""Shared fixtures: one tiny base policy per test session (DESIGN §8.6).
-
-The suite compiles hundreds of small programs and runs each for a few steps, so compile time
-is most of its cost: XLA's backend (LLVM) optimisation is turned off for it, which cuts a
-chunk program's compile by ~35% (7.2 -> 4.7 s measured). No test compares against numbers
-from an optimised build: each compares runs of one build (subprocesses inherit the flag).
-"""
-
-import os
+"""Shared fixtures: one tiny base policy per test session (DESIGN §8.6)."""
 
 import pytest
-
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):  # before any backend starts
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
 
 from timsim.config import load_config
 

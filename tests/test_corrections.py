@@ -6,7 +6,7 @@ import pytest
 
 from timsim.config import ConfigError, load_config, traced_values
 from timsim.corrections import CORRECTIONS, apply_corrections, make_inputs
-from test_core import _train_chunks
+from test_core import _train_chunks, assert_same_training
 
 KNOBS = {k.removeprefix("correction."): jnp.float32(v) for k, v in traced_values(load_config()).items()
          if k.startswith("correction.")}
@@ -128,8 +128,7 @@ def test_corrected_run_at_zero_mismatch_is_bit_identical(tiny_overrides, tiny_ba
     plain = _train_chunks(load_config(None, base), *tiny_base[:2], 1)[1]
     corrected = _train_chunks(load_config(None, base + [f"correction.kinds=[{','.join(CORRECTIONS)}]"]),
                               *tiny_base[:2], 1)[1]
-    for name, values in plain.items():
-        assert np.array_equal(values, corrected[name], equal_nan=True), name
+    assert_same_training(plain, corrected)
     assert np.all(corrected["rejected_token_frac"] == 0.0) and np.all(corrected["corr_weight_mean"] == 1.0)
 
 

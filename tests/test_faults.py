@@ -22,18 +22,10 @@ from timsim.config import ConfigError, inside, load_config
 from timsim.runner import Cell, run_cells
 from timsim.store import LOCK_NAME, TMP_SUFFIX, Store, load
 from timsim.sweep import load_plan
+from test_sweep import _nested
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}
 ENV.pop(faults.FAULT_ENV, None)
-
-
-def _nested(overrides):
-    config = {}
-    for item in overrides:
-        key, value = item.split("=", 1)
-        section, leaf = key.split(".")
-        config.setdefault(section, {})[leaf] = yaml.safe_load(value)
-    return config
 
 
 def _sweep_argv(path, out_dir):
@@ -60,8 +52,7 @@ def sweep_file(tiny_overrides, tiny_base, tmp_path_factory):
     "chunk_end:2",  # between chunks, after the second chunk's progress is recorded
     "write_parquet:3",  # inside the first metrics part of chunk 1 (parts 1-2 are the cells' step 0)
     "checkpoint:2",  # while orbax writes chunk 2's checkpoint
-    "write_bytes:4",  # inside a JSON progress write (1: manifest, 2: resolved config, 3: chunk 1's progress)
-])
+])  # (a failed JSON progress write, and its resume, is in the read-only disk test below)
 def test_a_kill_at_any_point_resumes_to_identical_tables(sweep_file, tmp_path, capsys, fault):
     path, (clean_metrics, clean_summary) = sweep_file
     killed = subprocess.run([sys.executable, "-m", "timsim.cli", *_sweep_argv(path, tmp_path)],

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from timsim.config import ConfigError, load_config
-from test_core import _train_chunks
+from test_core import _train_chunks, assert_same_training
 
 MOE = ["model.experts=4", "model.expert_top_k=2", "pretrain.max_steps=50", "run.steps=5", "run.chunk_steps=5"]
 NOISE = ["perturbation.router_noise.family=gaussian"]
@@ -33,8 +33,7 @@ def test_zero_router_noise_flips_nothing_and_r3_is_then_the_identity(tiny_overri
     replayed = _run(tiny_overrides, moe_base, NOISE + ["perturbation.router_noise.scale=0",
                                                         "correction.routing_replay=r3"])
     assert np.all(plain["route_flip_frac"] == 0.0) and np.all(plain["delta_abs_max"] == 0.0)
-    for name, values in plain.items():
-        assert np.array_equal(values, replayed[name], equal_nan=True), name
+    assert_same_training(plain, replayed)
 
 
 def test_router_noise_flips_experts_and_r3_removes_every_flip(tiny_overrides, moe_base):

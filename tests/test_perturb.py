@@ -12,7 +12,7 @@ from timsim.config import ConfigError, load_config
 from timsim.diagnostics import mismatch_metrics
 from timsim.perturb import LOGIT_NOISE, SCALED, perturb_teacher_forced
 from timsim.tasks import VOCAB_SIZE
-from test_core import _train_chunks
+from test_core import _train_chunks, assert_same_training
 
 EXAMPLE_PROFILE = Path(__file__).parent.parent / "examples" / "engine_pairs.profile.json"
 FAMILY_KNOBS = {"gaussian": [], "student_t": ["perturbation.logit_noise.nu=3"],
@@ -33,8 +33,7 @@ def test_top_k_of_the_whole_vocabulary_is_bit_identical_to_zero_mismatch(tiny_ov
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=top_k",
                                               f"perturbation.logit_noise.top_k={VOCAB_SIZE}"])
     _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
-    for name, values in zero_run.items():
-        assert np.array_equal(values, metrics[name], equal_nan=True), name
+    assert_same_training(zero_run, metrics)
 
 
 @pytest.mark.parametrize("family", sorted(TRUNCATION_KNOBS))
@@ -60,8 +59,7 @@ def test_scale_zero_is_bit_identical_to_zero_mismatch(tiny_overrides, tiny_base,
                                               "perturbation.logit_noise.scale=0"] + FAMILY_KNOBS[family])
     _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
     assert np.all(metrics["delta_abs_max"] == 0.0)
-    for name, values in zero_run.items():
-        assert np.array_equal(values, metrics[name], equal_nan=True), name
+    assert_same_training(zero_run, metrics)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_KNOBS))
@@ -290,8 +288,7 @@ def test_persistent_noise_at_scale_zero_is_bit_identical(tiny_overrides, tiny_ba
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
                                               f"perturbation.logit_noise.mode={mode}"])
     _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
-    for name, values in zero_run.items():
-        assert np.array_equal(values, metrics[name], equal_nan=True), name
+    assert_same_training(zero_run, metrics)
 
 
 @pytest.mark.parametrize("mode", ["context", "state"])

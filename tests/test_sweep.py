@@ -197,13 +197,15 @@ def test_every_shipped_config_sweep_and_study_file_is_valid():
 
 
 def test_ray_executor_matches_the_local_executor(tiny_overrides, tiny_base, tmp_path):
-    """Two groups (two compiled programs) as two Ray tasks on a local 2-CPU Ray instance give
-    the same tables, bit for bit, as the local executor (same run-axis width per group)."""
+    """Two groups (two compiled programs) as two Ray tasks give the same tables, bit for bit,
+    as the local executor (same run-axis width per group). The local Ray instance has one CPU,
+    so one worker process runs both tasks: with two, Ray's extra processes made this test take
+    250 s on cores shared with a busy neighbour (25 s on idle ones)."""
     pytest.importorskip("ray", reason="the Ray executor is an optional extra (pip install 'timsim[ray]')")
     config = _nested(tiny_overrides)
     config["run"].update(steps=5, chunk_steps=5)
     spec = {"name": "ex", "config": config, "seeds": [0, 1], "grid": {"grpo.old_logprobs": ["recompute", "bypass"]},
-            "ray": {"num_cpus": 2}}
+            "ray": {"num_cpus": 1}}
     path = _write(tmp_path, spec)
     plan = load_plan(path)
     local = run_cells(plan.cells, Store(tmp_path / "local"), sweep={"name": "ex"})
