@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from flax import nnx
 
-from timsim.config import load_config, static_view, traced_values
+from timsim.config import load_config, static_hash, static_view, traced_values
 from timsim.model import init_model
 from timsim.rollout import learner_logprobs, sample
 from timsim.runner import Cell, load_trained_params, run_cells, stack_hyperparams
@@ -63,12 +63,18 @@ def test_padding_does_not_leak_into_learner_logprobs(tiny_cfg, tiny_base):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+_CHUNKS: dict = {}  # static hash -> compiled chunk: tests that differ only in traced values share a program
+
+
 def _train_chunks(cfg, graphdef, params, n_chunks):
     cells = [Cell("c", cfg)]
     hp, _ = stack_hyperparams(cells)
     hp, params = place(hp, over_runs=True), place(params, over_runs=False)
     state = place(jax.vmap(lambda h: init_state(params, h, cfg.perturbation.lag_steps))(hp), over_runs=True)
-    chunk = make_chunk(static_view(cfg), cfg.task.build(), graphdef)
+    key = (static_hash(cfg), cfg.run.chunk_steps)
+    if key not in _CHUNKS:
+        _CHUNKS[key] = make_chunk(static_view(cfg), cfg.task.build(), graphdef)
+    chunk = _CHUNKS[key]
     out = []
     for _ in range(n_chunks):
         state, metrics = chunk(state, hp, params)
