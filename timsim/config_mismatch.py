@@ -50,7 +50,7 @@ class LogitNoiseConfig(_Section):
 
         used = KNOBS[self.family]
         inert = {knob: f"family {self.family!r} reads only {', '.join(used)}"
-                 for knob in ("scale", "nu", "rate", "top_k", "top_p", "temperature") if knob not in used}
+                 for knob in sorted(set().union(*KNOBS.values())) if knob not in used}
         if self.family in DETERMINISTIC:
             inert |= {name: f"family {self.family!r} is a deterministic transform and draws no noise"
                       for name in ("mode", "version_steps", "state_bin")}
@@ -266,9 +266,10 @@ class CorrectionConfig(_Section):
 
         used = {knob for kind in self.kinds for knob in KNOBS[kind]}
         listed = f"correction.kinds is {self.kinds}" if self.kinds else "correction.kinds is empty"
-        readers = lambda knob: [k for k in KNOBS if knob in KNOBS[k]]  # noqa: E731
-        inert = {knob: f"{listed}; only {' and '.join(readers(knob))} {'reads' if len(readers(knob)) == 1 else 'read'} it"
-                 for knobs in KNOBS.values() for knob in knobs if knob not in used}
+        inert = {}
+        for knob in sorted(set().union(*KNOBS.values()) - used):
+            readers = [kind for kind, knobs in KNOBS.items() if knob in knobs]
+            inert[knob] = f"{listed}; only {' and '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it"
         if not self.kinds:
             inert["batch_normalize"] = "correction.kinds is empty (there are no weights to normalise)"
         return inert
