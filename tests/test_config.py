@@ -10,6 +10,8 @@ import yaml
 
 from timsim import config as C
 from timsim import tasks as T
+from timsim.grpo import ADVANTAGES, AGGREGATIONS, LOSSES
+from timsim.kl import KL_ESTIMATORS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -109,7 +111,11 @@ def test_parse_overrides():
     (["grpo.lr=0"], ["grpo.lr"]),
     (["model.max_len=5"], ["model.max_len"]),
     (["task.name=nope"], ["task.name", "nope", *T.TASKS]),
-    (["grpo.advantage=zz"], ["grpo.advantage", "'zscore'", "'mean'", "'rloo'"]),
+    (["grpo.advantage=zz"], ["grpo.advantage", "'zz'", ", ".join(ADVANTAGES)]),
+    (["grpo.loss=zz"], ["grpo.loss", "'zz'", ", ".join(LOSSES)]),
+    (["grpo.loss_agg=zz"], ["grpo.loss_agg", ", ".join(AGGREGATIONS)]),
+    (["grpo.kl_ref=k4"], ["grpo.kl_ref", ", ".join(KL_ESTIMATORS)]),
+    (["correction.kinds=[kl_rejection]", "correction.kl_estimator=k4"], ["correction.kl_estimator", "k1, k2, k3"]),
     (["run.steps=301"], ["run.steps", "run.chunk_steps"]),
     (["run.steps=100", "run.chunk_steps=30"], ["run.steps", "run.chunk_steps"]),
     (["task.n_digits=9"], ["task.n_digits"]),  # add allows at most 8

@@ -71,7 +71,7 @@ def test_reinforce_cispo_and_gspo_hand_computed():
     logp_old = jnp.log(jnp.array([[0.5, 0.5]]))
     logp = jnp.log(jnp.array([[0.8, 0.5]]))  # r = (1.6, 1.0)
     adv, mask = jnp.array([2.0]), jnp.ones((1, 2))
-    loss, _, _ = grpo.reinforce_per_token(logp, logp_old, adv, 0.2, 0.2)
+    loss, _, _ = grpo.reinforce_per_token(logp, logp_old, adv)
     np.testing.assert_allclose(loss, -2.0 * np.log([[0.8, 0.5]]), rtol=1e-6)
     # CISPO: the weight clip(1.6, 0.8, 1.2) = 1.2 is detached: d loss / d logp = -1.2 A, the token keeps a gradient
     grad = jax.grad(lambda lp: grpo.cispo_per_token(lp, logp_old, adv, 0.2, 0.2)[0].sum())(logp)

@@ -10,7 +10,7 @@ import pytest
 from timsim.calibrate import calibrate_scale, gaussian_closed_form_kl, hyperparams, make_measure
 from timsim.config import ConfigError, load_config
 from timsim.diagnostics import mismatch_metrics
-from timsim.perturb import LOGIT_NOISE, SCALED, perturb_teacher_forced
+from timsim.noise import LOGIT_NOISE, perturb_teacher_forced
 from timsim.tasks import VOCAB_SIZE
 from test_core import _train_chunks, assert_same_training
 
@@ -26,7 +26,7 @@ ONE_SIDED_KNOBS = {**TRUNCATION_KNOBS, "temperature": "perturbation.logit_noise.
 
 def test_every_family_is_covered():
     assert set(FAMILY_KNOBS) | set(ONE_SIDED_KNOBS) == set(LOGIT_NOISE)
-    assert set(FAMILY_KNOBS) == set(SCALED)
+    assert set(FAMILY_KNOBS) == set(LOGIT_NOISE.names(scaled=True))
 
 
 def test_top_k_of_the_whole_vocabulary_is_bit_identical_to_zero_mismatch(tiny_overrides, tiny_base, zero_run):
@@ -231,7 +231,7 @@ def test_zero_mismatch_skew_metrics_are_neutral(zero_run):
 
 
 def _spec(overrides):
-    from timsim.perturb import sampler_spec
+    from timsim.sampler import sampler_spec
 
     return sampler_spec(load_config(None, overrides))
 
@@ -239,7 +239,7 @@ def _spec(overrides):
 def test_context_noise_is_a_deterministic_function_of_the_context():
     """Identical contexts get identical noise, whatever the row or the step; contexts that
     differ at response token j get the same noise up to position j and different noise after."""
-    from timsim.perturb import noise_key_for, report_logits
+    from timsim.sampler import noise_key_for, report_logits
 
     spec = _spec(["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.mode=context"])
     assert jax.random.key_data(noise_key_for(spec, 3, 1)).tolist() == jax.random.key_data(noise_key_for(spec, 3, 9)).tolist()
@@ -258,7 +258,7 @@ def test_context_noise_is_a_deterministic_function_of_the_context():
 def test_state_noise_is_a_deterministic_function_of_the_predictive_distribution():
     """Mode state: rows whose distributions round alike get identical noise, whatever their
     context; a different distribution gets a different draw."""
-    from timsim.perturb import noise_key_for, report_logits
+    from timsim.sampler import noise_key_for, report_logits
 
     spec = _spec(["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.mode=state"])
     prompts = jnp.array([[1, 2, 12], [3, 4, 12], [1, 2, 12]])
@@ -275,7 +275,7 @@ def test_state_noise_is_a_deterministic_function_of_the_predictive_distribution(
 
 
 def test_persistent_noise_follows_the_weights_version():
-    from timsim.perturb import noise_key_for
+    from timsim.sampler import noise_key_for
 
     spec = _spec(["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.mode=context",
                   "perturbation.logit_noise.version_steps=4"])
@@ -303,7 +303,7 @@ def test_persistent_noise_samples_from_reported_mu(tiny_overrides, tiny_base, mo
 
 
 def test_weight_noise_is_held_for_hold_steps():
-    from timsim.perturb import weight_noise_key
+    from timsim.sampler import weight_noise_key
 
     spec = _spec(["perturbation.weight_noise.family=gaussian", "perturbation.weight_noise.hold_steps=5"])
     keys = [jax.random.key_data(weight_noise_key(spec, 0, s)).tolist() for s in range(11)]
@@ -391,7 +391,7 @@ def test_dirichlet_noise_preserves_the_mean():
     draw differs from it."""
     import jax
 
-    from timsim.perturb import dirichlet
+    from timsim.noise import dirichlet
 
     logits = jnp.array([2.0, 1.0, 0.0, -1.0])
     pi = np.asarray(jax.nn.softmax(logits))

@@ -46,7 +46,7 @@ def test_profile_family_reproduces_the_fitted_quantiles_at_the_sampled_tokens(tm
     token's probability bin, up to the position's normalisation shift."""
     import jax
 
-    from timsim.perturb import make_logits_fn
+    from timsim.noise import make_logits_fn
 
     profile = fit(example_pairs(n_tokens=50_000))
     path = tmp_path / "p.json"
@@ -68,7 +68,7 @@ def test_profile_family_needs_its_file():
     with pytest.raises(ConfigError, match="perturbation.logit_noise.profile"):
         load_config(None, ["perturbation.logit_noise.family=profile"])
     with pytest.raises(ConfigError, match="does not exist"):
-        from timsim.perturb import sampler_spec
+        from timsim.sampler import sampler_spec
 
         sampler_spec(load_config(None, ["perturbation.logit_noise.family=profile",
                                         "perturbation.logit_noise.profile=/nonexistent.json"]))

@@ -27,8 +27,7 @@ from flax import nnx
 from timsim.config import Config
 from timsim.model import init_model, response_forward, token_logprobs
 from timsim.rollout import sample
-from timsim.tasks import VOCAB_SIZE, Task
-from timsim.train import eval_prompts
+from timsim.tasks import VOCAB_SIZE, Task, eval_prompts
 
 
 class CheckpointError(RuntimeError):

@@ -23,7 +23,8 @@ from flax import nnx
 from timsim.config import Config, ConfigError, traced_values
 from timsim.diagnostics import mismatch_metrics
 from timsim.model import token_logprobs
-from timsim.perturb import (SCALED, decode_logits_fn, learner_transform, noise_knobs, report_logits, sampler_model,
+from timsim.noise import LOGIT_NOISE
+from timsim.sampler import (decode_logits_fn, learner_transform, noise_knobs, report_logits, sampler_model,
                             sampler_routing, sampler_spec, teacher_forced_pair)
 from timsim.rollout import sample
 
@@ -87,7 +88,8 @@ def calibrate_scale(measure: Callable, params, cfg: Config, target: float, metri
     `start`: a scale near the answer, to begin the search from."""
     family = cfg.perturbation.logit_noise.family
     if cfg.perturbation.scaled_source is None:
-        raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale ({', '.join(SCALED)}) or "
+        raise ConfigError(f"Calibration needs perturbation.logit_noise.family with a scale "
+                          f"({', '.join(LOGIT_NOISE.names(scaled=True))}) or "
                           f"perturbation.router_noise.family: gaussian (got logit-noise family {family!r}).")
     source = cfg.perturbation.scaled_source
     at = lambda s: {k: float(v) for k, v in jax.device_get(measure(params, hyperparams(cfg, s))).items()}  # noqa: E731

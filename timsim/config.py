@@ -27,6 +27,8 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from timsim import tasks as tasks_lib
+from timsim.grpo import ADVANTAGES, AGGREGATIONS, LOSSES
+from timsim.kl import KL_ESTIMATORS
 from timsim.config_mismatch import (TARGET_METRICS, CorrectionConfig, LogitNoiseConfig, PerturbationConfig,  # noqa: F401
                                     PrecisionConfig, TargetConfig, WeightNoiseConfig)
 from timsim.config_types import (FIELD_MARK, HOST, TRACED, ConfigError, HostValue, Traced, _Section,  # noqa: F401
@@ -100,10 +102,10 @@ class SamplerConfig(_Section):
 class GRPOConfig(_Section):
     prompts_per_step: int = Field(32, ge=1)
     group_size: int = Field(8, ge=2)
-    advantage: Literal["zscore", "mean", "rloo"] = "zscore"
-    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = "token_mean"
+    advantage: str = Field("zscore", description="group-relative advantage (timsim.grpo.ADVANTAGES)")
+    loss_agg: str = Field("token_mean", description="per-token loss to scalar (timsim.grpo.AGGREGATIONS)")
     old_logprobs: Literal["recompute", "bypass"] = "recompute"
-    loss: Literal["ppo", "reinforce", "gspo", "cispo"] = Field("ppo", description=(
+    loss: str = Field("ppo", description=(
         "ppo: PPO-clip (dual_clip > 1 adds the dual clip); reinforce: -A log pi, one update per batch; "
         "gspo: clipped length-normalised sequence ratio; cispo: clipped, detached IS weight on -A log pi"))
     dual_clip: Traced = Field(0.0, ge=0.0, description="ppo: lower bound c A on the objective of A < 0 tokens (0: off; "
@@ -115,16 +117,34 @@ class GRPOConfig(_Section):
     max_grad_norm: Traced = Field(1.0, gt=0.0)
     clip_eps_low: Traced = Field(0.2, ge=0.0, lt=1.0)
     clip_eps_high: Traced = Field(0.2, ge=0.0)
-    kl_ref: Literal["none", "k1", "k2", "k3"] = "none"
+    kl_ref: str = Field("none", description="estimator of the KL penalty to the base model (timsim.kl), or none")
     kl_coef: Traced = Field(0.0, ge=0.0)
     entropy_coef: Traced = 0.0
 
+    @field_validator("advantage")
+    @classmethod
+    def _known_advantage(cls, name: str) -> str:
+        return ADVANTAGES.check(name)
+
+    @field_validator("loss_agg")
+    @classmethod
+    def _known_aggregation(cls, name: str) -> str:
+        return AGGREGATIONS.check(name)
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, name: str) -> str:
+        return LOSSES.check(name)
+
+    @field_validator("kl_ref")
+    @classmethod
+    def _known_kl_ref(cls, name: str) -> str:
+        return name if name == "none" else KL_ESTIMATORS.check(name)
+
     def inert_fields(self) -> dict[str, str]:
-        inert = {}
-        if self.loss != "ppo":
-            inert["dual_clip"] = f"the dual clip is part of grpo.loss 'ppo' (got {self.loss!r})"
-        if self.loss == "reinforce":
-            inert |= {name: "grpo.loss 'reinforce' has no ratio to clip" for name in ("clip_eps_low", "clip_eps_high")}
+        reads = LOSSES.entry(self.loss).knobs
+        inert = {knob: f"grpo.loss {self.loss!r} reads only {', '.join(reads) or 'no clip knob'}"
+                 for knob in sorted({k for e in LOSSES.entries() for k in e.knobs}) if knob not in reads}
         if self.kl_ref == "none":
             inert["kl_coef"] = "grpo.kl_ref is 'none' (set it to k1, k2 or k3 for a KL penalty to the reference)"
         return inert

@@ -9,11 +9,14 @@ from pydantic import Field, field_validator, model_validator
 
 from timsim import tasks as tasks_lib
 from timsim.config_types import HOST, HostValue, Traced, _Section
+from timsim.corrections import CORRECTIONS
+from timsim.kl import KL_ESTIMATORS
+from timsim.noise import LOGIT_NOISE
 from timsim.numerics import Numerics
 
 
 class LogitNoiseConfig(_Section):
-    """Noise on the sampler's logits (log-odds); see `timsim.perturb.LOGIT_NOISE`."""
+    """Noise on the sampler's logits (log-odds); see `timsim.noise.LOGIT_NOISE`."""
 
     family: str = "none"
     mode: Literal["fresh", "context", "state"] = Field("fresh", description=(
@@ -43,22 +46,22 @@ class LogitNoiseConfig(_Section):
         "profile family: a fitted engine profile (JSON written by `timsim profile PAIRS --out FILE`)"))
 
     def inert_fields(self) -> dict[str, str]:
-        if self.family == "none":  # (checked first: default sections are built while timsim.config loads)
+        if self.family == "none":
             return {name: "perturbation.logit_noise.family is 'none' (no logit noise)"
                     for name in type(self).model_fields if name != "family"}
-        from timsim.perturb import DETERMINISTIC, KNOBS
-
-        used = KNOBS[self.family]
-        inert = {knob: f"family {self.family!r} reads only {', '.join(used)}"
-                 for knob in sorted(set().union(*KNOBS.values())) if knob not in used}
-        if self.family in DETERMINISTIC:
+        family = LOGIT_NOISE.entry(self.family)
+        inert = {knob: f"family {self.family!r} reads only {', '.join(family.knobs)}"
+                 for knob in sorted({k for e in LOGIT_NOISE.entries() for k in e.knobs}) if knob not in family.knobs}
+        if family.deterministic:
             inert |= {name: f"family {self.family!r} is a deterministic transform and draws no noise"
                       for name in ("mode", "version_steps", "state_bin")}
         else:
             inert["learner_too"] = (f"learner_too applies a deterministic transform on the learner's side too "
-                                    f"({', '.join(DETERMINISTIC)}), and family {self.family!r} is not one")
-        if self.family != "profile":
-            inert["profile"] = f"only family 'profile' reads an engine profile (got family {self.family!r})"
+                                    f"({', '.join(LOGIT_NOISE.names(deterministic=True))}), and family "
+                                    f"{self.family!r} is not one")
+        if not family.needs_profile:
+            inert["profile"] = (f"only family {', '.join(LOGIT_NOISE.names(needs_profile=True))} reads an engine "
+                                f"profile (got family {self.family!r})")
         if self.mode == "fresh":
             inert |= {"version_steps": "mode 'fresh' draws new noise every step (version_steps re-keys the "
                                        "persistent modes context and state)"}
@@ -68,7 +71,7 @@ class LogitNoiseConfig(_Section):
 
     @model_validator(mode="after")
     def _profile_file_with_profile_family(self):
-        if self.family == "profile" and self.profile is None:
+        if self.family in LOGIT_NOISE.names(needs_profile=True) and self.profile is None:
             raise ValueError("the profile family needs perturbation.logit_noise.profile (a file written by "
                              "`timsim profile PAIRS --out FILE`)")
         return self
@@ -76,8 +79,6 @@ class LogitNoiseConfig(_Section):
     @field_validator("family")
     @classmethod
     def _known_family(cls, family: str) -> str:
-        from timsim.perturb import LOGIT_NOISE
-
         if family != "none" and family not in LOGIT_NOISE:
             raise ValueError(f"unknown logit-noise family {family!r}; accepted: none, {', '.join(LOGIT_NOISE)}")
         return family
@@ -216,21 +217,16 @@ class PerturbationConfig(_Section):
     @property
     def scaled_source(self) -> str | None:
         """A description of the source `scale_key` turns, or None if it has no scale."""
-        from timsim.perturb import SCALED
-
         if self.scale_key == "perturbation.router_noise.scale":
             return "router noise"
-        return f"{self.logit_noise.family} logit noise" if self.logit_noise.family in SCALED else None
+        return (f"{self.logit_noise.family} logit noise" if self.logit_noise.family in LOGIT_NOISE.names(scaled=True)
+                else None)
 
     @model_validator(mode="after")
     def _target_needs_family(self):
-        if self.target.metric is None:  # (checked first: default sections are built while timsim.config loads)
-            return self
-        from timsim.perturb import SCALED
-
-        if self.scaled_source is None:
+        if self.target.metric is not None and self.scaled_source is None:
             raise ValueError(f"perturbation.target.{self.target.metric} needs a perturbation.logit_noise.family "
-                             f"with a scale ({', '.join(SCALED)}) or perturbation.router_noise.family: gaussian, "
+                             f"with a scale ({', '.join(LOGIT_NOISE.names(scaled=True))}) or perturbation.router_noise.family: gaussian, "
                              f"got logit-noise family {self.logit_noise.family!r}")
         return self
 
@@ -247,7 +243,7 @@ class CorrectionConfig(_Section):
     seq_high: Traced = Field(2.0, ge=1.0, description="seq_mask / seq_mis: keep prod r_corr <= this")
     geo_low: Traced = Field(0.999, gt=0.0, le=1.0, description="geometric: keep exp(mean delta) >= this")
     geo_high: Traced = Field(1.001, ge=1.0, description="geometric: keep exp(mean delta) <= this")
-    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    kl_estimator: str = Field("k3", description="kl_rejection: the per-token estimator (timsim.kl)")
     kl_aggregate: Literal["sum", "mean", "max"] = "mean"
     kl_threshold: Traced = Field(0.01, gt=0.0, description="kl_rejection: reject a response above this")
     veto_threshold: Traced = Field(1e-4, gt=0.0, le=1.0, description="veto: reject a response with r_corr below this")
@@ -262,13 +258,11 @@ class CorrectionConfig(_Section):
     batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
 
     def inert_fields(self) -> dict[str, str]:
-        from timsim.corrections import KNOBS
-
-        used = {knob for kind in self.kinds for knob in KNOBS[kind]}
+        used = {knob for kind in self.kinds for knob in CORRECTIONS.entry(kind).knobs}
         listed = f"correction.kinds is {self.kinds}" if self.kinds else "correction.kinds is empty"
         inert = {}
-        for knob in sorted(set().union(*KNOBS.values()) - used):
-            readers = [kind for kind, knobs in KNOBS.items() if knob in knobs]
+        for knob in sorted({k for e in CORRECTIONS.entries() for k in e.knobs} - used):
+            readers = [e.name for e in CORRECTIONS.entries() if knob in e.knobs]
             inert[knob] = f"{listed}; only {' and '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it"
         if not self.kinds:
             inert["batch_normalize"] = "correction.kinds is empty (there are no weights to normalise)"
@@ -286,11 +280,14 @@ class CorrectionConfig(_Section):
     @field_validator("kinds")
     @classmethod
     def _known_kinds(cls, kinds: list[str]) -> list[str]:
-        from timsim.corrections import CORRECTIONS
-
         unknown = [k for k in kinds if k not in CORRECTIONS]
         if unknown:
             raise ValueError(f"unknown correction(s) {unknown}; accepted: {', '.join(CORRECTIONS)}")
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"a correction is listed twice: {kinds}")
         return kinds
+
+    @field_validator("kl_estimator")
+    @classmethod
+    def _known_estimator(cls, name: str) -> str:
+        return KL_ESTIMATORS.check(name)

@@ -3,7 +3,8 @@
 Each correction is a pure function ``(inputs, knobs) -> (weight_NT, keep_NT)``: a token
 weight that multiplies the per-token loss and a 0/1 mask of the tokens it keeps. Rejected
 tokens leave the loss *and* its denominator. Corrections compose: weights multiply, masks
-intersect. A new correction is one function plus one line in `CORRECTIONS`.
+intersect. A new correction is one function plus its registration in `CORRECTIONS` (the `correction.*`
+knobs it reads, and whether it produces weights or only masks).
 
 Everything is computed once per step, before the updates, from stopped quantities: weights
 are never differentiated. Inputs are the learner's `logp_old` (pi_old) and the sampler's
@@ -26,6 +27,13 @@ import jax
 import jax.numpy as jnp
 
 from timsim.grpo import LOG_RATIO_CLAMP
+from timsim.kl import KL_ESTIMATORS
+from timsim.registry import Registry
+
+# knobs: the `correction.*` fields a kind reads (the config rejects a threshold no listed kind uses);
+# static: those among them that select code (passed as keyword arguments, not traced);
+# weighting: it produces weights, not only masks (in bypass mode the weight replaces r_corr).
+CORRECTIONS: Registry[Callable] = Registry("correction", "correction.kinds", knobs=(), static=(), weighting=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,63 +73,68 @@ def _seq_ratio(x: CorrectionInputs):
     return jnp.exp(jnp.clip(x.seq_delta_N, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
+@CORRECTIONS.register(knobs=("tis_cap",), weighting=True)
 def token_tis(x, k):
     """Truncated IS per token: w_t = min(r_corr,t, C)."""
     return jnp.minimum(x.ratio_NT, k["tis_cap"]), _ones(x)
 
 
+@CORRECTIONS.register(knobs=("tis_cap",), weighting=True)
 def seq_tis(x, k):
     """Truncated IS per response: w = min(prod_t r_corr,t, C) on every token of the response."""
     return _per_response(x, jnp.minimum(_seq_ratio(x), k["tis_cap"])), _ones(x)
 
 
+@CORRECTIONS.register(knobs=("mis_low", "mis_high"), weighting=True)
 def token_mis(x, k):
     """Masked IS per token (IcePop): w_t = r_corr,t, kept only if lo <= r_corr,t <= hi."""
     keep = (x.ratio_NT >= k["mis_low"]) & (x.ratio_NT <= k["mis_high"])
     return x.ratio_NT, keep.astype(jnp.float32)
 
 
+@CORRECTIONS.register(knobs=("seq_low", "seq_high"))
 def seq_mask(x, k):
     """Sequence rejection: keep a response only if lo <= prod_t r_corr,t <= hi (no weight)."""
     ratio = _seq_ratio(x)
     return _ones(x), _per_response(x, ((ratio >= k["seq_low"]) & (ratio <= k["seq_high"])).astype(jnp.float32))
 
 
+@CORRECTIONS.register(knobs=("seq_low", "seq_high"), weighting=True)
 def seq_mis(x, k):
     """Sequence MIS: the sequence mask times the weight prod_t r_corr,t."""
     weight, keep = seq_mask(x, k)
     return weight * _per_response(x, _seq_ratio(x)), keep
 
 
+@CORRECTIONS.register(knobs=("geo_low", "geo_high"))
 def geometric(x, k):
     """Geometric rejection (length-invariant): keep if lo <= exp(mean_t delta_t) <= hi."""
     geo = jnp.exp(x.seq_delta_N / x.lengths_N)
     return _ones(x), _per_response(x, ((geo >= k["geo_low"]) & (geo <= k["geo_high"])).astype(jnp.float32))
 
 
-KL_ESTIMATORS = {"k1": lambda d: -d, "k2": lambda d: 0.5 * d**2, "k3": lambda d: jnp.expm1(d) - d}
-KL_AGGREGATES = ("sum", "mean", "max")
-
-
-def kl_rejection(x, k, estimator: str = "k3", aggregate: str = "mean"):
+@CORRECTIONS.register(knobs=("kl_estimator", "kl_aggregate", "kl_threshold"), static=("kl_estimator", "kl_aggregate"))
+def kl_rejection(x, k, kl_estimator: str = "k3", kl_aggregate: str = "mean"):
     """Trust-region mask: reject a response whose per-token KL estimate, aggregated by sum,
     mean or max over its tokens, exceeds the threshold."""
-    kl_NT = KL_ESTIMATORS[estimator](x.delta_NT) * x.mask_NT
-    if aggregate == "sum":
+    kl_NT = KL_ESTIMATORS[kl_estimator](x.delta_NT) * x.mask_NT
+    if kl_aggregate == "sum":
         per_seq = kl_NT.sum(-1)
-    elif aggregate == "mean":
+    elif kl_aggregate == "mean":
         per_seq = kl_NT.sum(-1) / x.lengths_N
     else:
         per_seq = jnp.where(x.mask_NT > 0, kl_NT, -jnp.inf).max(-1)
     return _ones(x), _per_response(x, (per_seq <= k["kl_threshold"]).astype(jnp.float32))
 
 
+@CORRECTIONS.register(knobs=("veto_threshold",))
 def veto(x, k):
     """Reject a response if any of its tokens has r_corr below the veto threshold."""
     low = jnp.where(x.mask_NT > 0, x.ratio_NT, jnp.inf).min(-1)
     return _ones(x), _per_response(x, (low >= k["veto_threshold"]).astype(jnp.float32))
 
 
+@CORRECTIONS.register(knobs=("offpolicy_threshold",))
 def offpolicy_mask(x, k):
     """DeepSeek-V3.2 off-policy sequence mask: drop a response with A < 0 whose mean
     log(mu / pi) exceeds the threshold. pi is pi_old here (the step's start; at the first
@@ -131,6 +144,7 @@ def offpolicy_mask(x, k):
     return _ones(x), _per_response(x, (~drop).astype(jnp.float32))
 
 
+@CORRECTIONS.register(knobs=("cis_lambda", "cis_kappa"), weighting=True)
 def cis(x, k):
     """Calibrated IS: w_t = min(r_corr,t, 1 + lambda * max(1 - p_t, kappa)), a cap that grows as
     the learner's probability p_t = pi_old(y_t) of the token falls (rare tokens keep more weight)."""
@@ -138,6 +152,7 @@ def cis(x, k):
     return jnp.minimum(x.ratio_NT, cap), _ones(x)
 
 
+@CORRECTIONS.register(knobs=("prefix_cap",), weighting=True)
 def prefix_is(x, k):
     """Prefix IS: w_t = min(prod_{i<=t} r_corr,i, C). The exact per-token correction (the state
     at t was reached under mu), unbiased when untruncated; its variance grows with t."""
@@ -145,6 +160,7 @@ def prefix_is(x, k):
     return jnp.minimum(jnp.exp(log_prefix), k["prefix_cap"]), _ones(x)
 
 
+@CORRECTIONS.register(knobs=("prefix_cap",), weighting=True)
 def minpro(x, k):
     """MinPRO (Lei et al. 2026): the cumulative prefix product is replaced by the token's own
     ratio times the smallest ratio seen before it, w_t = min(r_corr,t * min(1, min_{i<t} r_corr,i), C).
@@ -156,31 +172,7 @@ def minpro(x, k):
     running_min = jax.lax.cummin(ratio, axis=ratio.ndim - 1)
     before = jnp.concatenate([jnp.ones_like(ratio[..., :1]), running_min[..., :-1]], axis=-1)
     return jnp.minimum(ratio * jnp.minimum(before, 1.0), k["prefix_cap"]), _ones(x)
-
-
-CORRECTIONS: dict[str, Callable] = {
-    "token_tis": token_tis,
-    "seq_tis": seq_tis,
-    "token_mis": token_mis,
-    "seq_mask": seq_mask,
-    "seq_mis": seq_mis,
-    "geometric": geometric,
-    "kl_rejection": kl_rejection,
-    "veto": veto,
-    "offpolicy_mask": offpolicy_mask,
-    "cis": cis,
-    "prefix_is": prefix_is,
-    "minpro": minpro,
-}
-# The `correction.*` fields each kind reads: the config rejects a threshold that no listed kind uses.
-KNOBS: dict[str, tuple[str, ...]] = {
-    "token_tis": ("tis_cap",), "seq_tis": ("tis_cap",), "token_mis": ("mis_low", "mis_high"),
-    "seq_mask": ("seq_low", "seq_high"), "seq_mis": ("seq_low", "seq_high"), "geometric": ("geo_low", "geo_high"),
-    "kl_rejection": ("kl_estimator", "kl_aggregate", "kl_threshold"), "veto": ("veto_threshold",),
-    "offpolicy_mask": ("offpolicy_threshold",), "cis": ("cis_lambda", "cis_kappa"), "prefix_is": ("prefix_cap",),
-    "minpro": ("prefix_cap",),
-}
-WEIGHTING = ("token_tis", "seq_tis", "token_mis", "seq_mis", "cis", "prefix_is", "minpro")  # produce weights, not only masks
+WEIGHTING = CORRECTIONS.names(weighting=True)
 
 
 def centered_score_logp(logp_NT, logp_all_NTV, mu_NTV):
@@ -205,9 +197,10 @@ def apply_corrections(kinds: tuple[str, ...], x: CorrectionInputs, knobs: dict, 
     """Compose `kinds`: (weight_NT, keep_NT); padding is never kept. With `batch_normalize`
     the kept weights are divided by their mean (w <- w / mean(w))."""
     weight, keep = _ones(x), x.mask_NT
+    static = {"kl_estimator": kl_estimator, "kl_aggregate": kl_aggregate}
     for kind in kinds:
-        fn = CORRECTIONS[kind]
-        w, m = fn(x, knobs, kl_estimator, kl_aggregate) if kind == "kl_rejection" else fn(x, knobs)
+        entry = CORRECTIONS.entry(kind)
+        w, m = entry.value(x, knobs, **{name: static[name] for name in entry.static})
         weight, keep = weight * w, keep * m
     if batch_normalize:
         weight = weight / jnp.maximum((weight * keep).sum() / jnp.maximum(keep.sum(), 1.0), 1e-30)

@@ -32,6 +32,7 @@ import pandas as pd
 from scipy import stats
 
 from timsim.config import TARGET_METRICS, Config, ConfigError, set_dotted
+from timsim.noise import LOGIT_NOISE
 
 MIN_SEEDS = 5
 ZERO_CELL = "zero"
@@ -128,8 +129,6 @@ class FinderSettings:
         return cls(levels=[float(v) for v in levels], bisect_rounds=bisect, **given)
 
     def validate(self, cfg: Config) -> None:
-        from timsim.perturb import SCALED
-
         problems = []
         if self.target not in TARGET_METRICS:
             problems.append(f"--target must be one of {', '.join(TARGET_METRICS)} (got {self.target!r})")
@@ -150,7 +149,8 @@ class FinderSettings:
         if self.bisect_rounds < 0:
             problems.append(f"--bisect must be >= 0 (got {self.bisect_rounds})")
         if cfg.perturbation.scaled_source is None:
-            problems.append(f"perturbation.logit_noise.family must be a family with a scale ({', '.join(SCALED)}) "
+            problems.append(f"perturbation.logit_noise.family must be a family with a scale "
+                            f"({', '.join(LOGIT_NOISE.names(scaled=True))}) "
                             f"or perturbation.router_noise.family gaussian; got {cfg.perturbation.logit_noise.family!r}")
         if len(cfg.run.seeds) < MIN_SEEDS:
             problems.append(f"run.seeds needs at least {MIN_SEEDS} seeds for a paired confidence interval "

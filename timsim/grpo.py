@@ -1,6 +1,8 @@
-"""GRPO: group-relative advantages, the PPO-clip loss and its aggregation.
+"""GRPO: group-relative advantages, the policy losses and their aggregation.
 
-Pure functions over arrays. Shapes: N = prompts * group size responses, T response tokens.
+Pure functions over arrays, each registered in its catalogue (`ADVANTAGES`, `LOSSES`,
+`AGGREGATIONS`): the config's accepted values are the registered names, and a new loss is one
+function plus one registration. Shapes: N = prompts * group size responses, T response tokens.
 `mask_NT` is 1 on generated tokens (the `<eos>` included) and 0 on padding; padding never
 enters a numerator or a denominator.
 """
@@ -11,56 +13,68 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from timsim.kl import KL_ESTIMATORS
+from timsim.registry import Registry
+
 LOG_RATIO_CLAMP = 20.0
+
+ADVANTAGES: Registry = Registry("advantage", "grpo.advantage")
+AGGREGATIONS: Registry = Registry("loss aggregation", "grpo.loss_agg")
+# knobs: the traced `grpo.*` clip knobs a loss reads (the config rejects the others)
+LOSSES: Registry = Registry("policy loss", "grpo.loss", knobs=())
+
+
+@ADVANTAGES.register()
+def zscore(r_GS):
+    """(r - mean) / (std + 1e-6) within each group, std with Bessel's correction as in common GRPO code."""
+    return (r_GS - r_GS.mean(-1, keepdims=True)) / (r_GS.std(-1, ddof=1, keepdims=True) + 1e-6)
+
+
+@ADVANTAGES.register()
+def mean(r_GS):
+    """r - group mean (Dr. GRPO)."""
+    return r_GS - r_GS.mean(-1, keepdims=True)
+
+
+@ADVANTAGES.register()
+def rloo(r_GS):
+    """r - mean of the *other* responses of the group (leave-one-out)."""
+    group_size = r_GS.shape[-1]
+    return (r_GS - r_GS.mean(-1, keepdims=True)) * group_size / (group_size - 1)
 
 
 def advantages(reward_N: jax.Array, group_size: int, kind: str) -> jax.Array:
-    """Group-relative advantages [N]: responses to one prompt are contiguous groups.
+    """Group-relative advantages [N] of `grpo.advantage`: responses to one prompt are contiguous groups."""
+    return ADVANTAGES[kind](reward_N.reshape(-1, group_size)).reshape(-1)
 
-    zscore: (r - mean) / (std + 1e-6), std with Bessel's correction as in common GRPO code;
-    mean: r - mean (Dr. GRPO); rloo: r - mean of the *other* responses of the group.
-    """
-    r = reward_N.reshape(-1, group_size)
-    mean = r.mean(-1, keepdims=True)
-    if kind == "zscore":
-        adv = (r - mean) / (r.std(-1, ddof=1, keepdims=True) + 1e-6)
-    elif kind == "mean":
-        adv = r - mean
-    elif kind == "rloo":
-        adv = (r - mean) * group_size / (group_size - 1)
-    else:
-        raise ValueError(f"grpo.advantage must be zscore, mean or rloo, got {kind!r}")
-    return adv.reshape(-1)
+
+@AGGREGATIONS.register()
+def token_mean(per_token_NT, mask_NT):
+    """Sum over all tokens / number of tokens."""
+    return (per_token_NT * mask_NT).sum() / jnp.maximum(mask_NT.sum(), 1.0)
+
+
+@AGGREGATIONS.register()
+def seq_mean_token_mean(per_token_NT, mask_NT):
+    """Mean over responses of each response's token mean."""
+    return ((per_token_NT * mask_NT).sum(-1) / jnp.maximum(mask_NT.sum(-1), 1.0)).mean()
+
+
+@AGGREGATIONS.register()
+def seq_mean_token_sum_norm(per_token_NT, mask_NT):
+    """Sum over all tokens / (N * T): a constant normaliser (Dr. GRPO), so a response's weight
+    does not depend on its length or on the batch's lengths."""
+    return (per_token_NT * mask_NT).sum() / mask_NT.size
 
 
 def aggregate(per_token_NT: jax.Array, mask_NT: jax.Array, kind: str) -> jax.Array:
-    """Reduce a per-token loss to a scalar.
-
-    token_mean: sum over all tokens / number of tokens;
-    seq_mean_token_mean: mean over responses of each response's token mean;
-    seq_mean_token_sum_norm: sum over all tokens / (N * T) — a constant normaliser (Dr. GRPO),
-    so a response's weight does not depend on its length or on the batch's lengths.
-    """
-    masked = per_token_NT * mask_NT
-    if kind == "token_mean":
-        return masked.sum() / jnp.maximum(mask_NT.sum(), 1.0)
-    if kind == "seq_mean_token_mean":
-        return (masked.sum(-1) / jnp.maximum(mask_NT.sum(-1), 1.0)).mean()
-    if kind == "seq_mean_token_sum_norm":
-        return masked.sum() / mask_NT.size
-    raise ValueError(f"grpo.loss_agg must be token_mean, seq_mean_token_mean or seq_mean_token_sum_norm, got {kind!r}")
+    """Reduce a per-token loss to a scalar by `grpo.loss_agg`; padding never counts."""
+    return AGGREGATIONS[kind](per_token_NT, mask_NT)
 
 
 def kl_to_reference(logp_NT: jax.Array, logp_ref_NT: jax.Array, estimator: str) -> jax.Array:
-    """Per-token estimator of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
-    log_r = jnp.clip(logp_ref_NT - logp_NT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    if estimator == "k1":
-        return -log_r
-    if estimator == "k2":
-        return 0.5 * log_r**2
-    if estimator == "k3":
-        return jnp.exp(log_r) - 1.0 - log_r
-    raise ValueError(f"grpo.kl_ref must be none, k1, k2 or k3, got {estimator!r}")
+    """Per-token estimator (`timsim.kl`) of KL(pi_theta || pi_ref) on tokens sampled from pi_theta."""
+    return KL_ESTIMATORS[estimator](jnp.clip(logp_ref_NT - logp_NT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
 
 def ppo_clip_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high):
@@ -83,7 +97,7 @@ def dual_clip_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, dual_cli
     return jnp.where(capped, bound, loss), clipped | capped, ratio
 
 
-def reinforce_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high):
+def reinforce_per_token(logp_NT, logp_old_NT, adv_N):
     """REINFORCE: -A log pi (no ratio, no clip; one update per batch)."""
     ratio = jnp.exp(jnp.clip(logp_NT - logp_old_NT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
     return -adv_N[:, None] * logp_NT, jnp.zeros(logp_NT.shape, bool), ratio
@@ -108,17 +122,36 @@ def gspo_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, mask_NT):
     return (jnp.broadcast_to(loss_N, shape), jnp.broadcast_to(clipped_N, shape), jnp.broadcast_to(ratio_N, shape))
 
 
-def policy_loss(kind: str, logp_NT, logp_old_NT, adv_N, mask_NT, eps_low, eps_high, dual_clip):
-    """Per-token policy loss of `grpo.loss`, where the clip is active, and the token ratios."""
-    if kind == "ppo":
-        return dual_clip_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, dual_clip)
-    if kind == "reinforce":
-        return reinforce_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high)
-    if kind == "cispo":
-        return cispo_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high)
-    if kind == "gspo":
-        return gspo_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, mask_NT)
-    raise ValueError(f"grpo.loss must be ppo, reinforce, cispo or gspo, got {kind!r}")
+@LOSSES.register("ppo", knobs=("clip_eps_low", "clip_eps_high", "dual_clip"))
+def ppo(logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
+    """PPO-clip; `dual_clip` > 1 adds the dual clip (0: off)."""
+    return dual_clip_per_token(logp_NT, logp_old_NT, adv_N, knobs["clip_eps_low"], knobs["clip_eps_high"],
+                               knobs["dual_clip"])
+
+
+@LOSSES.register("reinforce")
+def reinforce(logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
+    """-A log pi, one update per batch (no ratio to clip)."""
+    return reinforce_per_token(logp_NT, logp_old_NT, adv_N)
+
+
+@LOSSES.register("gspo", knobs=("clip_eps_low", "clip_eps_high"))
+def gspo(logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
+    """Clipped length-normalised sequence ratio."""
+    return gspo_per_token(logp_NT, logp_old_NT, adv_N, knobs["clip_eps_low"], knobs["clip_eps_high"], mask_NT)
+
+
+@LOSSES.register("cispo", knobs=("clip_eps_low", "clip_eps_high"))
+def cispo(logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
+    """Clipped, detached IS weight on -A log pi."""
+    return cispo_per_token(logp_NT, logp_old_NT, adv_N, knobs["clip_eps_low"], knobs["clip_eps_high"])
+
+
+def policy_loss(kind: str, logp_NT, logp_old_NT, adv_N, mask_NT, hp: dict):
+    """Per-token policy loss of `grpo.loss`, where the clip is active, and the token ratios;
+    `hp` holds the run's traced values by dotted key (the loss reads its registered knobs)."""
+    entry = LOSSES.entry(kind)
+    return entry.value(logp_NT, logp_old_NT, adv_N, mask_NT, {k: hp[f"grpo.{k}"] for k in entry.knobs})
 
 
 def make_optimizer(hp: dict) -> optax.GradientTransformation:

@@ -1,8 +1,8 @@
 """The one registry of metric names, formulas and units.
 
-Tables, plots and docs read it; a step function may only emit names registered here (a
-test checks). Names follow DESIGN.md §1/§5. Per-token quantities are averaged over response
-tokens (mask = 1); "per step" metrics are computed on the step's training batch before the
+Tables, plots and docs read it; a run that emits a name not registered here stops with an
+error (`timsim.loop`) rather than dropping the metric. Names follow DESIGN.md §1/§5.
+Per-token quantities are averaged over response tokens (mask = 1); "per step" metrics are computed on the step's training batch before the
 update; "eval_*" metrics are computed on held-out prompts at chunk boundaries and are NaN on
 other steps.
 """
@@ -10,6 +10,8 @@ other steps.
 from __future__ import annotations
 
 import dataclasses
+
+from timsim.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +21,7 @@ class Metric:
     unit: str = ""
 
 
-METRICS: dict[str, Metric] = {m.name: m for m in [
+_CATALOGUE = [
     Metric("reward_mean", "mean reward of the step's sampled responses"),
     Metric("accuracy", "fraction of the step's sampled responses that are exactly correct"),
     Metric("response_len", "mean number of generated tokens per response (<eos> included)", "tokens"),
@@ -100,11 +102,14 @@ METRICS: dict[str, Metric] = {m.name: m for m in [
                             "responses with A > 0"),
           ("diff_proj_neg", "<g_neg - g0_neg, g0> / |g0|^2 in {mode} mode: the part from responses with A < 0"),
       ]],
-]}
+]
+METRICS: Registry[Metric] = Registry("metric", "metrics")
+for _metric in _CATALOGUE:
+    METRICS.add(_metric.name, _metric)
 
 
 def describe() -> str:
     """A Markdown table of every metric (for `timsim metrics` and the README)."""
     rows = ["| metric | formula | unit |", "|---|---|---|"]
-    rows += [f"| `{m.name}` | {m.formula} | {m.unit} |" for m in METRICS.values()]
+    rows += [f"| `{m.name}` | {m.formula} | {m.unit} |" for m in (e.value for e in METRICS.entries())]
     return "\n".join(rows)

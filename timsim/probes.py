@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from timsim.config import Config
-from timsim.perturb import sampler_spec
+from timsim.sampler import sampler_spec
 from timsim.tasks import Task
 from timsim.train import (batch_over_runs, learner_batch, make_collect, make_loss, resolve_batching,
                           trace_once, zero_mismatch_spec)

@@ -22,11 +22,10 @@ import numpy as np
 import pandas as pd
 
 from timsim.config import ConfigError
+from timsim.noise import LEVELS, PROB_EDGES, load_profile
 
 REQUIRED = ("logp_sampler", "logp_trainer")
-PROB_EDGES = (0.0, 0.1, 0.5, 0.9, 0.99, 1.0)
 POSITION_EDGES = (0, 16, 64, 256, 1024, 4096, 1 << 62)
-LEVELS = (0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999)  # quantile levels fitted
 MIN_TOKENS_PER_BIN = 200
 
 
@@ -83,23 +82,6 @@ def fit(df: pd.DataFrame, min_tokens: int = MIN_TOKENS_PER_BIN) -> dict:
         counts = ", ".join(f"[{r['lo']:g}, {r['hi']:g}): {r['tokens']}" for r in out["by_prob"])
         raise ConfigError(f"Too few tokens per probability bin to fit a profile (need {min_tokens}; have {counts}).")
     return out
-
-
-def prob_table(profile: dict) -> np.ndarray:
-    """[bins, levels] quantiles of delta per probability bin, empty bins filled from the nearest
-    fitted one (what the `profile` noise family draws from)."""
-    rows = profile["by_prob"]
-    fitted = [i for i, r in enumerate(rows) if r["quantiles"] is not None]
-    return np.asarray([rows[min(fitted, key=lambda j: abs(j - i))]["quantiles"] for i in range(len(rows))],
-                      np.float32)
-
-
-def load_profile(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"perturbation.logit_noise.profile: {str(path)!r} does not exist; write one with "
-                          f"`timsim profile PAIRS_FILE --out {path}`.")
-    return json.loads(path.read_text())
 
 
 def example_pairs(n_tokens: int = 20_000, seed: int = 0) -> pd.DataFrame:

@@ -11,7 +11,7 @@ held out iff the checksum ``sum_i c_i d_i mod 10`` of its free digits is 0 (10% 
 space). ``sample(split="train")`` moves a held-out draw into the training set by bumping its
 last free digit, ``sample(split="eval")`` sets the last digit so the checksum is 0.
 
-A new task is one subclass (``n_free``, ``encode``, ``solve``) plus one line in `TASKS`.
+A new task is one subclass (``n_free``, ``encode``, ``solve``) registered in `TASKS`.
 """
 
 from __future__ import annotations
@@ -22,10 +22,15 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
+from timsim.registry import Registry
+
 VOCAB = ("0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
          "<pad>", "<eos>", "=", "+", "*", "?")
 PAD, EOS, EQ, PLUS, TIMES, QUERY = 10, 11, 12, 13, 14, 15
 VOCAB_SIZE = len(VOCAB)
+EVAL_KEY_SEED = 12345  # held-out prompts are the same for every run, cell and seed
+
+TASKS: Registry = Registry("task", "task.name")
 
 
 def _checksum_coefficients(n_free: int) -> jax.Array:
@@ -134,6 +139,7 @@ class Task:
 
 
 @dataclasses.dataclass(frozen=True)
+@TASKS.register("reverse")
 class Reverse(Task):
     """`d1 .. dn =` -> `dn .. d1`."""
 
@@ -149,6 +155,7 @@ class Reverse(Task):
 
 
 @dataclasses.dataclass(frozen=True)
+@TASKS.register("sort")
 class Sort(Reverse):
     """`d1 .. dn =` -> the digits in ascending order (Reverse's prompts, another answer)."""
 
@@ -159,6 +166,7 @@ class Sort(Reverse):
 
 
 @dataclasses.dataclass(frozen=True)
+@TASKS.register("cumsum")
 class CumSum(Reverse):
     """`d1 .. dn =` -> running sums mod 10: (d1) (d1+d2) ... (d1+..+dn), one digit each.
     A long-response task whose every answer token depends on the previous one: an error
@@ -171,6 +179,7 @@ class CumSum(Reverse):
 
 
 @dataclasses.dataclass(frozen=True)
+@TASKS.register("add")
 class Add(Task):
     """`a + b =` with n-digit operands (most significant first) -> a+b, n+1 digits,
     least significant first (as in minGPT's adder: the carry flows left to right)."""
@@ -197,6 +206,7 @@ class Add(Task):
 
 
 @dataclasses.dataclass(frozen=True)
+@TASKS.register("modmul")
 class ModMul(Task):
     """`a * b =` with n-digit operands -> (a*b) mod `modulus`, zero-padded to the digits of
     modulus-1 (most significant first)."""
@@ -227,6 +237,7 @@ class ModMul(Task):
 
 
 @dataclasses.dataclass(frozen=True)
+@TASKS.register("count")
 class Count(Task):
     """`d1 .. dn ? q =` -> how many of d1..dn equal q, zero-padded to the digits of n."""
 
@@ -246,26 +257,19 @@ class Count(Task):
         return _digits_of(count, self.answer_len)
 
 
-TASKS: dict[str, type[Task]] = {
-    "reverse": Reverse,
-    "sort": Sort,
-    "add": Add,
-    "modmul": ModMul,
-    "count": Count,
-    "cumsum": CumSum,
-}
-
-
 def make_task(name: str, **params) -> Task:
     """Build and validate a registered task (unknown names raise ValueError). Parameters a task
     does not have are ignored, so one `TaskConfig` serves every task (`modulus` is modmul's)."""
-    if name not in TASKS:
-        raise ValueError(f"task.name {name!r} is not a task; accepted: {', '.join(TASKS)}")
     cls = TASKS[name]
     accepted = {f.name for f in dataclasses.fields(cls)}
     task = cls(**{k: v for k, v in params.items() if k in accepted})
     task.validate()
     return task
+
+
+def eval_prompts(task: Task, n: int) -> jax.Array:
+    """The fixed held-out prompts every run, cell and seed is evaluated on."""
+    return task.sample(jax.random.key(EVAL_KEY_SEED), n, split="eval")
 
 
 def detokenize(tokens) -> str:

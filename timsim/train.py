@@ -24,14 +24,11 @@ from timsim.corrections import (WEIGHTING, apply_corrections, centered_score_log
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics, routing_metrics
 from timsim.model import Routing, token_logprobs
-from timsim.perturb import (SamplerSpec, decode_logits_fn, learner_transform, noise_key_for, noise_knobs,
+from timsim.sampler import (SamplerSpec, decode_logits_fn, learner_transform, noise_key_for, noise_knobs,
                             report_logits, sampler_model, sampler_routing, sampler_spec, teacher_forced_pair,
                             weight_noise_key)
 from timsim.rollout import learner_logprobs, sample
-from timsim.tasks import Task
-
-EVAL_KEY_SEED = 12345  # held-out prompts are the same for every run, cell and seed
-
+from timsim.tasks import Task, eval_prompts
 
 class RunState(NamedTuple):
     params: nnx.State
@@ -43,10 +40,6 @@ class RunState(NamedTuple):
 def init_state(params: nnx.State, hp: dict, lag_steps: int = 0) -> RunState:
     lagged = None if not lag_steps else jax.tree.map(lambda x: jnp.broadcast_to(x, (lag_steps, *x.shape)), params)
     return RunState(params, grpo.make_optimizer(hp).init(params), jnp.zeros((), jnp.int32), lagged)
-
-
-def eval_prompts(task: Task, n: int) -> jax.Array:
-    return task.sample(jax.random.key(EVAL_KEY_SEED), n, split="eval")
 
 
 class Collected(NamedTuple):
@@ -166,9 +159,7 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
         if batch.mu_NTV is not None:
             logp = centered_score_logp(logp, logp_all, batch.mu_NTV) * batch.mask_NT
         mask = batch.keep_NT
-        per_token, clipped, ratio = grpo.policy_loss(g.loss, logp, logp_old, batch.adv_N, mask,
-                                                     hp["grpo.clip_eps_low"], hp["grpo.clip_eps_high"],
-                                                     hp["grpo.dual_clip"])
+        per_token, clipped, ratio = grpo.policy_loss(g.loss, logp, logp_old, batch.adv_N, mask, hp)
         per_token = per_token * batch.weight_NT
         entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
         loss = grpo.aggregate(per_token, mask, g.loss_agg)

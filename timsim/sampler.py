@@ -1,7 +1,8 @@
-"""Sampler-side perturbations: the sampler samples from mu and reports log mu.
+"""The sampler side: how the sampler that generates the rollouts differs from the learner.
 
 The sampler may differ from the learner by its weights (noise re-drawn every step), by the
-numerics of its forward (`timsim.numerics`), and by a perturbation of its logits.
+numerics of its forward (`timsim.numerics`), by noise on its mixture-of-experts router, and by a
+perturbation of its logits (a `timsim.noise` family).
 
 The learner's clean logits are computed once per batch (teacher forcing); the sampler's
 logits are a pure function of them, the position's noise key and traced knobs. The same
@@ -17,16 +18,11 @@ per-step draw by a deterministic function of the state, as a real engine's error
 fixed random function of the state, shared by every context that the model treats alike);
 ``version_steps`` re-keys either every k updates, as if the error followed the weights'
 version.
-
-A new family is one function ``(key, logits [..., V], knobs) -> logits`` plus one line in
-`LOGIT_NOISE` (and in `SCALED` if calibration may tune its `scale`). The name is historical
-for the truncation families `top_k` / `top_p`, which draw no noise.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 import jax
@@ -35,142 +31,15 @@ from flax import nnx
 
 from timsim.keys import step_key
 from timsim.model import Routing, response_forward
+from timsim.noise import make_logits_fn, perturb_teacher_forced
 from timsim.numerics import Numerics
 from timsim.rollout import prefix_hashes
-
-
-def gaussian(key, logits, knobs):
-    """logits + scale * N(0, 1) per vocabulary entry."""
-    return logits + knobs["scale"] * jax.random.normal(key, logits.shape)
-
-
-def student_t(key, logits, knobs):
-    """logits + scale * t_nu (heavy tails; nu > 2 so the variance is finite)."""
-    return logits + knobs["scale"] * jax.random.t(key, knobs["nu"], logits.shape)
-
-
-def spikes(key, logits, knobs):
-    """logits + size * Bernoulli(rate): rare large one-signed bumps on random entries."""
-    return logits + knobs["scale"] * jax.random.bernoulli(key, knobs["rate"], logits.shape)
-
-
-def magnitude(key, logits, knobs):
-    """logits + scale * |logit - mean logit| * N(0, 1): larger logits get larger errors."""
-    centred = jnp.abs(logits - logits.mean(-1, keepdims=True))
-    return logits + knobs["scale"] * centred * jax.random.normal(key, logits.shape)
-
-
-def dirichlet(key, logits, knobs):
-    """Mean-preserving noise: mu ~ Dirichlet(kappa * pi) per position with kappa = 1 / scale, so
-    E[mu] = pi exactly (DESIGN §8.1): the control that separates mismatch from the average
-    flattening that zero-mean logit noise causes. Returns log mu (probabilities below the
-    float32 range become EXCLUDED_LOGIT); scale 0 returns the logits unchanged."""
-    scale = knobs["scale"]
-    probs = jax.nn.softmax(logits, axis=-1)
-    alpha = probs / jnp.maximum(scale, 1e-30)
-    mu = jax.random.dirichlet(key, jnp.maximum(alpha, 1e-30))
-    log_mu = jnp.where(mu > 0, jnp.log(jnp.maximum(mu, 1e-38)), EXCLUDED_LOGIT)
-    return jnp.where(scale > 0, log_mu, logits)
-
-
-EXCLUDED_LOGIT = -1e9  # "outside the support": exp() is exactly 0, and 0 * logit stays finite (no NaN)
-
-
-def top_k(key, logits, knobs):
-    """Truncated support: keep the top_k largest logits (ties kept), renormalise over them.
-    A systematic, one-signed mismatch: delta = log(kept mass) <= 0 at every sampled token."""
-    k = jnp.clip(jnp.round(knobs["top_k"]).astype(jnp.int32), 1, logits.shape[-1])
-    kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], -1)
-    return jnp.where(logits >= kth, logits, EXCLUDED_LOGIT)
-
-
-def top_p(key, logits, knobs):
-    """Nucleus: keep the smallest set of most likely tokens whose probability (temperature 1)
-    reaches top_p, the most likely always kept; renormalise over them."""
-    probs = jax.nn.softmax(logits, axis=-1)
-    order = jnp.argsort(-probs, axis=-1)
-    sorted_probs = jnp.take_along_axis(probs, order, -1)
-    mass_before = jnp.cumsum(sorted_probs, -1) - sorted_probs
-    keep_sorted = mass_before < knobs["top_p"]
-    keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), -1)
-    return jnp.where(keep, logits, EXCLUDED_LOGIT)
-
-
-def temperature(key, logits, knobs):
-    """One-sided temperature: the sampler samples from softmax(logits / tau), the learner (unless
-    `learner_too`) computes plain log-probs: a common real-world bug."""
-    return logits / knobs["temperature"]
-
-
-def profile(key, logits, knobs, table_BL):
-    """Engine-profile noise (`timsim.profile`): each vocabulary entry's logit is lowered by a
-    draw from the fitted distribution of delta for its probability bin (inverse CDF, linear
-    between the fitted quantile levels; tails beyond them are cut), times `scale` (1 = the
-    profile). Then delta_v = log pi_v - log mu_v = scale eps_v + a normalisation shift
-    common to the position, which is small when the draws are."""
-    from timsim.profile import LEVELS, PROB_EDGES
-
-    levels = jnp.asarray(LEVELS, logits.dtype)
-    table = jnp.asarray(table_BL, logits.dtype)
-    prob = jax.nn.softmax(logits, axis=-1)
-    bins = jnp.clip(jnp.searchsorted(jnp.asarray(PROB_EDGES, logits.dtype), prob, side="right") - 1, 0,
-                    table.shape[0] - 1)
-    u = jax.random.uniform(key, logits.shape, logits.dtype, levels[0], levels[-1])
-    hi = jnp.clip(jnp.searchsorted(levels, u), 1, levels.size - 1)
-    lo_level, hi_level = levels[hi - 1], levels[hi]
-    lo_value, hi_value = table[bins, hi - 1], table[bins, hi]
-    eps = lo_value + (u - lo_level) / (hi_level - lo_level) * (hi_value - lo_value)
-    return logits - knobs["scale"] * eps
-
-
-LOGIT_NOISE: dict[str, Callable] = {
-    "profile": profile,
-    "gaussian": gaussian,
-    "student_t": student_t,
-    "spikes": spikes,
-    "magnitude": magnitude,
-    "dirichlet": dirichlet,
-    "top_k": top_k,
-    "top_p": top_p,
-    "temperature": temperature,
-}
-# The traced `perturbation.logit_noise.*` knobs each family reads: the config rejects the others.
-KNOBS: dict[str, tuple[str, ...]] = {
-    "profile": ("scale",), "gaussian": ("scale",), "student_t": ("scale", "nu"), "spikes": ("scale", "rate"),
-    "magnitude": ("scale",), "dirichlet": ("scale",), "top_k": ("top_k",), "top_p": ("top_p",),
-    "temperature": ("temperature",),
-}
-SCALED = ("gaussian", "student_t", "spikes", "magnitude", "dirichlet", "profile")  # families whose `scale` calibration can tune
-DETERMINISTIC = ("temperature", "top_k", "top_p")  # transforms the learner can apply too (`learner_too`)
 
 
 def noise_knobs(hp: dict) -> dict:
     """The traced knobs of the logit-noise family, from a run's hyperparameters."""
     prefix = "perturbation.logit_noise."
     return {k.removeprefix(prefix): v for k, v in hp.items() if k.startswith(prefix)}
-
-
-def make_logits_fn(family: str, profile_path: str | None = None) -> Callable | None:
-    """`fn(key, logits, knobs) -> sampler logits`, or None for the zero-mismatch sampler."""
-    if family == "none":
-        return None
-    if family == "profile":
-        from timsim.profile import load_profile, prob_table
-
-        return functools.partial(profile, table_BL=prob_table(load_profile(profile_path)))
-    return LOGIT_NOISE[family]
-
-
-def position_keys(key: jax.Array, length: int) -> jax.Array:
-    """One key per response position: the decode path and teacher forcing use the same ones."""
-    return jax.vmap(lambda t: jax.random.fold_in(key, t))(jnp.arange(length))
-
-
-def perturb_teacher_forced(fn: Callable, key: jax.Array, logits_NTV: jax.Array, knobs: dict) -> jax.Array:
-    """Apply a per-position perturbation to teacher-forced logits [N, T, V]."""
-    keys = position_keys(key, logits_NTV.shape[1])
-    out_TNV = jax.vmap(lambda k, x: fn(k, x, knobs), in_axes=(0, 1))(keys, logits_NTV)
-    return out_TNV.swapaxes(0, 1)
 
 
 # ----------------------------------------------------------------------------- the sampler side
