@@ -2,7 +2,11 @@
 
 import pytest
 
+import timsim
 from timsim.config import load_config
+
+# The explicit determinism setup the API and CLI make (tests also drive the lower layers directly).
+timsim.setup()
 
 TINY = [
     "task.name=sort", "task.n_digits=4", "task.eval_prompts=128",

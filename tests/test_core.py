@@ -10,10 +10,14 @@ from flax import nnx
 from timsim.config import load_config, static_hash, static_view, traced_values
 from timsim.model import init_model
 from timsim.rollout import learner_logprobs, sample
-from timsim.runner import Cell, load_trained_params, run_cells, stack_hyperparams
+import timsim
+from timsim.executors import run_cells
+from timsim.metrics import METRICS
+from timsim.plan import Cell, stack_hyperparams
+from timsim.runner import load_trained_params
 from timsim.store import Store, load
 from timsim.tasks import EOS, PAD, VOCAB_SIZE
-from timsim.train import init_state, make_chunk, place
+from timsim.step import init_state, make_chunk, place
 
 
 def test_sampler_shapes_eos_and_padding(tiny_cfg, tiny_base):
@@ -63,23 +67,16 @@ def test_padding_does_not_leak_into_learner_logprobs(tiny_cfg, tiny_base):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
-_CHUNKS: dict = {}  # static hash -> compiled chunk: tests that differ only in traced values share a program
-
-
-def _train_chunks(cfg, graphdef, params, n_chunks):
-    cells = [Cell("c", cfg)]
-    hp, _ = stack_hyperparams(cells)
-    hp, params = place(hp, over_runs=True), place(params, over_runs=False)
-    state = place(jax.vmap(lambda h: init_state(params, h, cfg.perturbation.lag_steps))(hp), over_runs=True)
-    key = (static_hash(cfg), cfg.run.chunk_steps)
-    if key not in _CHUNKS:
-        _CHUNKS[key] = make_chunk(static_view(cfg), cfg.task.build(), graphdef)
-    chunk = _CHUNKS[key]
-    out = []
-    for _ in range(n_chunks):
-        state, metrics = chunk(state, hp, params)
-        out.append(jax.device_get(metrics))
-    return state, {k: np.concatenate([m[k] for m in out], axis=1) for k in out[0]}
+def train_metrics(cfg, base, n_chunks: int = 1):
+    """Train `cfg` from `base` for `n_chunks` chunks through the public API, without held-out
+    evaluation: (final state, {metric: array [runs, steps]}) of the step metrics the run computed."""
+    cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"steps": n_chunks * cfg.run.chunk_steps})})
+    result = timsim.train(cfg, base=base[:2], evaluate=False, progress=False)
+    trained = result.metrics[result.metrics.step > 0]
+    runs, steps = len(cfg.run.seeds), n_chunks * cfg.run.chunk_steps
+    computed = [name for name in METRICS if trained[name].notna().any() and not name.startswith("eval_")]
+    return next(iter(result.state.values())), {name: trained[name].to_numpy().reshape(runs, steps)
+                                               for name in computed}
 
 
 FLOOR_METRICS = ("delta_floor_max",)  # decode path vs learner: ~1e-6 by construction
@@ -105,7 +102,7 @@ def test_zero_mismatch_is_exact_on_many_batches(tiny_overrides, tiny_base, extra
     model through training; in recompute mode the PPO ratio at the first update is exactly 1."""
     cfg = load_config(None, tiny_overrides + extra + ["run.chunk_steps=10", "run.steps=20"])
     graphdef, params, _ = tiny_base
-    state, metrics = _train_chunks(cfg, graphdef, params, 2)
+    state, metrics = train_metrics(cfg, tiny_base, 2)
     assert metrics["delta_abs_max"].shape == (2, 20)
     assert np.all(metrics["delta_abs_max"] == 0.0)
     if cfg.grpo.old_logprobs == "recompute":
@@ -118,7 +115,7 @@ def test_zero_mismatch_is_exact_on_many_batches(tiny_overrides, tiny_base, extra
 
 def test_zero_mismatch_exact_on_random_init(tiny_cfg):
     graphdef, params = nnx.split(init_model(tiny_cfg.model, VOCAB_SIZE, 7), nnx.Param)
-    _, metrics = _train_chunks(tiny_cfg, graphdef, params, 1)
+    _, metrics = train_metrics(tiny_cfg, (graphdef, params))
     assert np.all(metrics["delta_abs_max"] == 0.0)
 
 
@@ -174,7 +171,7 @@ def test_grpo_learns_on_two_seeds(tiny_overrides, tiny_base, tmp_path):
 
 def test_kl_to_reference_and_entropy_bonus_run(tiny_overrides, tiny_base):
     cfg = load_config(None, tiny_overrides + ["grpo.kl_ref=k3", "grpo.kl_coef=0.1", "grpo.entropy_coef=0.01"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     # at the first update the policy is the reference (to float rounding: the reference's
     # forward-only pass and the forward inside value_and_grad are fused differently)
     assert metrics["kl_ref"][:, 0].max() < 1e-8
@@ -185,7 +182,7 @@ def test_async_lag_is_staleness_not_mismatch(tiny_overrides, tiny_base):
     """With lag the sampler runs old weights: delta stays exactly 0 (same numerics), while the
     PPO ratio at the first update departs from 1 once the weights have moved (step > lag)."""
     cfg = load_config(None, tiny_overrides + ["perturbation.lag_steps=2", "run.chunk_steps=10", "run.steps=10"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["delta_abs_max"] == 0.0)
     # step 0: the lagged weights are the current ones (to float rounding: with lag, pi_old comes
     # from a separate forward, not from the loss's own)

@@ -6,7 +6,7 @@ import pytest
 
 from timsim.config import ConfigError, load_config, traced_values
 from timsim.corrections import CORRECTIONS, apply_corrections, make_inputs
-from test_core import _train_chunks, assert_same_training
+from test_core import assert_same_training, train_metrics
 
 KNOBS = {k.removeprefix("correction."): jnp.float32(v) for k, v in traced_values(load_config()).items()
          if k.startswith("correction.")}
@@ -125,9 +125,9 @@ def test_bad_corrections_name_the_field(override, field):
 def test_corrected_run_at_zero_mismatch_is_bit_identical(tiny_overrides, tiny_base):
     """Every correction at once, bypass mode, zero mismatch: the same metrics as no correction."""
     base = tiny_overrides + ["grpo.old_logprobs=bypass"]
-    plain = _train_chunks(load_config(None, base), *tiny_base[:2], 1)[1]
-    corrected = _train_chunks(load_config(None, base + [f"correction.kinds=[{','.join(CORRECTIONS)}]"]),
-                              *tiny_base[:2], 1)[1]
+    plain = train_metrics(load_config(None, base), tiny_base)[1]
+    corrected = train_metrics(load_config(None, base + [f"correction.kinds=[{','.join(CORRECTIONS)}]"]),
+                              tiny_base)[1]
     assert_same_training(plain, corrected)
     assert np.all(corrected["rejected_token_frac"] == 0.0) and np.all(corrected["corr_weight_mean"] == 1.0)
 
@@ -136,7 +136,7 @@ def test_a_step_that_rejects_every_token_is_skipped(tiny_overrides, tiny_base):
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
                                               "perturbation.logit_noise.scale=3", "correction.kinds=[geometric]",
                                               "correction.geo_low=0.9999999", "correction.geo_high=1.0000001"])
-    state, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    state, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["update_skipped"] == 1.0) and np.all(metrics["rejected_token_frac"] == 1.0)
     assert np.all(np.isfinite(metrics["loss"]))
     assert np.all(metrics["update_norm"] == 0.0)
@@ -232,12 +232,12 @@ def test_score_centering_leaves_the_covariance_and_removes_the_baseline_drift():
 def test_score_centering_in_a_run_is_near_identity_at_zero_mismatch(tiny_overrides, tiny_base):
     """At zero mismatch E_mu[s] = E_pi[s] = 0 in exact arithmetic: centering changes the update only
     by rounding; under mismatch it changes it."""
-    plain = _train_chunks(load_config(None, tiny_overrides), *tiny_base[:2], 1)[1]
-    centered = _train_chunks(load_config(None, tiny_overrides + ["correction.score_centering=true"]),
-                             *tiny_base[:2], 1)[1]
+    plain = train_metrics(load_config(None, tiny_overrides), tiny_base)[1]
+    centered = train_metrics(load_config(None, tiny_overrides + ["correction.score_centering=true"]),
+                             tiny_base)[1]
     np.testing.assert_allclose(centered["loss"][:, 0], plain["loss"][:, 0], rtol=1e-6)
     np.testing.assert_allclose(centered["grad_norm"][:, 0], plain["grad_norm"][:, 0], rtol=1e-3)
     noisy = tiny_overrides + ["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.scale=1.0"]
-    a = _train_chunks(load_config(None, noisy), *tiny_base[:2], 1)[1]
-    b = _train_chunks(load_config(None, noisy + ["correction.score_centering=true"]), *tiny_base[:2], 1)[1]
+    a = train_metrics(load_config(None, noisy), tiny_base)[1]
+    b = train_metrics(load_config(None, noisy + ["correction.score_centering=true"]), tiny_base)[1]
     assert np.abs(a["grad_norm"][:, 0] - b["grad_norm"][:, 0]).max() > 1e-3 * np.abs(a["grad_norm"][:, 0]).max()

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 from timsim.config import ConfigError, load_config
-from timsim.critical import FinderSettings, degrades, find_critical, paired_ci
+from timsim.finder import FinderSettings, degrades, find_critical
+from timsim.summary import paired_ci
 
 
 def synthetic(threshold: float, seeds: int = 8, noise: float = 0.01, calls: list | None = None):
@@ -88,7 +89,8 @@ def test_a_margin_relative_to_the_twins_gain_scales_with_what_the_run_learns():
     """The same paired drop (0.03) is most of what a run gaining 0.05 learns and a small part
     of a 0.5 gain: with margin_of twin_gain it degrades in the first run only; an absolute
     margin of 0.05 calls neither."""
-    from timsim.critical import margin_unit, paired_differences, twin_gain
+    from timsim.finder import margin_unit, twin_gain
+    from timsim.summary import paired_differences
 
     jitter = np.array([0.0, 0.004, -0.004, 0.002, -0.002])
     small = _summary(list(0.45 + jitter), list(0.42 + jitter))  # twin gains 0.05, level loses 0.03
@@ -105,7 +107,7 @@ def test_a_margin_relative_to_the_twins_gain_scales_with_what_the_run_learns():
 
 
 def test_a_relative_margin_needs_a_twin_that_learns_and_an_accuracy_metric():
-    from timsim.critical import margin_unit
+    from timsim.finder import margin_unit
 
     flat = _summary([0.40, 0.41, 0.39, 0.40, 0.39], [0.35] * 5)
     with pytest.raises(ConfigError, match=r"did not improve on the base.*--margin-of absolute"):
@@ -135,15 +137,14 @@ def test_finder_needs_five_seeds_and_a_scaled_family():
 
 def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides, tiny_base, monkeypatch):
     """Tiny and short: checks the files, the twin pairing and that a rerun recomputes nothing."""
-    from rich.console import Console
 
-    from timsim.critical import run_finder
+    from timsim.finder import run_finder
     from timsim.store import load
 
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]",
                                               "run.steps=2", "run.chunk_steps=2", "run.name=tiny"])
     settings = FinderSettings([1e-2, 1.0], bisect_rounds=1)
-    record = run_finder(cfg, settings, tmp_path / "crit", Console(width=120))
+    record = run_finder(cfg, settings, tmp_path / "crit")
     for name in ("critical.parquet", "critical.json", "critical.png", "manifest.json"):
         assert (tmp_path / "crit" / name).exists(), name
     assert json.loads((tmp_path / "crit" / "critical.json").read_text()) == record
@@ -151,15 +152,15 @@ def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides
     assert set(summary.cell_id) >= {"zero", "level=0.01", "level=1"}
     assert summary.groupby("cell_id").seed.apply(sorted).map(tuple).nunique() == 1  # every level is paired
     parts = sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir())
-    assert run_finder(cfg, settings, tmp_path / "crit", Console(width=120)) == record
+    assert run_finder(cfg, settings, tmp_path / "crit") == record
     assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts  # nothing recomputed
     with pytest.raises(ConfigError, match=r"levels in token_kl, not 'seq_kl'.*--restart"):
-        run_finder(cfg, dataclasses.replace(settings, target="seq_kl"), tmp_path / "crit", Console(width=120))
+        run_finder(cfg, dataclasses.replace(settings, target="seq_kl"), tmp_path / "crit")
     # re-deciding the finished runs with a relative margin trains nothing; the tiny twin's real
     # gain after 2 steps may be <= 0 (that error is tested above), so it is set here
-    monkeypatch.setattr("timsim.critical.twin_gain", lambda summary, metric="final_accuracy": 0.1)
+    monkeypatch.setattr("timsim.finder.twin_gain", lambda summary, metric="final_accuracy": 0.1)
     relative = dataclasses.replace(settings, margin=0.5, margin_of="twin_gain", bisect_rounds=0)
-    again = run_finder(cfg, relative, tmp_path / "crit", Console(width=120))
+    again = run_finder(cfg, relative, tmp_path / "crit")
     assert (again["margin_abs"], again["twin_gain"]) == (pytest.approx(0.05), 0.1)
     assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts
     levels = pd.read_parquet(tmp_path / "crit" / "critical.parquet").query("level > 0")
@@ -168,15 +169,14 @@ def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides
 
 
 def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny_overrides, tiny_base):
-    from rich.console import Console
 
-    from timsim.critical import run_finder
+    from timsim.finder import run_finder
     from timsim.store import load
 
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]",
                                               "run.steps=2", "run.chunk_steps=2", "run.name=tiny",
                                               "correction.kinds=[token_tis]"])
-    record = run_finder(cfg, FinderSettings([1e-2, 1.0], bisect_rounds=0), tmp_path / "crit", Console(width=120))
+    record = run_finder(cfg, FinderSettings([1e-2, 1.0], bisect_rounds=0), tmp_path / "crit")
     _, summary = load(tmp_path / "crit")
     assert set(summary.cell_id) == {"zero", "level=0.01", "level=1", "corrected level=0.01", "corrected level=1"}
     table = pd.read_parquet(tmp_path / "crit" / "critical.parquet")

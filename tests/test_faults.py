@@ -19,9 +19,10 @@ import yaml
 
 from timsim import cli, faults
 from timsim.config import ConfigError, inside, load_config
-from timsim.runner import Cell, run_cells
+from timsim.executors import run_cells
+from timsim.plan import Cell
 from timsim.store import LOCK_NAME, TMP_SUFFIX, Store, load
-from timsim.sweep import load_plan
+from timsim.sweep_spec import load_plan
 from test_sweep import _nested
 
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu"}

@@ -104,10 +104,10 @@ def test_kl_estimators_hand_computed():
 @pytest.mark.parametrize("loss", ["reinforce", "gspo", "cispo"])
 def test_every_loss_trains_a_chunk(tiny_overrides, tiny_base, loss):
     from timsim.config import load_config
-    from test_core import _train_chunks
+    from test_core import train_metrics
 
     cfg = load_config(None, tiny_overrides + [f"grpo.loss={loss}", "grpo.old_logprobs=bypass",
                                               "perturbation.logit_noise.family=gaussian",
                                               "perturbation.logit_noise.scale=0.5"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(np.isfinite(metrics["loss"])) and np.all(metrics["update_norm"] > 0)

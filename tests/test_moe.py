@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from timsim.config import ConfigError, load_config
-from test_core import _train_chunks, assert_same_training
+from test_core import assert_same_training, train_metrics
 
 MOE = ["model.experts=4", "model.expert_top_k=2", "pretrain.max_steps=50", "run.steps=5", "run.chunk_steps=5"]
 NOISE = ["perturbation.router_noise.family=gaussian"]
@@ -18,7 +18,7 @@ def moe_base(tiny_overrides):
 
 
 def _run(tiny_overrides, moe_base, extra):
-    return _train_chunks(load_config(None, tiny_overrides + MOE + extra), *moe_base[:2], 1)[1]
+    return train_metrics(load_config(None, tiny_overrides + MOE + extra), moe_base)[1]
 
 
 def test_zero_mismatch_moe_is_exact_and_agrees_on_every_route(tiny_overrides, moe_base):
@@ -64,8 +64,8 @@ def test_bad_moe_settings_name_the_field(override, field):
 
 def test_router_noise_calibrates_to_a_kl_target(tiny_overrides, moe_base):
     """With router noise as the only scaled source, perturbation.target sets its scale."""
-    from timsim.calibrate import resolve_targets
-    from timsim.runner import Cell
+    from timsim.loop import resolve_targets
+    from timsim.plan import Cell
 
     cfg = load_config(None, tiny_overrides + MOE + NOISE + ["perturbation.target.token_kl=0.01"])
     assert cfg.perturbation.scale_key == "perturbation.router_noise.scale"

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from timsim.calibrate import hyperparams, make_measure
+from timsim.calibration import hyperparams, make_measure
 from timsim.config import load_config
 from timsim.model import response_logits
 from timsim.numerics import Numerics
-from test_core import _train_chunks
+from test_core import train_metrics
 
 
 @pytest.fixture(scope="module")
@@ -62,13 +62,13 @@ def test_weight_noise_creates_mismatch_and_scale_zero_does_not(tiny_overrides, t
                 tiny_overrides, tiny_base)
     assert noisy > 0
     cfg = load_config(None, tiny_overrides + ["perturbation.weight_noise.family=gaussian"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["delta_abs_max"] == 0.0)
 
 
 def test_bf16_sampler_run_reports_mismatch(tiny_overrides, tiny_base):
     cfg = load_config(None, tiny_overrides + ["perturbation.sampler_precision.dtype=bf16"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["kl_sampler_learner"] > 0)
     assert np.all(np.isfinite(metrics["loss"]))
 

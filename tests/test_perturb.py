@@ -7,12 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timsim.calibrate import calibrate_scale, gaussian_closed_form_kl, hyperparams, make_measure
+from timsim.calibration import calibrate_scale, gaussian_closed_form_kl, hyperparams, make_measure
 from timsim.config import ConfigError, load_config
 from timsim.diagnostics import mismatch_metrics
 from timsim.noise import LOGIT_NOISE, perturb_teacher_forced
 from timsim.tasks import VOCAB_SIZE
-from test_core import _train_chunks, assert_same_training
+from test_core import assert_same_training, train_metrics
 
 EXAMPLE_PROFILE = Path(__file__).parent.parent / "examples" / "engine_pairs.profile.json"
 FAMILY_KNOBS = {"gaussian": [], "student_t": ["perturbation.logit_noise.nu=3"],
@@ -32,7 +32,7 @@ def test_every_family_is_covered():
 def test_top_k_of_the_whole_vocabulary_is_bit_identical_to_zero_mismatch(tiny_overrides, tiny_base, zero_run):
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=top_k",
                                               f"perturbation.logit_noise.top_k={VOCAB_SIZE}"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert_same_training(zero_run, metrics)
 
 
@@ -41,7 +41,7 @@ def test_truncation_is_one_signed_and_k1_is_the_exact_kl(tiny_overrides, tiny_ba
     """With support truncated and renormalised, delta = log(kept mass) <= 0 at every sampled
     token and KL(mu || pi) = -log(kept mass) per position, so k1 equals the exact KL."""
     cfg = load_config(None, tiny_overrides + [f"perturbation.logit_noise.family={family}", TRUNCATION_KNOBS[family]])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["kl_sampler_learner"] > 0)
     np.testing.assert_allclose(metrics["mismatch_k1"], metrics["kl_sampler_learner"], rtol=1e-4, atol=1e-7)
     assert np.all(metrics["delta_floor_max"] < 1e-4)
@@ -50,14 +50,14 @@ def test_truncation_is_one_signed_and_k1_is_the_exact_kl(tiny_overrides, tiny_ba
 @pytest.fixture(scope="module")
 def zero_run(tiny_overrides, tiny_base):
     cfg = load_config(None, tiny_overrides)
-    return _train_chunks(cfg, *tiny_base[:2], 1)[1]
+    return train_metrics(cfg, tiny_base)[1]
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_KNOBS))
 def test_scale_zero_is_bit_identical_to_zero_mismatch(tiny_overrides, tiny_base, zero_run, family):
     cfg = load_config(None, tiny_overrides + [f"perturbation.logit_noise.family={family}",
                                               "perturbation.logit_noise.scale=0"] + FAMILY_KNOBS[family])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["delta_abs_max"] == 0.0)
     assert_same_training(zero_run, metrics)
 
@@ -66,7 +66,7 @@ def test_scale_zero_is_bit_identical_to_zero_mismatch(tiny_overrides, tiny_base,
 def test_nonzero_scale_creates_mismatch_and_samples_from_reported_mu(tiny_overrides, tiny_base, family):
     cfg = load_config(None, tiny_overrides + [f"perturbation.logit_noise.family={family}",
                                               "perturbation.logit_noise.scale=1.0"] + FAMILY_KNOBS[family])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["kl_sampler_learner"] > 0)
     assert np.all(metrics["noise_scale"] == 1.0)
     # the decode path sampled from the same mu that teacher forcing reports (same noise keys)
@@ -80,7 +80,7 @@ def test_common_random_numbers_across_scales(tiny_overrides, tiny_base):
     for scale in (0.0, 1e-6, 1.0):
         cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
                                                   f"perturbation.logit_noise.scale={scale}"])
-        out[scale] = _train_chunks(cfg, *tiny_base[:2], 1)[1]
+        out[scale] = train_metrics(cfg, tiny_base)[1]
     for name in ("reward_mean", "accuracy", "response_len"):
         assert np.array_equal(out[0.0][name][:, 0], out[1e-6][name][:, 0]), name
     assert not np.array_equal(out[0.0]["kl_sampler_learner"], out[1.0]["kl_sampler_learner"])
@@ -287,7 +287,7 @@ def test_persistent_noise_follows_the_weights_version():
 def test_persistent_noise_at_scale_zero_is_bit_identical(tiny_overrides, tiny_base, zero_run, mode):
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
                                               f"perturbation.logit_noise.mode={mode}"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert_same_training(zero_run, metrics)
 
 
@@ -298,7 +298,7 @@ def test_persistent_noise_samples_from_reported_mu(tiny_overrides, tiny_base, mo
     the two paths; with bins of 0.1 that did not happen here.)"""
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
                                               f"perturbation.logit_noise.mode={mode}", "perturbation.logit_noise.scale=1"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["kl_sampler_learner"] > 0) and np.all(metrics["delta_floor_max"] < 1e-4)
 
 
@@ -321,7 +321,7 @@ def test_a_perturbation_that_breaks_the_numbers_is_reported_not_raised(tiny_over
                                               "perturbation.logit_noise.scale=1.0", "grpo.old_logprobs=bypass"])
     noise = cfg.perturbation.logit_noise.model_copy(update={"scale": float("inf")})
     cfg = cfg.model_copy(update={"perturbation": cfg.perturbation.model_copy(update={"logit_noise": noise})})
-    state, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    state, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["nonfinite_frac"][:, 0] > 0)
     assert np.any(metrics["nonfinite_update"] > 0)
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
@@ -351,7 +351,7 @@ def test_report_only_noise_keeps_the_clean_samples(tiny_overrides, tiny_base, ze
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
                                               "perturbation.logit_noise.scale=0.5",
                                               "perturbation.logit_noise.report_only=true"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     for name in ("reward_mean", "accuracy", "response_len"):
         assert np.array_equal(metrics[name][:, 0], zero_run[name][:, 0]), name
     assert np.all(metrics["kl_sampler_learner"] > 0)
@@ -362,15 +362,15 @@ def test_report_only_noise_keeps_the_clean_samples(tiny_overrides, tiny_base, ze
 def test_tracked_target_recalibrates_each_run_at_chunk_boundaries(tiny_overrides, tiny_base, tmp_path, track):
     """track=once: one scale for the whole run (calibrated at the base). every_chunk: each run
     gets a new scale at each chunk boundary, calibrated on its own weights, saved in the manifest."""
-    from rich.console import Console
 
-    from timsim.runner import Cell, run_cells
+    from timsim.executors import run_cells
+    from timsim.plan import Cell
     from timsim.store import Store, load
 
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
                                               "perturbation.target.token_kl=0.05", f"perturbation.target.track={track}",
                                               "run.seeds=[0,1]", "run.steps=4", "run.chunk_steps=2"])
-    run_cells([Cell("c", cfg)], Store(tmp_path / track), Console(width=120))
+    run_cells([Cell("c", cfg)], Store(tmp_path / track))
     metrics, _ = load(tmp_path / track)
     scales = metrics[metrics.step > 0].pivot_table(index="step", columns="seed", values="noise_scale")
     chunk_of = (scales.index - 1) // 2
@@ -429,6 +429,6 @@ def test_consistent_temperature_trains_without_mismatch(tiny_overrides, tiny_bas
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=temperature",
                                               "perturbation.logit_noise.temperature=0.7",
                                               "perturbation.logit_noise.learner_too=true"])
-    _, metrics = _train_chunks(cfg, *tiny_base[:2], 1)
+    _, metrics = train_metrics(cfg, tiny_base)
     assert np.all(metrics["delta_abs_max"] == 0.0) and np.all(metrics["ratio_first_dev_max"] == 0.0)
     assert np.all(np.isfinite(metrics["loss"]))

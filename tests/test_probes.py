@@ -6,8 +6,8 @@ import pytest
 
 from timsim.config import ConfigError, load_config, static_view
 from timsim.probes import PROBE_METRICS, make_probe
-from timsim.runner import stack_hyperparams
-from timsim.sweep import Cell
+from timsim.plan import stack_hyperparams
+from timsim.plan import Cell
 
 
 def _probe(cfg, tiny_base):
@@ -48,7 +48,7 @@ def test_probe_every_must_fall_on_chunk_boundaries():
 
 
 def test_a_run_records_probes_at_probe_steps_only(tiny_overrides, tmp_path):
-    from timsim.runner import run_cells
+    from timsim.executors import run_cells
     from timsim.store import Store, load
 
     cfg = load_config(None, tiny_overrides + ["run.probe_every=10", "perturbation.logit_noise.family=gaussian",

@@ -11,10 +11,11 @@ import pytest
 import yaml
 
 from timsim.config import ConfigError, load_config
-from timsim import runner
-from timsim.runner import Cell, run_cells
+from timsim import loop
+from timsim.executors import run_cells
+from timsim.plan import Cell
 from timsim.store import Store, atomic_write_parquet, load, read_parquet
-from timsim.sweep import load_plan
+from timsim.sweep_spec import load_plan
 
 
 def _write(tmp_path, spec, name="s.yaml"):
@@ -77,7 +78,7 @@ def test_a_run_alone_matches_its_batched_self_and_reuses_compiled_programs(tiny_
     cells = [Cell(f"lr{i}", cfg) for i, cfg in enumerate(cfgs)]
     run_cells(cells, Store(tmp_path / "batched"))
     batched, _ = load(tmp_path / "batched")
-    programs = len(runner._PROGRAMS)
+    programs = len(loop._PROGRAMS)
     for cell in cells:
         run_cells([cell], Store(tmp_path / cell.cell_id))
         alone, _ = load(tmp_path / cell.cell_id)
@@ -85,7 +86,7 @@ def test_a_run_alone_matches_its_batched_self_and_reuses_compiled_programs(tiny_
         for col in ("reward_mean", "loss", "grad_norm", "entropy"):
             np.testing.assert_allclose(together[col].to_numpy(), alone[alone.step == 1][col].to_numpy(), rtol=1e-4,
                                        atol=1e-6, err_msg=col)
-    assert len(runner._PROGRAMS) == programs + 1
+    assert len(loop._PROGRAMS) == programs + 1
 
 
 def test_vmap_batching_matches_map_statistically(tiny_overrides, tiny_base, tmp_path):
@@ -228,19 +229,19 @@ def test_program_cache_is_bounded_and_rebuilds_after_clearing(tiny_overrides, ti
     """A sweep with more static configs than MAX_PROGRAMS drops compiled programs (memory maps
     are a finite resource) and compiles again when an old config comes back, without tripping
     the no-silent-recompile guard."""
-    monkeypatch.setattr(runner, "MAX_PROGRAMS", 1)
-    monkeypatch.setattr(runner, "_PROGRAMS", {})
+    monkeypatch.setattr(loop, "MAX_PROGRAMS", 1)
+    monkeypatch.setattr(loop, "_PROGRAMS", {})
     base = tiny_overrides + ["run.steps=5", "run.seeds=[0]"]
     a, b = load_config(None, base), load_config(None, base + ["grpo.old_logprobs=bypass"])
     first = run_cells([Cell("a", a)], Store(tmp_path / "a1"))
     run_cells([Cell("b", b)], Store(tmp_path / "b"))
-    assert len(runner._PROGRAMS) == 1
+    assert len(loop._PROGRAMS) == 1
     again = run_cells([Cell("a", a)], Store(tmp_path / "a2"))
     pd.testing.assert_frame_equal(first, again, check_exact=True)
 
 
 def test_paired_table_pairs_by_seed_and_names_unknown_cells():
-    from timsim.report import paired_table
+    from timsim.summary import paired_table
 
     summary = pd.DataFrame({"cell_id": ["zero"] * 3 + ["noisy"] * 3, "seed": [0, 1, 2, 2, 1, 0],
                             "final_accuracy": [0.5, 0.6, 0.7, 0.6, 0.5, 0.3], "collapsed": [0.0] * 6,

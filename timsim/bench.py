@@ -19,9 +19,9 @@ from rich.table import Table
 from timsim.config import load_config, static_view
 from timsim.model import init_model
 from timsim.rollout import sample
-from timsim.runner import Cell, stack_hyperparams
+from timsim.plan import Cell, stack_hyperparams
 from timsim.tasks import VOCAB_SIZE
-from timsim.train import init_state, make_chunk, place
+from timsim.step import init_state, make_chunk, place
 
 STANDARD = ["task.name=reverse", "task.n_digits=15", "model.max_len=32", "grpo.prompts_per_step=32",
             "grpo.group_size=8", "run.chunk_steps=10", "run.steps=10"]

@@ -123,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from timsim.base import CheckpointError
     from timsim.config import ConfigError
+    from timsim.determinism import setup
     from timsim.store import ResultsBusy
 
+    setup()
     console = Console() if sys.stdout.isatty() else Console(width=200)  # logs: tables unwrapped
     try:
         return _dispatch(args, console)

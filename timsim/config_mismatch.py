@@ -151,7 +151,7 @@ TARGET_METRICS = {  # target field -> the measured metric it sets (timsim.diagno
 
 
 class TargetConfig(_Section):
-    """A mismatch size that sets the source's scale by calibration (`timsim.calibrate`: the
+    """A mismatch size that sets the source's scale by calibration (`timsim.calibration`: the
     logit noise's, or the router noise's when it is the only scaled source); set
     exactly one of the metrics, or none (the raw scale is used)."""
 

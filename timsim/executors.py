@@ -1,5 +1,5 @@
-"""Executors: where a sweep's groups run. `local` (default) runs them one after another in
-this process (`runner.run_cells`); `ray` makes each group a Ray task.
+"""Running a set of cells into a results directory, and where its groups run: `local`
+(default) runs them one after another in this process; `ray` makes each group a Ray task.
 
 A group (the cells that share one compiled program) is the unit of work: its runs advance
 together on the run axis, so splitting it would change the run-axis width and with it the
@@ -12,23 +12,33 @@ in flight: rerunning the same command resumes every group from its last finished
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
+from typing import Callable
 
-from rich.console import Console
+import pandas as pd
 
-from timsim.config import ConfigError
+from timsim.config import ConfigError, check_name, to_yaml
+from timsim.plan import Cell, check_compatible, plan_groups
+from timsim.runner import run_group
+from timsim.store import SCHEMA_VERSION, Store, load, provenance
+from timsim.summary import summarize_runs
+from timsim.step import resolve_batching
 
 
 def _run_group_task(root: str, gid: str, cells: list) -> str:
     """Body of one Ray task (runs in a worker process)."""
-    from timsim.runner import run_group
-    from timsim.store import Store
-
-    run_group(gid, cells, Store(root), Console(width=120, force_terminal=False))
+    run_group(gid, cells, Store(root))
     return gid
 
 
-def run_on_ray(groups: dict[str, list], root: Path, console: Console, address: str | None = None,
+def run_local(groups: dict[str, list[Cell]], root: Path, log: Callable[[str], None] = print) -> None:
+    """Run every group in this process, one after another."""
+    for gid, group_cells in groups.items():
+        run_group(gid, group_cells, Store(root), log)
+
+
+def run_on_ray(groups: dict[str, list], root: Path, log: Callable[[str], None] = print, address: str | None = None,
                num_cpus: int | None = None, cpus_per_task: float = 1.0, gpus_per_task: float = 0.0) -> None:
     """Run every group as a Ray task and wait for all of them.
 
@@ -48,15 +58,60 @@ def run_on_ray(groups: dict[str, list], root: Path, console: Console, address: s
     task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=0)(_run_group_task)
     root_text = str(Path(root).absolute())
     pending = {task.remote(root_text, gid, cells): gid for gid, cells in groups.items()}
-    console.print(f"ray: {len(pending)} group(s) submitted to {ray.cluster_resources().get('CPU', 0):g} CPU(s)")
+    log(f"ray: {len(pending)} group(s) submitted to {ray.cluster_resources().get('CPU', 0):g} CPU(s)")
     errors, waiting = [], list(pending)
     while waiting:
         done, waiting = ray.wait(waiting, num_returns=1)
         gid = pending[done[0]]
         try:
             ray.get(done[0])
-            console.print(f"ray: group {gid} done ({len(pending) - len(waiting)}/{len(pending)})")
+            log(f"ray: group {gid} done ({len(pending) - len(waiting)}/{len(pending)})")
         except ray.exceptions.RayTaskError as err:
             errors.append(f"{gid}: {err.cause!r}")
     if errors:
         raise RuntimeError("Ray task(s) failed (finished groups are kept; rerun to resume): " + "; ".join(errors))
+
+
+EXECUTORS = {"local": run_local, "ray": run_on_ray}
+
+
+def run_cells(cells: list[Cell], store: Store, log: Callable[[str], None] = print, sweep: dict | None = None,
+              restart: bool = False, executor: str = "local", ray: dict | None = None) -> pd.DataFrame:
+    """Run (or resume) all cells into `store` under its lock; returns the per-run summary table.
+
+    `executor`: `local` runs the groups one after another in this process; `ray` makes each
+    group a Ray task (options in `ray`). Both write the same files."""
+    for cell in cells:
+        check_name(cell.cell_id, "cell name")
+    if executor not in EXECUTORS:
+        raise ConfigError(f"executor must be {' or '.join(EXECUTORS)}, got {executor!r}.")
+    with store.lock():
+        if restart:
+            store.clear()
+        manifest = store.read_manifest()
+        sweep = sweep or {"name": cells[0].cfg.run.name}
+        if manifest:
+            check_compatible(cells, manifest, sweep)
+        else:
+            manifest = {"schema_version": SCHEMA_VERSION, "sweep": sweep, "provenance": provenance(),
+                        "run_axis_batching": resolve_batching(cells[0].cfg.run.batching), "cells": {}, "groups": {}}
+        groups = plan_groups(cells, manifest)
+        store.write_manifest(manifest)
+        known = [c for c in cells if c.cell_id in manifest["cells"]]
+        store.write_text("config.resolved.yaml",
+                         "\n---\n".join(f"# cell {c.cell_id}\n{to_yaml(c.cfg)}" for c in known))
+        skipped = [c.cell_id for c in cells if manifest["cells"][c.cell_id]["status"] == "done"]
+        if skipped:
+            log(f"{len(skipped)} finished cell(s) kept, not recomputed: {', '.join(skipped[:6])}"
+                f"{' ...' if len(skipped) > 6 else ''}")
+        start = time.perf_counter()
+        if executor == "ray":
+            run_on_ray(groups, store.root, log, **(ray or {}))
+        else:
+            run_local(groups, store.root, log)
+        manifest = store.read_manifest()
+        summary = summarize_runs(load(store.root)[0])
+        store.write_summary(summary)
+        manifest["seconds_last_invocation"] = round(time.perf_counter() - start, 1)
+        store.write_manifest(manifest)
+        return summary

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 from timsim.config import Config
 from timsim.sampler import sampler_spec
 from timsim.tasks import Task
-from timsim.train import (batch_over_runs, learner_batch, make_collect, make_loss, resolve_batching,
+from timsim.step import (batch_over_runs, learner_batch, make_collect, make_loss, resolve_batching,
                           trace_once, zero_mismatch_spec)
 
 MODES = ("recompute", "bypass")

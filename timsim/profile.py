@@ -21,7 +21,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from timsim.config import ConfigError
+from timsim.base import get_base
+from timsim.calibration import hyperparams, make_measure
+from timsim.config import ConfigError, config_from_dict, load_config
 from timsim.noise import LEVELS, PROB_EDGES, load_profile
 
 REQUIRED = ("logp_sampler", "logp_trainer")
@@ -147,8 +149,6 @@ def achieved(cfg, profile_path: str, graphdef, params) -> pd.DataFrame:
     delta quantiles per probability bin with the profile's: target against achieved."""
     import jax
 
-    from timsim.calibrate import hyperparams, make_measure
-    from timsim.config import config_from_dict
 
     raw = cfg.model_dump()
     raw["perturbation"]["logit_noise"].update(family="profile", profile=str(profile_path), scale=1.0)
@@ -206,8 +206,6 @@ def command(pairs: str | None, out: str | None, example: str | None, config: str
     png = plot(df, out_path.with_suffix(".png"))
     console.print(f"profile: {out_path}; plot (fitted vs held-out quantiles): {png}")
     if config:
-        from timsim.base import get_base
-        from timsim.config import load_config
 
         cfg = load_config(config, overrides)
         graphdef, params, _ = get_base(cfg, announce=console.print)

@@ -11,12 +11,19 @@ from rich.table import Table
 
 import jax
 
-from timsim.config import Config, ConfigError, inside
-from timsim.critical import margin_words
+from timsim.base import get_base
+from timsim.calibration import calibrate_scale, calibration_table, hyperparams, make_measure
+from timsim.config import TARGET_METRICS, Config, ConfigError, config_from_dict, inside, load_config, traced_values
+from timsim.finder import FinderSettings, margin_words, run_finder
+from timsim.diagnostics import delta_quantiles_by_bin
+from timsim.executors import run_cells
+from timsim.plan import Cell
 from timsim.plots import plot_curves
-from timsim.runner import Cell, run_cells
-from timsim.store import Store, load
-from timsim.summary import SUMMARY_METRICS, by_cell
+from timsim.runner import load_trained_params
+from timsim.store import Store, atomic_write_parquet, load
+from timsim.study import is_study_file, load_study, study_row
+from timsim.summary import SUMMARY_METRICS, by_cell, paired_table
+from timsim.sweep_spec import estimate_seconds, load_plan
 
 HEADERS = {"final_accuracy": "final acc", "peak_accuracy": "peak acc", "peak_step": "peak step",
            "final_reward": "final reward", "mean_mismatch_k3": "mean k3", "collapsed": "collapsed"}
@@ -45,36 +52,6 @@ def print_summary(summary: pd.DataFrame, console: Console) -> None:
     console.print(table)
 
 
-def paired_table(metrics: pd.DataFrame, summary: pd.DataFrame, against: list[str],
-                 confidence: float = 0.95) -> pd.DataFrame:
-    """Per cell: final held-out accuracy, its paired difference (same seeds) against each
-    reference cell, collapse rate and first collapse step, and means over training of the
-    mismatch (per-token KL, per-response KL, r_corr outside [0.5, 2]), of the corrections'
-    rejected fraction and of the bypass probe cosine where the sweep has them."""
-    from timsim.critical import paired_ci, paired_differences
-
-    unknown = [ref for ref in against if ref not in set(summary.cell_id)]
-    if unknown:
-        raise ConfigError(f"--against names unknown cell(s) {unknown}; the results have "
-                          f"{', '.join(summary.cell_id.unique())}.")
-    rows = []
-    for cell, runs in summary.groupby("cell_id", sort=False):
-        acc, acc_ci = paired_ci(runs.final_accuracy.to_numpy(), confidence)
-        row = {"cell": cell, "seeds": len(runs), "final_accuracy": acc, "final_accuracy_ci": acc_ci}
-        for ref in against:
-            row[f"minus_{ref}"], row[f"minus_{ref}_ci"] = (0.0, 0.0) if cell == ref else paired_ci(
-                paired_differences(summary, cell, "final_accuracy", ref), confidence)
-        row["collapse_rate"] = float(runs.collapsed.mean())
-        row["first_collapse_step"] = float(runs.collapse_step.min())
-        trained = metrics[(metrics.cell_id == cell) & (metrics.step > 0)]
-        for name in ("kl_sampler_learner", "seq_kl", "ratio_out_band_frac", "rejected_token_frac"):
-            row[name] = float(trained[name].mean()) if name in trained else float("nan")
-        probes = trained.probe_bypass_cos.dropna() if "probe_bypass_cos" in trained else pd.Series(dtype=float)
-        row["probe_bypass_cos"] = float(probes.mean()) if len(probes) else float("nan")
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 def print_paired(table: pd.DataFrame, against: list[str], console: Console) -> None:
     out = Table(title="paired by seed (final held-out greedy accuracy; mismatch and corrections averaged over "
                       "training)")
@@ -98,10 +75,6 @@ def print_calibration(cfg: Config, targets: list[float], console: Console, metri
     """`timsim calibrate`: the scale reaching each target on the config's base model, what it
     gives per token and per response, and the per-token KL a real response of `real_length`
     tokens would need to carry the same per-response KL (the equivalent real-engine setting)."""
-    from timsim.base import get_base
-    from timsim.calibrate import calibrate_scale, calibration_table, hyperparams, make_measure
-    from timsim.config import TARGET_METRICS
-    from timsim.diagnostics import delta_quantiles_by_bin
 
     if metric not in TARGET_METRICS:
         raise ConfigError(f"--metric {metric!r} is not a calibration target; accepted: {', '.join(TARGET_METRICS)}.")
@@ -158,10 +131,6 @@ PRECISION_MODES = {  # label -> perturbation.sampler_precision
 def print_precision_modes(cfg: Config, console: Console, trained: str | None = None) -> None:
     """`timsim calibrate --modes`: the mismatch each sampler precision or reduction-order mode
     produces against an fp32 learner, on the base model and (with `trained`) on a trained run's final weights."""
-    from timsim.base import get_base
-    from timsim.calibrate import hyperparams, make_measure
-    from timsim.config import config_from_dict, traced_values
-    from timsim.runner import load_trained_params
 
     graphdef, params, info = get_base(cfg, announce=console.print)
     models = {"base": params}
@@ -197,7 +166,7 @@ def finish(root: Path, summary: pd.DataFrame, console: Console) -> Path:
 def train(cfg: Config, console: Console, restart: bool = False) -> Path:
     """`timsim train`: one cell (the config's seeds) into out_dir/name; rerunning resumes."""
     root = inside(cfg.run.out_dir, cfg.run.name)
-    summary = run_cells([Cell(cfg.run.name, cfg)], Store(root), console, restart=restart)
+    summary = run_cells([Cell(cfg.run.name, cfg)], Store(root), console.print, restart=restart)
     finish(root, summary, console)
     return root
 
@@ -205,7 +174,6 @@ def train(cfg: Config, console: Console, restart: bool = False) -> Path:
 def sweep(path: str, overrides: list[str], console: Console, dry_run: bool = False, restart: bool = False,
           out_dir: str | None = None, executor: str | None = None, ray_address: str | None = None) -> Path | None:
     """`timsim sweep`: print the plan, then run (or resume) it."""
-    from timsim.sweep import estimate_seconds, load_plan
 
     plan = load_plan(path, overrides)
     root = inside(out_dir or plan.cells[0].cfg.run.out_dir, plan.name)
@@ -225,7 +193,7 @@ def sweep(path: str, overrides: list[str], console: Console, dry_run: bool = Fal
     if dry_run:
         return None
     ray = plan.ray.model_dump() | ({"address": ray_address} if ray_address else {})
-    summary = run_cells(plan.cells, Store(root), console, sweep={"name": plan.name, "sweep_hash": plan.sweep_hash},
+    summary = run_cells(plan.cells, Store(root), console.print, sweep={"name": plan.name, "sweep_hash": plan.sweep_hash},
                         restart=restart, executor=executor or plan.executor, ray=ray)
     finish(root, summary, console)
     return root
@@ -235,9 +203,6 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
              out_dir: str | None = None, restart: bool = False) -> Path:
     """`timsim critical`: run (or resume) the finder on a config, or on every variant of a
     study file; print the dose-response table(s) and, for a study, the critical table."""
-    from timsim.config import load_config
-    from timsim.critical import FinderSettings, run_finder
-    from timsim.study import is_study_file, load_study, study_row
 
     if is_study_file(path):
         name, variants, settings = load_study(path, overrides, cli)
@@ -260,12 +225,11 @@ def critical(path: str, overrides: list[str], cli: dict, console: Console, only:
     for variant, cfg in variants.items():
         vroot = inside(root, variant if name else f"critical-{variant}")
         console.rule(f"critical finder: {variant}")
-        record = run_finder(cfg, settings, vroot, console, restart=restart)
+        record = run_finder(cfg, settings, vroot, console.print, restart=restart)
         _print_dose_response(pd.read_parquet(vroot / "critical.parquet"), record, max(settings.levels), vroot, console)
         rows.append(study_row(variant, record))
     if name:
         table = pd.DataFrame(rows)
-        from timsim.store import atomic_write_parquet
 
         atomic_write_parquet(root / "critical_table.parquet", table)
         margin = f"{settings.margin:g}" + (" of the twin's gain" if settings.margin_of == "twin_gain" else "")

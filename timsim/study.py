@@ -10,8 +10,9 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from timsim.config import Config, ConfigError, check_name, set_dotted
-from timsim.critical import FinderSettings
+from timsim.config import Config, ConfigError, check_name, config_from_dict, parse_overrides, set_dotted
+from timsim.finder import FinderSettings
+from timsim.sweep_spec import read_spec, resolve_base
 
 
 class StudyFile(BaseModel):
@@ -49,8 +50,6 @@ def load_study(path: str | Path, overrides: list[str], cli: dict) -> tuple[str, 
     """(study name, {variant: config}, finder settings). The command line wins over the file:
     `overrides` (dotted.key=value) over every variant's own changes, `cli` (the finder options
     given) over the file's `finder:` block."""
-    from timsim.config import config_from_dict, parse_overrides
-    from timsim.sweep import read_spec, resolve_base
 
     path = Path(path)
     spec = read_spec(path, StudyFile, "study")

@@ -6,19 +6,22 @@ import math
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
-# Two-sided 95% Student-t quantiles t_{0.975, df} for df = 1..30; beyond, the normal 1.96.
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
+from timsim.config_types import ConfigError
 
 SUMMARY_METRICS = ["final_accuracy", "peak_accuracy", "peak_step", "final_reward", "mean_mismatch_k3", "collapsed"]
 COLLAPSE_FRACTION = 0.5  # a run has collapsed when its smoothed reward stays below this fraction of its peak
 COLLAPSE_WINDOW = 20  # steps of the rolling mean that smooths the reward
 
 
-def t_quantile_975(df: int) -> float:
-    return _T975[df - 1] if df <= len(_T975) else 1.96
+def ci_half_width(values, confidence: float = 0.95) -> float:
+    """Two-sided Student-t confidence half-width of the mean of `values` (the one place timsim
+    computes it: per-cell CIs over seeds and paired differences alike); NaN below 2 values."""
+    values = np.asarray(values, float)
+    if values.size < 2:
+        return float("nan")
+    return float(stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
 
 
 def collapse(trained: pd.DataFrame, fraction: float = COLLAPSE_FRACTION, window: int = COLLAPSE_WINDOW) -> dict:
@@ -43,6 +46,16 @@ def collapse(trained: pd.DataFrame, fraction: float = COLLAPSE_FRACTION, window:
     return out
 
 
+def _accuracies(ev: pd.DataFrame) -> dict:
+    """Base, final and peak held-out accuracy of one run (NaN when it ran without evaluation)."""
+    if ev.empty:
+        return dict.fromkeys(("base_accuracy", "final_accuracy", "peak_accuracy", "peak_step"), float("nan"))
+    peak = ev.loc[ev.eval_greedy_accuracy.idxmax()]
+    return {"base_accuracy": float(ev.eval_greedy_accuracy.iloc[0]),
+            "final_accuracy": float(ev.eval_greedy_accuracy.iloc[-1]),
+            "peak_accuracy": float(peak.eval_greedy_accuracy), "peak_step": int(peak.step)}
+
+
 def summarize_runs(metrics: pd.DataFrame) -> pd.DataFrame:
     """One row per run: base / final / peak held-out greedy accuracy, final reward (mean over the
     last 10% of steps), mean per-token mismatch k3, and collapse (`collapse`)."""
@@ -53,13 +66,10 @@ def summarize_runs(metrics: pd.DataFrame) -> pd.DataFrame:
         if trained.empty:
             continue
         tail = trained[trained.step > trained.step.max() * 0.9]
-        peak = ev.loc[ev.eval_greedy_accuracy.idxmax()]
         cfg_cols = {c: df[c].iloc[0] for c in df.columns if c.startswith("cfg.")}
         rows.append({"cell_id": cell_id, "run_idx": run_idx, "seed": int(df.seed.iloc[0]), **cfg_cols,
                      "steps": int(df.step.max()),
-                     "base_accuracy": float(ev.eval_greedy_accuracy.iloc[0]),
-                     "final_accuracy": float(ev.eval_greedy_accuracy.iloc[-1]),
-                     "peak_accuracy": float(peak.eval_greedy_accuracy), "peak_step": int(peak.step),
+                     **_accuracies(ev),
                      "final_reward": float(tail.reward_mean.mean()),
                      "mean_mismatch_k3": float(trained.mismatch_k3.mean()), **collapse(trained)})
     return pd.DataFrame(rows)
@@ -73,7 +83,53 @@ def by_cell(summary: pd.DataFrame, metrics: list[str] = SUMMARY_METRICS) -> pd.D
         for m in metrics:
             values = df[m].astype(float)
             row[m] = values.mean()
-            row[f"{m}_ci95"] = (t_quantile_975(len(df) - 1) * values.std(ddof=1) / math.sqrt(len(df))
-                                if len(df) > 1 else float("nan"))
+            row[f"{m}_ci95"] = ci_half_width(values)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def paired_ci(diffs: np.ndarray, confidence: float) -> tuple[float, float]:
+    """Mean and two-sided confidence half-width (Student t) of paired differences."""
+    diffs = np.asarray(diffs, float)
+    if diffs.size < 2:
+        return float(diffs.mean()), math.inf
+    return float(diffs.mean()), ci_half_width(diffs, confidence)
+
+
+def paired_differences(summary: pd.DataFrame, cell_id: str, column: str = "final_accuracy",
+                       reference: str = "zero") -> np.ndarray:
+    """Per seed both cells ran: `column` of `cell_id`'s run minus `reference`'s (by default the
+    zero-mismatch twin's)."""
+    twin = summary[summary.cell_id == reference].set_index("seed")[column]
+    runs = summary[summary.cell_id == cell_id].set_index("seed")[column]
+    common = runs.index.intersection(twin.index)
+    return (runs.loc[common] - twin.loc[common]).to_numpy(float)
+
+
+def paired_table(metrics: pd.DataFrame, summary: pd.DataFrame, against: list[str],
+                 confidence: float = 0.95) -> pd.DataFrame:
+    """Per cell: final held-out accuracy, its paired difference (same seeds) against each
+    reference cell, collapse rate and first collapse step, and means over training of the
+    mismatch (per-token KL, per-response KL, r_corr outside [0.5, 2]), of the corrections'
+    rejected fraction and of the bypass probe cosine where the sweep has them."""
+
+    unknown = [ref for ref in against if ref not in set(summary.cell_id)]
+    if unknown:
+        raise ConfigError(f"--against names unknown cell(s) {unknown}; the results have "
+                          f"{', '.join(summary.cell_id.unique())}.")
+    rows = []
+    for cell, runs in summary.groupby("cell_id", sort=False):
+        acc, acc_ci = paired_ci(runs.final_accuracy.to_numpy(), confidence)
+        row = {"cell": cell, "seeds": len(runs), "final_accuracy": acc, "final_accuracy_ci": acc_ci}
+        for ref in against:
+            row[f"minus_{ref}"], row[f"minus_{ref}_ci"] = (0.0, 0.0) if cell == ref else paired_ci(
+                paired_differences(summary, cell, "final_accuracy", ref), confidence)
+        row["collapse_rate"] = float(runs.collapsed.mean())
+        row["first_collapse_step"] = float(runs.collapse_step.min())
+        trained = metrics[(metrics.cell_id == cell) & (metrics.step > 0)]
+        for name in ("kl_sampler_learner", "seq_kl", "ratio_out_band_frac", "rejected_token_frac"):
+            row[name] = float(trained[name].mean()) if name in trained else float("nan")
+        probes = trained.probe_bypass_cos.dropna() if "probe_bypass_cos" in trained else pd.Series(dtype=float)
+        row["probe_bypass_cos"] = float(probes.mean()) if len(probes) else float("nan")
         rows.append(row)
     return pd.DataFrame(rows)

@@ -29,23 +29,17 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from timsim.config import TARGET_METRICS, Config, ConfigError, set_dotted
+from timsim.config import TARGET_METRICS, Config, ConfigError, config_from_dict, set_dotted
+from timsim.executors import run_cells
 from timsim.noise import LOGIT_NOISE
+from timsim.plan import Cell
+from timsim.store import Store, atomic_write_bytes, atomic_write_parquet, load
+from timsim.summary import paired_ci, paired_differences
 
 MIN_SEEDS = 5
 ZERO_CELL = "zero"
 MARGIN_OF = ("absolute", "twin_gain")
-
-
-def paired_ci(diffs: np.ndarray, confidence: float) -> tuple[float, float]:
-    """Mean and two-sided confidence half-width (Student t) of paired differences."""
-    diffs = np.asarray(diffs, float)
-    if diffs.size < 2:
-        return float(diffs.mean()), math.inf
-    half = stats.t.ppf(0.5 + confidence / 2, diffs.size - 1) * diffs.std(ddof=1) / math.sqrt(diffs.size)
-    return float(diffs.mean()), float(half)
 
 
 def degrades(diffs: np.ndarray, margin: float, confidence: float) -> bool:
@@ -176,8 +170,6 @@ def uncorrected(cfg: Config) -> Config:
 def make_cells(cfg: Config, settings: FinderSettings, levels: list[float], arm: str = "") -> list:
     """The zero-mismatch twin (always uncorrected: every correction is the identity at zero
     mismatch) and one cell per level of `cfg` (same seeds, same static config per arm)."""
-    from timsim.config import config_from_dict
-    from timsim.runner import Cell
 
     zero = uncorrected(cfg).model_dump()
     set_dotted(zero, cfg.perturbation.scale_key, 0.0)
@@ -188,16 +180,6 @@ def make_cells(cfg: Config, settings: FinderSettings, levels: list[float], arm: 
         cells.append(Cell(level_cell_id(level, arm), config_from_dict(raw),
                           {f"perturbation.target.{settings.target}": level}))
     return cells
-
-
-def paired_differences(summary: pd.DataFrame, cell_id: str, column: str = "final_accuracy",
-                       reference: str = ZERO_CELL) -> np.ndarray:
-    """Per seed both cells ran: `column` of `cell_id`'s run minus `reference`'s (by default the
-    zero-mismatch twin's)."""
-    twin = summary[summary.cell_id == reference].set_index("seed")[column]
-    runs = summary[summary.cell_id == cell_id].set_index("seed")[column]
-    common = runs.index.intersection(twin.index)
-    return (runs.loc[common] - twin.loc[common]).to_numpy(float)
 
 
 def twin_gain(summary: pd.DataFrame, metric: str = "final_accuracy") -> float:
@@ -267,15 +249,14 @@ def dose_response(finding: Finding, metrics: pd.DataFrame, summary: pd.DataFrame
     return pd.DataFrame(rows)
 
 
-def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, restart: bool = False) -> dict:
+def run_finder(cfg: Config, settings: FinderSettings, root: Path, log: Callable[[str], None] = print,
+               restart: bool = False) -> dict:
     """Run (or resume) the finder into `root`; writes critical.parquet, critical.json and
     critical.png there and returns the record of critical.json.
 
     With a correction configured the finder runs twice against the same zero-mismatch twin,
     without and with the correction, and records how far the correction moves the critical
     level (`critical_shift`: corrected / uncorrected critical level)."""
-    from timsim.runner import run_cells
-    from timsim.store import Store, atomic_write_bytes, atomic_write_parquet, load
 
     settings.validate(cfg)
     store = Store(root)
@@ -301,10 +282,10 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, console, resta
                 nonlocal tried
                 tried = sorted(set(tried) | set(levels))
                 plan = sorted(set(tried) | set(known))  # levels an interrupted invocation started stay in the plan
-                console.print(f"[bold]critical finder[/]{' (' + arm.strip() + ')' if arm else ''}: levels "
+                log(f"critical finder{' (' + arm.strip() + ')' if arm else ''}: levels "
                               f"{', '.join(f'{lv:.3g}' for lv in plan)} ({settings.target}) x {len(cfg.run.seeds)} "
                               f"seeds, against the zero-mismatch twin")
-                summary = run_cells(make_cells(arm_cfg, settings, plan, arm), store, console, sweep=sweep)
+                summary = run_cells(make_cells(arm_cfg, settings, plan, arm), store, log, sweep=sweep)
                 unit = margin_unit(summary, settings)  # the decisions compare diffs / unit with settings.margin
                 return {lv: paired_differences(summary, level_cell_id(lv, arm), settings.metric) / unit for lv in plan}
 

@@ -129,30 +129,3 @@ def calibration_table(measure: Callable, params, cfg: Config, scales: list[float
             row["closed_form_kl"] = gaussian_closed_form_kl(scale, got["one_minus_sum_p2"], cfg.sampler.temperature)
         rows.append(row)
     return rows
-
-
-def resolve_targets(cells: list, graphdef, params) -> tuple[list, dict[str, dict]]:
-    """Replace each cell's `perturbation.target` by the calibrated scale (at the
-    base model); returns the new cells and what was achieved per cell (for the manifest)."""
-    from timsim.runner import Cell
-
-    out, report, programs = [], {}, {}
-    for cell in cells:
-        target = cell.cfg.perturbation.target
-        if target.metric is None:
-            out.append(cell)
-            continue
-        metric, value = target.resolved()
-        if "measure" not in programs:
-            programs["measure"] = make_measure(cell.cfg, graphdef)
-        scale, got = calibrate_scale(programs["measure"], params, cell.cfg, value, metric)
-        section = cell.cfg.perturbation.scale_key.split(".")[1]  # logit_noise or router_noise
-        noise = getattr(cell.cfg.perturbation, section).model_copy(update={"scale": scale})
-        perturbation = cell.cfg.perturbation.model_copy(update={section: noise})
-        out.append(Cell(cell.cell_id, cell.cfg.model_copy(update={"perturbation": perturbation}), cell.swept))
-        report[cell.cell_id] = {"track": target.track, "metric": metric, "target": value, "scale": scale,
-                                "achieved": got[metric], **{k: got[k] for k in REPORTED}}
-    return out, report
-
-
-REPORTED = ("kl_sampler_learner", "mismatch_k3", "seq_kl", "delta_abs_mean", "delta_abs_max", "response_tokens")

@@ -34,7 +34,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from timsim.config import Config, ConfigError, check_name, config_from_dict, parse_overrides, set_dotted, static_hash
-from timsim.runner import Cell
+from timsim.plan import Cell
 
 
 class RaySettings(BaseModel):
@@ -120,13 +120,15 @@ def _check_axes(spec: SweepFile) -> None:
         raise ConfigError(f"Invalid sweep: zip axes must have equal lengths, got {lengths}.")
 
 
-def read_spec(path: str | Path, model: type[BaseModel], kind: str) -> BaseModel:
-    """A sweep-like YAML file validated by `model`, every problem as one `ConfigError`."""
-    path = Path(path)
-    if not path.is_file():
+def read_spec(path: str | Path | dict, model: type[BaseModel], kind: str) -> BaseModel:
+    """A sweep-like YAML file (or its content as a dict) validated by `model`, every problem as
+    one `ConfigError`."""
+    content = path if isinstance(path, dict) else None
+    path = Path(f"<{kind} given as a dict>") if content is not None else Path(path)
+    if content is None and not path.is_file():
         raise ConfigError(f"{kind.capitalize()} file {str(path)!r} does not exist.")
     try:
-        return model.model_validate(yaml.safe_load(path.read_text()) or {})
+        return model.model_validate(content if content is not None else yaml.safe_load(path.read_text()) or {})
     except yaml.YAMLError as err:
         raise ConfigError(f"{kind.capitalize()} file {str(path)!r} is not valid YAML: {err}") from None
     except ValidationError as err:
@@ -153,10 +155,11 @@ def resolve_base(path: Path, spec, overrides: list[str] | None) -> dict:
     return base
 
 
-def load_plan(path: str | Path, overrides: list[str] | None = None) -> Plan:
-    """Expand a sweep file into validated cells (no compute)."""
-    path = Path(path)
+def load_plan(path: str | Path | dict, overrides: list[str] | None = None) -> Plan:
+    """Expand a sweep file (or its content as a dict: `base` is then relative to the working
+    directory, and the name defaults to "sweep") into validated cells (no compute)."""
     spec = read_spec(path, SweepFile, "sweep")
+    path = Path.cwd() / "sweep" if isinstance(path, dict) else Path(path)
     _check_axes(spec)
     base = resolve_base(path, spec, overrides)
     name = check_name(path.stem if spec.name is None else spec.name,

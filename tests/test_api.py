@@ -1,0 +1,102 @@
+"""The in-memory API: `timsim.step` / `timsim.sweep_spec` return DataFrames, call hooks, write
+nothing unless asked, and give the same numbers as the results-directory path."""
+
+import os
+
+import jax
+import numpy as np
+import pandas as pd
+import pytest
+
+import timsim
+from timsim.determinism import in_force
+from timsim.loop import ProgressHook, metric_rows
+from timsim.metrics import METRICS
+from timsim.plan import Cell
+
+
+class Recorder(timsim.Hook):
+    def __init__(self):
+        self.events = []
+
+    def start(self, group):
+        self.events.append(("start", group.total_steps, len(group.runs)))
+
+    def boundary(self, group, at):
+        self.events.append(("boundary", at.chunk, at.step, sorted(at.frames)))
+
+    def end(self, group):
+        self.events.append(("end",))
+
+
+@pytest.fixture(scope="module")
+def in_memory(tiny_cfg, tiny_base, tmp_path_factory):
+    lines, recorder = [], Recorder()
+    cwd, before = tmp_path_factory.mktemp("cwd"), os.getcwd()
+    os.chdir(cwd)  # an in-memory run writes nothing, not even into the working directory
+    try:
+        result = timsim.train(tiny_cfg, ["run.steps=10"], base=tiny_base[:2], progress=False,
+                              hooks=[recorder, ProgressHook(lines.append, bar=False)])
+    finally:
+        os.chdir(before)
+    return result, recorder.events, lines, cwd
+
+
+def test_train_returns_dataframes_state_and_calls_hooks(in_memory, tiny_cfg):
+    result, events, lines, _ = in_memory
+    seeds, steps = tiny_cfg.run.seeds, 10
+    assert isinstance(result.metrics, pd.DataFrame) and isinstance(result.summary, pd.DataFrame)
+    assert len(result.metrics) == len(seeds) * (steps + 1)  # step 0 (the base model) and every step
+    assert set(METRICS) <= set(result.metrics.columns)
+    ends = result.metrics.dropna(subset=["eval_greedy_accuracy"]).step.unique().tolist()
+    assert ends == [0, 5, 10]  # held-out evaluation at step 0 and at each chunk end
+    assert list(result.summary.seed) == seeds and result.summary.final_accuracy.between(0, 1).all()
+    state = next(iter(result.state.values()))
+    assert jax.tree.leaves(state.params)[0].shape[0] == len(seeds) and int(state.step[0]) == steps
+    assert events == [("start", steps, len(seeds)), ("boundary", 0, 0, ["run"]), ("boundary", 1, 5, ["run"]),
+                      ("boundary", 2, 10, ["run"]), ("end",)]
+    assert len(lines) == 2 and "step 10/10" in lines[-1]
+    assert in_force()  # the determinism setup is in force once the API ran
+
+
+def test_in_memory_and_results_directory_give_the_same_numbers(in_memory, tiny_cfg, tmp_path):
+    result = in_memory[0]
+    stored = timsim.train(tiny_cfg, ["run.steps=10"], out=tmp_path / "r", progress=False)
+    assert stored.path == tmp_path / "r" and (tmp_path / "r" / "manifest.json").exists()
+    columns = [c for c in result.metrics.columns if c in stored.metrics.columns]
+    pd.testing.assert_frame_equal(result.metrics[columns], stored.metrics[columns], check_exact=True)
+    again = timsim.load(tmp_path / "r")
+    pd.testing.assert_frame_equal(again.summary, stored.summary)
+
+
+def test_in_memory_train_writes_nothing(in_memory):
+    assert list(in_memory[3].iterdir()) == []
+
+
+def test_sweep_from_a_dict_and_paired_comparison(tiny_overrides, tiny_base, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    spec = {"config": {"perturbation": {"logit_noise": {"family": "gaussian"}}}, "name": "api",
+            "cells": {"zero": {"perturbation.logit_noise.scale": 0.0}, "noisy": {"perturbation.logit_noise.scale": 2.0}}}
+    result = timsim.sweep(spec, tiny_overrides + ["run.steps=5", "run.chunk_steps=5"], progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert set(result.configs) == {"zero", "noisy"} and len(result.state) == 1  # one program for both cells
+    table = result.compare("zero").set_index("cell")
+    assert table.loc["zero", "minus_zero"] == 0.0
+    noisy = result.summary[result.summary.cell_id == "noisy"].set_index("seed").final_accuracy
+    zero = result.summary[result.summary.cell_id == "zero"].set_index("seed").final_accuracy
+    assert table.loc["noisy", "minus_zero"] == pytest.approx((noisy - zero).mean())
+    kl = result.metrics.groupby("cell_id").kl_sampler_learner.max()
+    assert kl["zero"] == 0.0 and kl["noisy"] > 0.0
+
+
+def test_an_unregistered_metric_is_an_error(tiny_cfg):
+    runs = [(Cell("c", tiny_cfg), 0, 0)]
+    with pytest.raises(RuntimeError, match="not_a_metric"):
+        metric_rows(runs, {"reward_mean": np.zeros((1, 2)), "not_a_metric": np.zeros((1, 2))}, np.arange(1, 3))
+
+
+def test_bad_config_given_to_the_api_is_one_config_error():
+    with pytest.raises(timsim.ConfigError, match="grpo.lr"):
+        timsim.train(None, ["grpo.lr=-1"], progress=False)
+    with pytest.raises(TypeError, match="config must be"):
+        timsim.train(42, progress=False)

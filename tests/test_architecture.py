@@ -1,0 +1,110 @@
+"""The one-way architecture: each module imports only modules of its own or a lower layer, with
+no circle, and no timsim import hidden inside a function (the CLI alone imports lazily, to
+start fast). Importing timsim changes no global JAX or XLA setting."""
+
+import ast
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import timsim
+
+PACKAGE = Path(timsim.__file__).parent
+
+# Bottom to top: data flows tasks -> model/numerics -> sampler -> learner -> runs -> store-backed
+# runs -> executors -> experiments -> API -> CLI. A new module must be placed here on purpose.
+LAYERS = [
+    {"registry", "config_types", "keys", "faults", "numerics", "determinism", "kl", "metrics", "plots"},
+    {"tasks", "grpo", "corrections", "noise", "diagnostics", "summary", "store"},
+    {"config_mismatch", "config"},
+    {"model", "rollout"},
+    {"sampler"},
+    {"step", "probes", "calibration", "base"},
+    {"plan", "loop"},
+    {"runner"},
+    {"executors"},
+    {"sweep_spec", "finder", "study", "profile", "bench"},
+    {"api", "report"},
+    {"cli", "__init__"},
+]
+LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
+LAZY_ALLOWED = {"cli"}
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(timsim module imported, whether the import sits inside a function) for one file."""
+    tree = ast.parse(path.read_text())
+    found = []
+
+    def visit(node, in_function: bool):
+        for child in ast.iter_child_nodes(node):
+            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.ImportFrom) and child.module and child.module.split(".")[0] == "timsim":
+                parts = child.module.split(".")
+                names = [parts[1]] if len(parts) > 1 else [a.name for a in child.names]
+                found.extend((n, nested) for n in names)
+            elif isinstance(child, ast.Import):
+                found.extend((a.name.split(".")[1], nested) for a in child.names
+                             if a.name.startswith("timsim."))
+            visit(child, nested)
+
+    visit(tree, False)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {p.stem: {m for m, _ in _imports(p)} for p in PACKAGE.glob("*.py")}
+
+
+def test_every_module_has_a_layer():
+    modules = {p.stem for p in PACKAGE.glob("*.py")}
+    assert modules - set(LAYER) == set(), "place the new module(s) in LAYERS"
+    assert set(LAYER) - modules == set(), "LAYERS names module(s) that no longer exist"
+
+
+def test_no_module_imports_a_higher_layer():
+    upward = [f"{p.stem} (layer {LAYER[p.stem]}) imports {m} (layer {LAYER[m]})"
+              for p in PACKAGE.glob("*.py") for m, _ in _imports(p) if LAYER[m] > LAYER[p.stem]]
+    assert upward == []
+
+
+def test_no_timsim_import_inside_a_function():
+    hidden = [f"{p.stem} imports {m} inside a function" for p in PACKAGE.glob("*.py")
+              if p.stem not in LAZY_ALLOWED for m, nested in _imports(p) if nested]
+    assert hidden == []
+
+
+def test_the_import_graph_has_no_circle():
+    graph, state, circles = _graph(), {}, []
+
+    def walk(node, path):
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == "open":
+                circles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                walk(nxt, path + [nxt])
+        state[node] = "done"
+
+    for module in sorted(graph):
+        if module not in state:
+            walk(module, [module])
+    assert circles == []
+
+
+def test_the_checker_sees_upward_and_hidden_imports(tmp_path):
+    """The AST walk finds both kinds of import it must forbid (so the checks above can fail)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from timsim.api import train\n\ndef f():\n    from timsim import loop\n    import timsim.cli\n")
+    assert _imports(probe) == [("api", False), ("loop", True), ("cli", True)]
+
+
+def test_importing_timsim_changes_no_global_setting_and_setup_does():
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    code = ("import os, jax, timsim\n"
+            "before = (os.environ.get('XLA_FLAGS'), jax.config.jax_default_matmul_precision)\n"
+            "timsim.setup()\n"
+            "print(before, timsim.determinism.in_force())\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "(None, None) True"

@@ -1,0 +1,186 @@
+"""The in-memory Python API: what notebooks, scripts, the CLI and the tests call.
+
+    import timsim
+    cfg = timsim.load_config("configs/quickstart.yaml", ["run.steps=50"])
+    result = timsim.train(cfg)            # nothing is written unless `out=` is given
+    result.metrics                        # one row per (run, step): every timsim.metrics column
+    result.summary                        # one row per run (final / peak accuracy, collapse, ...)
+    result.by_cell()                      # mean and 95% CI over seeds per cell
+
+Every entry point calls `timsim.setup()` (determinism and fp32 matmuls, DESIGN §8.2, §8.7)
+first; importing timsim changes nothing global.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import pandas as pd
+
+from timsim.base import get_base
+from timsim.calibration import calibrate_scale, calibration_table, hyperparams, make_measure
+from timsim.config import (TARGET_METRICS, Config, ConfigError, config_from_dict, inside, load_config, parse_overrides,
+                            set_dotted)
+from timsim.finder import FinderSettings, run_finder
+from timsim.determinism import setup
+from timsim.executors import run_cells
+from timsim.loop import FramesHook, Hook, ProgressHook, run
+from timsim.plan import Cell
+from timsim.store import Store, load as load_store
+from timsim.summary import SUMMARY_METRICS, by_cell, paired_table, summarize_runs
+from timsim.sweep_spec import load_plan
+from timsim.step import RunState
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """What a run or a sweep produced: DataFrames, and in memory the final state."""
+
+    metrics: pd.DataFrame  # one row per (cell, run, step); eval_* columns only at chunk ends
+    summary: pd.DataFrame  # one row per run (timsim.summary.summarize_runs)
+    configs: dict[str, Config] = dataclasses.field(default_factory=dict)  # cell id -> resolved config
+    state: dict[str, RunState] = dataclasses.field(default_factory=dict)  # group label -> final state (in memory)
+    calibration: dict[str, dict] = dataclasses.field(default_factory=dict)  # cell id -> calibrated scale
+    path: Path | None = None  # the results directory, when one was written or loaded
+
+    @property
+    def config(self) -> Config:
+        """The config of a single-cell result."""
+        if len(self.configs) != 1:
+            raise ValueError(f"this result has {len(self.configs)} cells; use .configs[cell_id]")
+        return next(iter(self.configs.values()))
+
+    def by_cell(self, metrics: Sequence[str] = SUMMARY_METRICS) -> pd.DataFrame:
+        """Mean, 95% CI half-width (Student t over seeds) and n per cell."""
+        return by_cell(self.summary, list(metrics))
+
+    def compare(self, against: str | Sequence[str] = "zero", confidence: float = 0.95) -> pd.DataFrame:
+        """Paired by seed against reference cell(s) (by default the zero-mismatch twin `zero`):
+        final accuracy differences with their CIs, collapse, mismatch and corrections per cell."""
+        return compare(self, against, confidence)
+
+
+def _config(config: Config | str | Path | dict | None, overrides: Sequence[str] = ()) -> Config:
+    """A Config from a Config, a YAML path, a dict or None (the defaults), with `overrides`."""
+    if config is None or isinstance(config, (str, Path)):
+        return load_config(config, list(overrides))
+    if isinstance(config, Config) and not overrides:
+        return config
+    if isinstance(config, (Config, dict)):
+        raw = config.model_dump() if isinstance(config, Config) else json.loads(json.dumps(config))
+        for key, value in parse_overrides(list(overrides)).items():
+            set_dotted(raw, key, value)
+        return config_from_dict(raw, "the config given")
+    raise TypeError(f"config must be a timsim.Config, a YAML path, a dict or None; got {type(config).__name__}")
+
+
+def _log(progress: bool) -> Callable[[str], None]:
+    return print if progress else (lambda _msg: None)
+
+
+def train(config: Config | str | Path | dict | None = None, overrides: Sequence[str] = (), *,
+          out: str | Path | None = None, restart: bool = False, evaluate: bool = True, progress: bool = True,
+          base: tuple | None = None, hooks: Sequence[Hook] = ()) -> Result:
+    """Train `config` (a Config, a YAML path, a dict, or None for the defaults; `overrides` as on
+    the command line) for `run.steps` steps, every seed of `run.seeds` on the run axis.
+
+    In memory by default. With `out`, the run goes to that results directory instead, with
+    checkpoints, and rerunning resumes it (`restart=True` starts over). `evaluate=False` skips
+    the held-out evaluation at chunk ends. `base`: a `(graphdef, params)` base policy to start
+    from instead of the config's cached pretrained one. `hooks`: extra `timsim.Hook`s."""
+    setup()
+    cfg = _config(config, overrides)
+    log = _log(progress)
+    if out is not None:
+        root = Path(out)
+        run_cells([Cell(cfg.run.name, cfg)], Store(root), log, restart=restart)
+        return load(root)
+    graphdef, params = base if base is not None else get_base(cfg, announce=log)[:2]
+    frames = FramesHook()
+    state, group = run([Cell(cfg.run.name, cfg)], graphdef, params,
+                       [frames, ProgressHook(log, bar=None if progress else False), *hooks], evaluate=evaluate)
+    metrics = frames.metrics()
+    return Result(metrics, summarize_runs(metrics), {cfg.run.name: cfg}, {group.label: state}, group.calibration)
+
+
+def sweep(spec: str | Path | dict, overrides: Sequence[str] = (), *, out: str | Path | None = None,
+          restart: bool = False, executor: str | None = None, progress: bool = True) -> Result:
+    """Run a sweep (a sweep file's path, or the same content as a dict): every cell, grouped by
+    compiled program. In memory by default; with `out`, into that results directory with resume
+    (and the file's executor, or `executor`)."""
+    setup()
+    plan = load_plan(spec, list(overrides))
+    log = _log(progress)
+    configs = {c.cell_id: c.cfg for c in plan.cells}
+    if out is not None:
+        root = Path(out)
+        run_cells(plan.cells, Store(root), log, sweep={"name": plan.name, "sweep_hash": plan.sweep_hash},
+                  restart=restart, executor=executor or plan.executor, ray=plan.ray.model_dump())
+        return dataclasses.replace(load(root), configs=configs)
+    frames, states, calibration = FramesHook(), {}, {}
+    for cells in plan.groups().values():
+        graphdef, params, _ = get_base(cells[0].cfg, announce=log)
+        state, group = run(cells, graphdef, params, [frames, ProgressHook(log, bar=None if progress else False)])
+        states[group.label] = state
+        calibration |= group.calibration
+    metrics = frames.metrics()
+    return Result(metrics, summarize_runs(metrics), configs, states, calibration)
+
+
+def load(path: str | Path) -> Result:
+    """A results directory written by `train(out=...)`, `sweep(out=...)` or the CLI (readable
+    while it runs)."""
+    metrics, summary = load_store(path)
+    return Result(metrics, summary, path=Path(path))
+
+
+def compare(result: Result | pd.DataFrame, against: str | Sequence[str] = "zero",
+            confidence: float = 0.95) -> pd.DataFrame:
+    """Paired-by-seed comparison of every cell against reference cell(s) (`Result.compare`)."""
+    against = [against] if isinstance(against, str) else list(against)
+    if isinstance(result, Result):
+        return paired_table(result.metrics, result.summary, against, confidence)
+    raise TypeError("compare takes a timsim.Result (from train, sweep or load)")
+
+
+def calibrate(config: Config | str | Path | dict | None = None, targets: Sequence[float] = (),
+              metric: str = "token_kl", scales: Sequence[float] = (), overrides: Sequence[str] = ()) -> pd.DataFrame:
+    """At the config's base model: the noise scale that reaches each mismatch `target` of
+    `metric` (a `perturbation.target` field), and/or the mismatch metrics measured at each of
+    `scales` (with the Gaussian closed form where it applies). One row per target or scale."""
+    setup()
+    cfg = _config(config, overrides)
+    if metric not in TARGET_METRICS:
+        raise ConfigError(f"metric {metric!r} is not a calibration target; accepted: {', '.join(TARGET_METRICS)}.")
+    graphdef, params, _ = get_base(cfg, announce=lambda _msg: None)
+    measure = make_measure(cfg, graphdef)
+    rows: list[dict[str, Any]] = []
+    for target in targets:
+        scale, got = calibrate_scale(measure, params, cfg, float(target), TARGET_METRICS[metric])
+        rows.append({"target_metric": metric, "target": float(target), "scale": scale, **got})
+    rows += calibration_table(measure, params, cfg, [float(s) for s in scales])
+    return pd.DataFrame(rows)
+
+
+FINDER_OPTIONS = ("levels", "target", "margin", "margin_of", "confidence", "bisect", "metric")
+
+
+def critical(config: Config | str | Path | dict | None = None, overrides: Sequence[str] = (), *,
+             out: str | Path | None = None, restart: bool = False, progress: bool = True,
+             **finder: Any) -> pd.DataFrame:
+    """Find the critical mismatch level of `config` (DESIGN §6): the dose-response table, one row
+    per level with the paired accuracy difference against the zero-mismatch twin and its CI.
+    `finder` takes the finder's options (levels, target, margin, margin_of, confidence,
+    bisect, metric); the runs go to `out` (default: run.out_dir / run.name-critical)."""
+    setup()
+    cfg = _config(config, overrides)
+    unknown = sorted(set(finder) - set(FINDER_OPTIONS))
+    if unknown:
+        raise ConfigError(f"critical: unknown finder option(s) {unknown}; accepted: {', '.join(FINDER_OPTIONS)}.")
+    settings = FinderSettings.from_options(finder)
+    root = Path(out) if out is not None else inside(cfg.run.out_dir, f"{cfg.run.name}-critical")
+    run_finder(cfg, settings, root, _log(progress), restart=restart)
+    return pd.read_parquet(root / "critical.parquet")
