@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from timsim.config import ConfigError, load_config
-from timsim.finder import FinderSettings, degrades, find_critical
+from timsim.finder import FinderSettings, critical_shift, degrades, find_critical
 from timsim.summary import paired_ci
 
 
@@ -165,7 +165,8 @@ def test_finder_end_to_end_writes_the_study_and_resumes(tmp_path, tiny_overrides
     assert sorted(p.name for p in (tmp_path / "crit" / "metrics").iterdir()) == parts
     levels = pd.read_parquet(tmp_path / "crit" / "critical.parquet").query("level > 0")
     assert list(levels.gain_lost) == pytest.approx(list(-levels.paired_diff / 0.1))
-    assert list(levels.degrades) == [d < -0.05 and d + ci < 0 for d, ci in zip(levels.paired_diff, levels.paired_diff_ci)]
+    bad = levels[levels.degrades].level  # the record's critical level is the table's smallest degrading one
+    assert again["critical_level"] == (float(bad.min()) if len(bad) else None)
 
 
 def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny_overrides, tiny_base):
@@ -182,10 +183,16 @@ def test_finder_with_a_correction_runs_both_arms_against_one_twin(tmp_path, tiny
     table = pd.read_parquet(tmp_path / "crit" / "critical.parquet")
     assert (table.arm == "uncorrected").sum() == 3 and (table.arm == "corrected").sum() == 2  # one shared twin
     assert record["correction"] == "token_tis" and "critical_level" in record["uncorrected"]
-    lo, hi = record["uncorrected"]["critical_level"], record["critical_level"]
-    expected = (hi / lo if lo is not None and hi is not None else None if lo is None and hi is None
-                else "up" if hi is None else "down")
-    assert record["critical_shift"] == expected
+    assert record["critical_shift"] == critical_shift(record["uncorrected"]["critical_level"],
+                                                      record["critical_level"])
+
+
+def test_critical_shift_in_each_case():
+    assert critical_shift(1e-2, 1e-1) == pytest.approx(10.0)  # the correction tolerates 10x more
+    assert critical_shift(1e-1, 1e-2) == pytest.approx(0.1)
+    assert critical_shift(1e-2, None) == "up"  # only the uncorrected arm degrades within the levels
+    assert critical_shift(None, 1e-2) == "down"
+    assert critical_shift(None, None) is None
 
 
 def test_study_finder_block_is_kept_unless_the_command_line_sets_an_option(tmp_path):

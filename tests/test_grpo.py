@@ -101,13 +101,62 @@ def test_kl_estimators_hand_computed():
     assert float(grpo.kl_to_reference(logp, logp_ref, "k3")[0]) == pytest.approx(0.5 - 1 - log_r)
 
 
-@pytest.mark.parametrize("loss", ["reinforce", "gspo", "cispo"])
-def test_every_loss_trains_a_chunk(tiny_overrides, tiny_base, loss):
-    from timsim.config import load_config
+def _first_step(tiny_overrides, tiny_base, extra):
+    """Step metrics of a short run; step 1 starts from the base weights on the same batch for
+    every config (common random numbers), so configs differ there only by how they learn."""
     from test_core import train_metrics
+    from timsim.config import load_config
 
-    cfg = load_config(None, tiny_overrides + [f"grpo.loss={loss}", "grpo.old_logprobs=bypass",
-                                              "perturbation.logit_noise.family=gaussian",
-                                              "perturbation.logit_noise.scale=0.5"])
-    _, metrics = train_metrics(cfg, tiny_base)
-    assert np.all(np.isfinite(metrics["loss"])) and np.all(metrics["update_norm"] > 0)
+    return train_metrics(load_config(None, tiny_overrides + extra), tiny_base)[1]
+
+
+def test_each_loss_learns_differently_from_the_same_batch(tiny_overrides, tiny_base):
+    """At r = 1 every loss has the gradient -A grad log pi, so they differ only once the ratio
+    moves: with two epochs the second update differs for ppo, gspo and cispo. If grpo.loss
+    were ignored, the updates would coincide."""
+    runs = {loss: _first_step(tiny_overrides, tiny_base, [f"grpo.loss={loss}", "grpo.epochs=2"])
+            for loss in ("ppo", "gspo", "cispo")}
+    rewards = {loss: float(m["reward_mean"][0, 0]) for loss, m in runs.items()}
+    assert len(set(rewards.values())) == 1, rewards  # one batch
+    norms = {loss: float(m["update_norm"][0, 0]) for loss, m in runs.items()}
+    assert len(set(norms.values())) == len(norms), norms
+
+
+def test_reinforce_has_ppos_first_gradient_but_not_its_loss(tiny_overrides, tiny_base):
+    """One update at r = 1: -A log pi and -A r have the same gradient (so the same update, to
+    float rounding), but not the same value."""
+    ppo = _first_step(tiny_overrides, tiny_base, [])
+    reinforce = _first_step(tiny_overrides, tiny_base, ["grpo.loss=reinforce"])
+    np.testing.assert_allclose(reinforce["update_norm"][:, 0], ppo["update_norm"][:, 0], rtol=1e-4)
+    assert np.all(np.abs(reinforce["loss"][:, 0] - ppo["loss"][:, 0]) > 1e-3)
+
+
+def test_entropy_bonus_enters_the_loss_with_its_coefficient(tiny_overrides, tiny_base):
+    """loss(c) = loss(0) - c * entropy at the first update (token_mean aggregation)."""
+    plain = _first_step(tiny_overrides, tiny_base, [])
+    bonus = _first_step(tiny_overrides, tiny_base, ["grpo.entropy_coef=0.05"])
+    np.testing.assert_allclose(bonus["loss"][:, 0], plain["loss"][:, 0] - 0.05 * plain["entropy"][:, 0], rtol=1e-4)
+    assert np.all(bonus["update_norm"][:, 0] != plain["update_norm"][:, 0])
+
+
+def test_loss_aggregations_inside_a_run(tiny_overrides, tiny_base, tiny_cfg):
+    """At the first update r = 1, so the PPO loss per token is -A. Per-response means of a
+    z-scored group sum to 0; the constant normaliser N * T rescales the token mean by the
+    mean response length over T."""
+    token = _first_step(tiny_overrides, tiny_base, [])
+    seq = _first_step(tiny_overrides, tiny_base, ["grpo.loss_agg=seq_mean_token_mean"])
+    norm = _first_step(tiny_overrides, tiny_base, ["grpo.loss_agg=seq_mean_token_sum_norm"])
+    assert np.all(np.abs(seq["loss"][:, 0]) < 1e-6) and np.all(np.abs(token["loss"][:, 0]) > 1e-4)
+    np.testing.assert_allclose(norm["loss"][:, 0],
+                               token["loss"][:, 0] * token["response_len"][:, 0] / tiny_cfg.response_len, rtol=1e-4)
+
+
+def test_advantages_inside_a_run(tiny_overrides, tiny_base, tiny_cfg):
+    """rloo = (r - group mean) * G / (G - 1): the first update's loss is the mean baseline's
+    times G / (G - 1); z-scoring rescales each group by its own spread instead."""
+    mean = _first_step(tiny_overrides, tiny_base, ["grpo.advantage=mean"])
+    rloo = _first_step(tiny_overrides, tiny_base, ["grpo.advantage=rloo"])
+    zscore = _first_step(tiny_overrides, tiny_base, [])
+    g = tiny_cfg.grpo.group_size
+    np.testing.assert_allclose(rloo["loss"][:, 0], mean["loss"][:, 0] * g / (g - 1), rtol=1e-4)
+    assert np.all(zscore["loss"][:, 0] != mean["loss"][:, 0])

@@ -22,11 +22,8 @@ from flax import nnx
 
 from timsim.config import Config, ConfigError, traced_values
 from timsim.diagnostics import mismatch_metrics
-from timsim.model import token_logprobs
 from timsim.noise import LOGIT_NOISE
-from timsim.sampler import (decode_logits_fn, learner_transform, noise_knobs, report_logits, sampler_model,
-                            sampler_routing, sampler_spec, teacher_forced_pair)
-from timsim.rollout import sample
+from timsim.sampler import Sampler, SamplerKeys
 
 CALIBRATION_SEED = 2024
 MAX_SCALE = 1e3
@@ -38,24 +35,17 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
     config's whole sampler side (numerics, weight noise, logit noise). With `per_token` the
     result also holds the [N, T] arrays `logp_old`, `logp_sampler` and `mask`."""
     task = cfg.task.build()
-    spec = sampler_spec(cfg)
+    sampler = Sampler.from_config(cfg, graphdef)
     key = jax.random.key(seed)
     prompts = jnp.repeat(task.sample(jax.random.fold_in(key, 0), cfg.grpo.prompts_per_step), cfg.grpo.group_size, 0)
-    noise_key, sample_key, weight_key, router_key = (jax.random.fold_in(key, i) for i in (1, 2, 3, 4))
+    keys = SamplerKeys(*(jax.random.fold_in(key, i) for i in (2, 1, 3, 4)))  # sample, noise, weight, router
 
     @jax.jit
     def measure(params, hp):
         model = nnx.merge(graphdef, params)
-        knobs, temperature = noise_knobs(hp), hp["sampler.temperature"]
-        sampler = sampler_model(spec, graphdef, params, model, weight_key, hp)
-        routing = sampler_routing(spec, router_key, hp)
-        rollout = sample(sampler, prompts, sample_key, temperature, cfg.response_len,
-                         logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm, routing=routing)
-        logits, _, logits_sampler, _ = teacher_forced_pair(spec, model, sampler, prompts, rollout.responses, routing,
-                                                           cfg.correction.routing_replay)
-        _, logp_all = token_logprobs(learner_transform(spec, knobs)(logits), rollout.responses, temperature)
-        logits_sampler = report_logits(spec, logits_sampler, prompts, rollout.responses, noise_key, knobs)
-        _, logp_all_sampler = token_logprobs(logits_sampler, rollout.responses, temperature)
+        rollout, sampler_model, routing = sampler.generate(params, model, prompts, keys, hp)
+        r = sampler.report(model, sampler_model, prompts, rollout.responses, routing, keys.noise, hp)
+        logp_all, logp_all_sampler = r.logp_all_learner_NTV, r.logp_all_sampler_NTV
         metrics = mismatch_metrics(logp_all, logp_all_sampler, rollout.responses, rollout.mask)
         collision = (jnp.exp(logp_all) ** 2).sum(-1)
         metrics["one_minus_sum_p2"] = ((1 - collision) * rollout.mask).sum() / rollout.mask.sum()

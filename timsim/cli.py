@@ -12,7 +12,7 @@ First run:   timsim train configs/quickstart.yaml        (or `make quickstart`)
 Then:        timsim summarize runs/quickstart             (the summary table again)
 Studies:     timsim sweep configs/sweeps/FILE.yaml --dry-run   (plan), then without --dry-run
 Rerunning the same command resumes an interrupted run or sweep; finished cells are kept.
-             python -c "import timsim; m, s = timsim.load('runs/quickstart')"
+Python:      python -c "import timsim; print(timsim.load('runs/quickstart').by_cell())"
 
 Configs are YAML files with sections task, model, pretrain, sampler, grpo, run; any key can
 be overridden on the command line as dotted.key=value (e.g. grpo.lr=1e-4 run.seeds=[0,1,2]).

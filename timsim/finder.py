@@ -309,12 +309,22 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, log: Callable[
             base = _critical_fields(findings[""], tables[0])
             record["correction"] = correction_label(cfg)
             record["uncorrected"] = base
-            lo, hi = base["critical_level"], record["critical_level"]
-            record["critical_shift"] = (hi / lo if lo is not None and hi is not None
-                                        else None if lo is None and hi is None else "up" if hi is None else "down")
+            record["critical_shift"] = critical_shift(base["critical_level"], record["critical_level"])
         atomic_write_bytes(root / "critical.json", json.dumps(record, indent=2).encode())
         plot_dose_response(table, record, root / "critical.png")
         return record
+
+
+def critical_shift(uncorrected: float | None, corrected: float | None) -> float | str | None:
+    """How far a correction moves the critical level: the factor corrected / uncorrected when
+    both arms degrade somewhere, "up" when only the uncorrected arm degrades within the levels
+    (the correction pushes it beyond them), "down" when only the corrected arm does, None when
+    neither degrades."""
+    if uncorrected is not None and corrected is not None:
+        return corrected / uncorrected
+    if uncorrected is None and corrected is None:
+        return None
+    return "up" if corrected is None else "down"
 
 
 def margin_words(record: dict) -> str:

@@ -23,10 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from timsim.config import Config
-from timsim.sampler import sampler_spec
+from timsim.sampler import Sampler
 from timsim.tasks import Task
-from timsim.step import (batch_over_runs, learner_batch, make_collect, make_loss, resolve_batching,
-                          trace_once, zero_mismatch_spec)
+from timsim.step import batch_over_runs, learner_batch, make_collect, make_loss, resolve_batching, trace_once
 
 MODES = ("recompute", "bypass")
 PROBE_METRICS = tuple(f"probe_{mode}_{name}" for mode in MODES
@@ -54,12 +53,12 @@ def direction_metrics(g, g0, g_pos, g0_pos, g_neg, g0_neg) -> dict:
 
 def make_probe(cfg: Config, task: Task, graphdef) -> Callable:
     """`probe(params_R, step_R, hp_R, ref_params) -> {probe_*}` per run; one jitted program."""
-    spec = sampler_spec(cfg)
-    twin = zero_mismatch_spec(spec)
-    collect, collect_twin = make_collect(cfg, task, graphdef, spec), make_collect(cfg, task, graphdef, twin)
+    sampler = Sampler.from_config(cfg, graphdef)
+    twin = sampler.twin()
+    collect, collect_twin = make_collect(cfg, task, sampler), make_collect(cfg, task, twin)
     no_correction = cfg.correction.without_corrections()
-    losses = {mode: (make_loss(cfg, graphdef, spec, recompute_first=mode == "recompute"),
-                     make_loss(cfg, graphdef, twin, recompute_first=mode == "recompute")) for mode in MODES}
+    losses = {mode: (make_loss(cfg, graphdef, sampler.spec, recompute_first=mode == "recompute"),
+                     make_loss(cfg, graphdef, twin.spec, recompute_first=mode == "recompute")) for mode in MODES}
 
     def gradients(loss_fn, batch, params, ref_params, hp) -> list:
         """Gradients of the full loss and of its A > 0 and A < 0 parts (with the full loss's

@@ -23,17 +23,17 @@ version.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from timsim.keys import step_key
-from timsim.model import Routing, response_forward
+from timsim.model import Routing, response_forward, token_logprobs
 from timsim.noise import make_logits_fn, perturb_teacher_forced
 from timsim.numerics import Numerics
-from timsim.rollout import prefix_hashes
+from timsim.rollout import Rollout, prefix_hashes, sample
 
 
 def noise_knobs(hp: dict) -> dict:
@@ -177,3 +177,84 @@ def report_logits(spec: SamplerSpec, sampler_logits_NTV, prompts_NP, responses_N
             logits, hashes_TN)
         return out_TNV.swapaxes(0, 1)
     return perturb_teacher_forced(spec.noise_fn, noise_key, logits, knobs)
+
+
+def zero_mismatch_spec(spec: SamplerSpec) -> SamplerSpec:
+    """The zero-mismatch twin of `spec`: the sampler is the learner (same numerics), no noise."""
+    return dataclasses.replace(spec, noise_fn=None, sampler_nm=spec.learner_nm, weight_noise=False,
+                               report_only=False, learner_too=False, router_noise=False)
+
+
+class SamplerKeys(NamedTuple):
+    """The draws of one batch: tokens, logit noise (one key per position folded in), weight
+    noise and router noise. Two samplers given the same keys see the same random numbers."""
+
+    sample: jax.Array
+    noise: jax.Array
+    weight: jax.Array
+    router: jax.Array
+
+
+class Report(NamedTuple):
+    """Both sides' teacher-forced log-probs of the sampled responses: pi_old (the learner's,
+    with `learner_too` its transform) and what the sampler reports as log mu."""
+
+    logp_learner_NT: jax.Array
+    logp_all_learner_NTV: jax.Array
+    logp_sampler_NT: jax.Array
+    logp_all_sampler_NTV: jax.Array
+    routes_learner: tuple | None  # mixture of experts: per layer [N, P + T - 1, k] (None: dense)
+    routes_sampler: tuple | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """The sampler of one config, built once: it samples from mu, reports log mu of what it
+    sampled, and knows its zero-mismatch twin. The training step's collect, the held-out
+    evaluation, calibration, the gradient probes and the profile check all call it, so the
+    sampler is assembled in one place."""
+
+    spec: SamplerSpec
+    graphdef: Any
+    response_len: int
+    routing_replay: str = "none"  # correction.routing_replay: r3 makes the learner replay the sampler's experts
+
+    @classmethod
+    def from_config(cls, cfg, graphdef) -> "Sampler":
+        return cls(sampler_spec(cfg), graphdef, cfg.response_len, cfg.correction.routing_replay)
+
+    def twin(self) -> "Sampler":
+        """The zero-mismatch sampler: the learner itself (same numerics, no noise)."""
+        return dataclasses.replace(self, spec=zero_mismatch_spec(self.spec))
+
+    @property
+    def is_learner(self) -> bool:
+        """Whether the sampler is exactly the learner (so it reports the learner's log-probs)."""
+        return self.spec.noise_fn is None and not self.spec.separate_forward
+
+    def generate(self, params, learner_model, prompts_NP, keys: SamplerKeys, hp: dict,
+                 greedy: bool = False) -> tuple[Rollout, Any, Routing | None]:
+        """Sample responses with the sampler's weights, numerics, router and logit noise:
+        (rollout, the sampler's model, its routing perturbation)."""
+        knobs = noise_knobs(hp)
+        model = sampler_model(self.spec, self.graphdef, params, learner_model, keys.weight, hp)
+        routing = sampler_routing(self.spec, keys.router, hp)
+        rollout = sample(model, prompts_NP, keys.sample, hp["sampler.temperature"], self.response_len, greedy=greedy,
+                         logits_fn=decode_logits_fn(self.spec, keys.noise, knobs), nm=self.spec.sampler_nm,
+                         routing=routing)
+        return rollout, model, routing
+
+    def report(self, learner_model, sampler_model_, prompts_NP, responses_NT, routing: Routing | None,
+               noise_key: jax.Array, hp: dict) -> Report:
+        """Teacher-forced log-probs of both sides at the sampled responses. The zero-mismatch
+        sampler reports the learner's own, bit for bit."""
+        knobs, temperature = noise_knobs(hp), hp["sampler.temperature"]
+        logits, routes, logits_sampler, routes_sampler = teacher_forced_pair(
+            self.spec, learner_model, sampler_model_, prompts_NP, responses_NT, routing, self.routing_replay)
+        logp_learner, logp_all_learner = token_logprobs(learner_transform(self.spec, knobs)(logits), responses_NT,
+                                                        temperature)
+        if self.is_learner:
+            return Report(logp_learner, logp_all_learner, logp_learner, logp_all_learner, routes, routes_sampler)
+        logits_sampler = report_logits(self.spec, logits_sampler, prompts_NP, responses_NT, noise_key, knobs)
+        logp_sampler, logp_all_sampler = token_logprobs(logits_sampler, responses_NT, temperature)
+        return Report(logp_learner, logp_all_learner, logp_sampler, logp_all_sampler, routes, routes_sampler)

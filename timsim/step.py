@@ -7,7 +7,6 @@ runs that differ only in traced values share one compiled program.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, NamedTuple
 
@@ -23,11 +22,10 @@ from timsim.corrections import (WEIGHTING, apply_corrections, centered_score_log
                                 correction_metrics, make_inputs)
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics, routing_metrics
-from timsim.model import Routing, token_logprobs
-from timsim.sampler import (SamplerSpec, decode_logits_fn, learner_transform, noise_key_for, noise_knobs,
-                            report_logits, sampler_model, sampler_routing, sampler_spec, teacher_forced_pair,
+from timsim.model import Routing
+from timsim.rollout import learner_logprobs
+from timsim.sampler import (Sampler, SamplerKeys, SamplerSpec, learner_transform, noise_key_for, noise_knobs,
                             weight_noise_key)
-from timsim.rollout import learner_logprobs, sample
 from timsim.tasks import Task, eval_prompts
 
 class RunState(NamedTuple):
@@ -59,49 +57,29 @@ class Collected(NamedTuple):
     routes_sampler: tuple | None
 
 
-def zero_mismatch_spec(spec: SamplerSpec) -> SamplerSpec:
-    """The zero-mismatch twin of `spec`: the sampler is the learner (same numerics), no noise."""
-    return dataclasses.replace(spec, noise_fn=None, sampler_nm=spec.learner_nm, weight_noise=False,
-                               report_only=False, learner_too=False, router_noise=False)
-
-
-def make_collect(cfg: Config, task: Task, graphdef, spec: SamplerSpec) -> Callable:
-    """`collect(old_params, hp, step) -> Collected`: sample a batch with the sampler of `spec`
-    from the policy `old_params`. Every draw is keyed by (seed, purpose, step), so two specs
-    see the same prompts and the same random numbers (common random numbers)."""
+def make_collect(cfg: Config, task: Task, sampler: Sampler) -> Callable:
+    """`collect(old_params, hp, step) -> Collected`: sample a batch with `sampler` from the policy
+    `old_params`. Every draw is keyed by (seed, purpose, step), so two samplers (a config's
+    and its zero-mismatch twin) see the same prompts and the same random numbers."""
     g = cfg.grpo
     n_prompts, group = g.prompts_per_step, g.group_size
-    response_len = cfg.response_len
 
     def collect(old_params, hp, step) -> Collected:
         seed = hp["seed"].astype(jnp.int32)
-        temperature = hp["sampler.temperature"]
-        model = nnx.merge(graphdef, old_params)
+        model = nnx.merge(sampler.graphdef, old_params)
         prompts = task.sample(step_key(seed, "prompts", step), n_prompts, "train")
         prompts_N = jnp.repeat(prompts, group, axis=0)
-        noise_key, knobs = noise_key_for(spec, seed, step), noise_knobs(hp)
-        sampler = sampler_model(spec, graphdef, old_params, model, weight_noise_key(spec, seed, step), hp)
-        routing = sampler_routing(spec, step_key(seed, "router_noise", step), hp)
-        rollout = sample(sampler, prompts_N, step_key(seed, "sample", step), temperature, response_len,
-                         logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm, routing=routing)
+        keys = SamplerKeys(sample=step_key(seed, "sample", step), noise=noise_key_for(sampler.spec, seed, step),
+                           weight=weight_noise_key(sampler.spec, seed, step),
+                           router=step_key(seed, "router_noise", step))
+        rollout, sampler_model, routing = sampler.generate(old_params, model, prompts_N, keys, hp)
         responses, mask = rollout.responses, rollout.mask
-        chex.assert_shape([responses, mask], (n_prompts * group, response_len))
-
-        # Teacher-forced forwards: the learner's logits, and the sampler's own when it differs by
-        # more than its logit noise. The sampler reports log mu of its teacher-forced logits
-        # (the zero-mismatch sampler reports the learner's own, bit for bit).
-        logits, routes, logits_sampler, routes_sampler = teacher_forced_pair(
-            spec, model, sampler, prompts_N, responses, routing, cfg.correction.routing_replay)
-        logp_learner, logp_all_learner = token_logprobs(learner_transform(spec, knobs)(logits), responses, temperature)
-        if spec.noise_fn is None and not spec.separate_forward:
-            logp_sampler, logp_all_sampler = logp_learner, logp_all_learner
-        else:
-            logits_sampler = report_logits(spec, logits_sampler, prompts_N, responses, noise_key, knobs)
-            logp_sampler, logp_all_sampler = token_logprobs(logits_sampler, responses, temperature)
+        chex.assert_shape([responses, mask], (n_prompts * group, cfg.response_len))
+        r = sampler.report(model, sampler_model, prompts_N, responses, routing, keys.noise, hp)
         reward = task.reward(prompts_N, responses, cfg.task.partial_credit)
-        return Collected(prompts_N, responses, mask, logp_learner * mask, logp_sampler * mask, logp_all_learner,
-                         logp_all_sampler, rollout.logp_decode, reward, grpo.advantages(reward, group, g.advantage),
-                         routes, routes_sampler)
+        return Collected(prompts_N, responses, mask, r.logp_learner_NT * mask, r.logp_sampler_NT * mask,
+                         r.logp_all_learner_NTV, r.logp_all_sampler_NTV, rollout.logp_decode, reward,
+                         grpo.advantages(reward, group, g.advantage), r.routes_learner, r.routes_sampler)
 
     return collect
 
@@ -188,10 +166,11 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
     g = cfg.grpo
     n_mb = g.minibatches
     n = g.prompts_per_step * g.group_size
-    spec = sampler_spec(cfg)
+    sampler = Sampler.from_config(cfg, graphdef)
+    spec = sampler.spec
     corr = cfg.correction
     lag = cfg.perturbation.lag_steps
-    collect = make_collect(cfg, task, graphdef, spec)
+    collect = make_collect(cfg, task, sampler)
     grad_fn = jax.value_and_grad(make_loss(cfg, graphdef, spec, g.old_logprobs == "recompute" and not lag),
                                  has_aux=True)
 
@@ -199,12 +178,19 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         # With async lag the sampler runs (and recompute uses) the weights of `lag` updates ago:
         # delta then measures numerics only and the PPO ratio measures staleness (DESIGN §8.2).
         old_params = state.params if not lag else jax.tree.map(lambda b: b[state.step % lag], state.lagged)
+
+        # COLLECT and REPORT: the sampler generates a batch and reports log mu of it; the learner's
+        # teacher-forced forward gives pi_old (`Sampler.generate`, `Sampler.report`).
         c = collect(old_params, hp, state.step)
+
+        # CORRECT: the ratio's denominator (recompute: pi_old, bypass: mu) and the corrections'
+        # weights and masks, computed once from stopped quantities.
         batch = learner_batch(c, hp, g.old_logprobs, corr)
         any_kept = batch.keep_NT.sum() > 0  # a batch with every token rejected skips its update (counted)
         batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
         tx = grpo.make_optimizer(hp)
 
+        # UPDATE: epochs x minibatches optimizer steps on the policy loss.
         def update(carry, i):
             params, opt_state = carry
             mb = jax.tree.map(lambda x: x[i % n_mb], batch_mb)
@@ -226,6 +212,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         first_update_ratio_dev = per_update.pop("ratio_dev_max")[0]
         per_update = jax.tree.map(jnp.mean, per_update)
 
+        # DIAGNOSE: every metric of the step, on the batch before the update (`timsim.metrics`).
         mask = c.mask_NT
         metrics = {
             "reward_mean": c.reward_N.mean(),
@@ -339,32 +326,27 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
     sampled accuracy of the learner's clean policy, and both under the sampler's perturbation
     (a gap shows "the learner improves but the sampler does not")."""
     prompts = eval_prompts(task, cfg.task.eval_prompts)
-    response_len = cfg.response_len
-    spec = sampler_spec(cfg)
+    sampler = Sampler.from_config(cfg, graphdef)
+    learner = sampler.twin()
 
     def evaluate(params_and_step, hp, _):
         params, step = params_and_step
         model = nnx.merge(graphdef, params)
-        temperature = hp["sampler.temperature"]
         seed = hp["seed"].astype(jnp.int32)
         key = step_key(seed, "eval", 0)
-        greedy = sample(model, prompts, key, temperature, response_len, greedy=True, nm=spec.learner_nm)
-        sampled = sample(model, prompts, key, temperature, response_len, nm=spec.learner_nm)
-        out = {"eval_greedy_accuracy": task.verify(prompts, greedy.responses).mean(),
-               "eval_sampled_accuracy": task.verify(prompts, sampled.responses).mean()}
-        if spec.noise_fn is None and not spec.separate_forward:
-            out["eval_sampler_greedy_accuracy"] = out["eval_greedy_accuracy"]
-            out["eval_sampler_sampled_accuracy"] = out["eval_sampled_accuracy"]
-        else:
-            # fresh noise: an eval-only draw; persistent noise: the run's own deterministic sampler
-            noise_key = noise_key_for(spec, seed, step) if spec.persistent else step_key(seed, "eval", 1)
-            knobs = noise_knobs(hp)
-            sampler = sampler_model(spec, graphdef, params, model, step_key(seed, "eval", 2), hp)
-            for name, greedy in (("greedy", True), ("sampled", False)):
-                perturbed = sample(sampler, prompts, key, temperature, response_len, greedy=greedy,
-                                   logits_fn=decode_logits_fn(spec, noise_key, knobs), nm=spec.sampler_nm,
-                                   routing=sampler_routing(spec, step_key(seed, "eval", 3), hp))
-                out[f"eval_sampler_{name}_accuracy"] = task.verify(prompts, perturbed.responses).mean()
+        # fresh noise: an eval-only draw; persistent noise: the run's own deterministic sampler
+        noise_key = noise_key_for(sampler.spec, seed, step) if sampler.spec.persistent else step_key(seed, "eval", 1)
+        keys = SamplerKeys(sample=key, noise=noise_key, weight=step_key(seed, "eval", 2), router=step_key(seed, "eval", 3))
+        out = {}
+        for name, greedy in (("greedy", True), ("sampled", False)):
+            rollout = learner.generate(params, model, prompts, keys, hp, greedy=greedy)[0]
+            out[f"eval_{name}_accuracy"] = task.verify(prompts, rollout.responses).mean()
+        for name, greedy in (("greedy", True), ("sampled", False)):
+            if sampler.is_learner:
+                out[f"eval_sampler_{name}_accuracy"] = out[f"eval_{name}_accuracy"]
+            else:
+                rollout = sampler.generate(params, model, prompts, keys, hp, greedy=greedy)[0]
+                out[f"eval_sampler_{name}_accuracy"] = task.verify(prompts, rollout.responses).mean()
         return out
 
     batched = batch_over_runs(evaluate, resolve_batching(cfg.run.batching))

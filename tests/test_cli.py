@@ -1,0 +1,74 @@
+"""Every CLI command at toy size: exit codes, what it prints and what it writes (the costly
+`critical`, `bench` and `calibrate --modes` are covered through their functions elsewhere;
+their argument handling through the fuzz test)."""
+
+import pytest
+import yaml
+
+from timsim.cli import main
+from timsim.metrics import METRICS
+
+
+@pytest.fixture(scope="module")
+def tiny_file(tmp_path_factory, tiny_overrides):
+    """The tiny test config as a YAML file, results under a temporary directory."""
+    root = tmp_path_factory.mktemp("cli")
+    raw = {}
+    for item in tiny_overrides + ["run.steps=5", "run.chunk_steps=5", f"run.out_dir={root / 'runs'}"]:
+        key, value = item.split("=", 1)
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    path = root / "tiny.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_metrics_lists_every_registered_metric(capsys):
+    assert main(["metrics"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"`{name}`" in out for name in METRICS)
+
+
+def test_pretrain_reports_the_base(tiny_file, tiny_base, capsys):
+    assert main(["pretrain", str(tiny_file)]) == 0
+    assert f"base {tiny_base[2]['base_key']}" in capsys.readouterr().out
+
+
+def test_train_then_summarize(tiny_file, capsys):
+    assert main(["train", str(tiny_file), "run.name=cli"]) == 0
+    root = tiny_file.parent / "runs" / "cli"
+    assert (root / "manifest.json").exists() and (root / "summary.parquet").exists()
+    assert (root / "curves.png").stat().st_size > 10_000  # the plot was drawn
+    capsys.readouterr()
+    assert main(["summarize", str(root), "--against", "cli"]) == 0
+    out = capsys.readouterr().out
+    assert "cli" in out and "paired by seed" in out
+    assert main(["summarize", str(root), "--against", "nope"]) == 2
+    assert "unknown cell" in capsys.readouterr().out
+
+
+def test_sweep_dry_run_prints_the_plan_and_runs_nothing(tiny_file, tmp_path, capsys):
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"base": str(tiny_file), "name": "dry",
+                                     "grid": {"grpo.lr": [1e-3, 3e-3]}}))
+    assert main(["sweep", str(sweep), "--dry-run", "--out-dir", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "2 cells, 4 runs, 1 compiled" in " ".join(out.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrate_prints_the_scale_per_target(tiny_file, capsys):
+    assert main(["calibrate", str(tiny_file), "perturbation.logit_noise.family=gaussian", "--targets", "1e-2"]) == 0
+    out = capsys.readouterr().out
+    assert "0.01" in out and "scale" in out
+
+
+def test_profile_example_then_fit(tmp_path, capsys):
+    pairs = tmp_path / "pairs.csv"
+    assert main(["profile", "--example", str(pairs)]) == 0
+    assert main(["profile", str(pairs), "--out", str(tmp_path / "p.json")]) == 0
+    assert (tmp_path / "p.json").exists() and (tmp_path / "p.png").exists()
+    assert "quantiles by prob" in capsys.readouterr().out
