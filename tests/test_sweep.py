@@ -253,3 +253,56 @@ def test_paired_table_pairs_by_seed_and_names_unknown_cells():
     assert table.loc["noisy", "kl_sampler_learner"] == 0.02 and np.isnan(table.loc["noisy", "probe_bypass_cos"])
     with pytest.raises(ConfigError, match="unknown cell"):
         paired_table(metrics, summary, ["nope"])
+
+
+def test_by_cell_mean_and_student_t_interval_over_seeds():
+    """Known values: [0.2, 0.4, 0.6] has mean 0.4 and sd 0.2; t_{0.975, 2} = 4.3027 (tables),
+    so the half-width is 4.3027 * 0.2 / sqrt(3) = 0.4968. One seed has no interval."""
+    from timsim.summary import by_cell
+
+    summary = pd.DataFrame({"cell_id": ["a"] * 3 + ["b"], "final_accuracy": [0.2, 0.4, 0.6, 0.9]})
+    table = by_cell(summary, ["final_accuracy"]).set_index("cell_id")
+    assert table.loc["a", "n"] == 3 and table.loc["a", "final_accuracy"] == pytest.approx(0.4)
+    assert table.loc["a", "final_accuracy_ci95"] == pytest.approx(0.4968, abs=1e-4)
+    assert table.loc["b", "n"] == 1 and np.isnan(table.loc["b", "final_accuracy_ci95"])
+
+
+def test_summarize_runs_reads_base_final_peak_and_the_reward_tail():
+    from timsim.summary import summarize_runs
+
+    steps = np.arange(0, 21)
+    acc = np.where(steps % 10 == 0, [0.3 if s == 0 else 0.8 if s == 10 else 0.6 for s in steps], np.nan)
+    metrics = pd.DataFrame({"cell_id": "c", "run_idx": 0, "seed": 7, "step": steps, "eval_greedy_accuracy": acc,
+                            "reward_mean": np.where(steps > 18, 1.0, 0.5), "mismatch_k3": 0.01,
+                            "loss": np.where(steps == 15, np.nan, 0.1), "grad_norm": 1.0})
+    row = summarize_runs(metrics).iloc[0]
+    assert (row.base_accuracy, row.final_accuracy, row.peak_accuracy, row.peak_step) == (0.3, 0.6, 0.8, 10)
+    assert row.final_reward == pytest.approx(1.0)  # the last 10% of steps: 19 and 20
+    assert row.mean_mismatch_k3 == pytest.approx(0.01) and row.seed == 7
+    # a non-finite loss at step 15 is a collapse; the run ends finite, with its reward above half its peak
+    assert (row.collapsed, row.collapse_step, row.nonfinite_steps, row.recovered) == (1.0, 15.0, 1, 1.0)
+
+
+def test_a_compiled_chunk_refuses_to_recompile(tiny_cfg, tiny_base):
+    """The recompile guard: a chunk fed a run axis of another width would silently compile a
+    second program; it raises instead."""
+    import jax
+
+    from timsim.config import static_view
+    from timsim.plan import Cell, stack_hyperparams
+    from timsim.step import RecompileError, init_state, make_chunk, place
+
+    graphdef, params, _ = tiny_base
+    chunk = make_chunk(static_view(tiny_cfg), tiny_cfg.task.build(), graphdef)
+
+    def state_and_hp(seeds):
+        hp, _ = stack_hyperparams([Cell("c", tiny_cfg.model_copy(
+            update={"run": tiny_cfg.run.model_copy(update={"seeds": seeds})}))])
+        hp = place(hp, over_runs=True)
+        return place(jax.vmap(lambda h: init_state(params, h))(hp), over_runs=True), hp
+
+    state, hp = state_and_hp([0, 1])
+    chunk(state, hp, place(params, over_runs=False))
+    state, hp = state_and_hp([0, 1, 2])
+    with pytest.raises(RecompileError, match="chunk was traced a second time"):
+        chunk(state, hp, place(params, over_runs=False))
