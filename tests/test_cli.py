@@ -1,6 +1,6 @@
-"""Every CLI command at toy size: exit codes, what it prints and what it writes (the costly
-`critical`, `bench` and `calibrate --modes` are covered through their functions elsewhere;
-their argument handling through the fuzz test)."""
+"""Every CLI command at toy size: exit codes, what it prints and what it writes (`bench`, which
+times three programs at the standard shape, and `calibrate --modes`, eleven precision
+programs, are left to their functions and the fuzz test's argument checks)."""
 
 import pytest
 import yaml
@@ -72,3 +72,15 @@ def test_profile_example_then_fit(tmp_path, capsys):
     assert main(["profile", str(pairs), "--out", str(tmp_path / "p.json")]) == 0
     assert (tmp_path / "p.json").exists() and (tmp_path / "p.png").exists()
     assert "quantiles by prob" in capsys.readouterr().out
+
+
+def test_critical_on_a_config_prints_the_dose_response(tiny_file, capsys):
+    argv = ["critical", str(tiny_file), "perturbation.logit_noise.family=gaussian", "run.seeds=[0,1,2,3,4]",
+            "run.steps=2", "run.chunk_steps=2", "run.name=crit", "--levels", "1e-2,1", "--bisect", "0"]
+    assert main(argv) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "dose-response" in out and "5 paired seeds" in out
+    root = tiny_file.parent / "runs" / "critical-crit"
+    assert (root / "critical.parquet").exists() and (root / "critical.png").exists()
+    assert main([*argv[:-4], "--levels", "0,1"]) == 2  # a bad option is one clear error
+    assert "--levels takes positive numbers" in capsys.readouterr().out

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import pandas as pd
 
 from timsim.base import get_base
-from timsim.calibration import calibrate_scale, calibration_table, hyperparams, make_measure
+from timsim.calibration import calibrate_scale, calibration_table, make_measure
 from timsim.config import (TARGET_METRICS, Config, ConfigError, config_from_dict, inside, load_config, parse_overrides,
                             set_dotted)
 from timsim.finder import FinderSettings, run_finder
@@ -30,6 +30,7 @@ from timsim.executors import run_cells
 from timsim.loop import FramesHook, Hook, ProgressHook, run
 from timsim.plan import Cell
 from timsim.store import Store, load as load_store
+from timsim.study import FINDER_KEYS
 from timsim.summary import SUMMARY_METRICS, by_cell, paired_table, summarize_runs
 from timsim.sweep_spec import load_plan
 from timsim.step import RunState
@@ -77,13 +78,13 @@ def _config(config: Config | str | Path | dict | None, overrides: Sequence[str] 
     raise TypeError(f"config must be a timsim.Config, a YAML path, a dict or None; got {type(config).__name__}")
 
 
-def _log(progress: bool) -> Callable[[str], None]:
-    return print if progress else (lambda _msg: None)
+def _log(progress: bool, log: Callable[[str], None] | None = None) -> Callable[[str], None]:
+    return (log or print) if progress else (lambda _msg: None)
 
 
 def train(config: Config | str | Path | dict | None = None, overrides: Sequence[str] = (), *,
           out: str | Path | None = None, restart: bool = False, evaluate: bool = True, progress: bool = True,
-          base: tuple | None = None, hooks: Sequence[Hook] = ()) -> Result:
+          base: tuple | None = None, hooks: Sequence[Hook] = (), log: Callable[[str], None] | None = None) -> Result:
     """Train `config` (a Config, a YAML path, a dict, or None for the defaults; `overrides` as on
     the command line) for `run.steps` steps, every seed of `run.seeds` on the run axis.
 
@@ -107,18 +108,19 @@ def train(config: Config | str | Path | dict | None = None, overrides: Sequence[
 
 
 def sweep(spec: str | Path | dict, overrides: Sequence[str] = (), *, out: str | Path | None = None,
-          restart: bool = False, executor: str | None = None, progress: bool = True) -> Result:
+          restart: bool = False, executor: str | None = None, ray: dict | None = None, progress: bool = True,
+          log: Callable[[str], None] | None = None) -> Result:
     """Run a sweep (a sweep file's path, or the same content as a dict): every cell, grouped by
     compiled program. In memory by default; with `out`, into that results directory with resume
-    (and the file's executor, or `executor`)."""
+    (and the file's executor and `ray:` options, or `executor` and `ray`)."""
     setup()
     plan = load_plan(spec, list(overrides))
-    log = _log(progress)
+    log = _log(progress, log)
     configs = {c.cell_id: c.cfg for c in plan.cells}
     if out is not None:
         root = Path(out)
         run_cells(plan.cells, Store(root), log, sweep={"name": plan.name, "sweep_hash": plan.sweep_hash},
-                  restart=restart, executor=executor or plan.executor, ray=plan.ray.model_dump())
+                  restart=restart, executor=executor or plan.executor, ray=ray or plan.ray.model_dump())
         return dataclasses.replace(load(root), configs=configs)
     frames, states, calibration = FramesHook(), {}, {}
     for cells in plan.groups().values():
@@ -147,25 +149,23 @@ def compare(result: Result | pd.DataFrame, against: str | Sequence[str] = "zero"
 
 
 def calibrate(config: Config | str | Path | dict | None = None, targets: Sequence[float] = (),
-              metric: str = "token_kl", scales: Sequence[float] = (), overrides: Sequence[str] = ()) -> pd.DataFrame:
-    """At the config's base model: the noise scale that reaches each mismatch `target` of
-    `metric` (a `perturbation.target` field), and/or the mismatch metrics measured at each of
-    `scales` (with the Gaussian closed form where it applies). One row per target or scale."""
+              metric: str = "token_kl", scales: Sequence[float] = (), overrides: Sequence[str] = (),
+              base: tuple | None = None) -> pd.DataFrame:
+    """At the config's base model (or `base`, a `(graphdef, params)` pair): the noise scale that
+    reaches each mismatch `target` of `metric` (a `perturbation.target` field), then the
+    mismatch metrics measured at those scales and at each of `scales` (with the Gaussian closed
+    form where it applies). One row per target, then per scale."""
     setup()
     cfg = _config(config, overrides)
     if metric not in TARGET_METRICS:
         raise ConfigError(f"metric {metric!r} is not a calibration target; accepted: {', '.join(TARGET_METRICS)}.")
-    graphdef, params, _ = get_base(cfg, announce=lambda _msg: None)
+    graphdef, params = base if base is not None else get_base(cfg, announce=lambda _msg: None)[:2]
     measure = make_measure(cfg, graphdef)
-    rows: list[dict[str, Any]] = []
-    for target in targets:
-        scale, got = calibrate_scale(measure, params, cfg, float(target), TARGET_METRICS[metric])
-        rows.append({"target_metric": metric, "target": float(target), "scale": scale, **got})
-    rows += calibration_table(measure, params, cfg, [float(s) for s in scales])
+    found = [calibrate_scale(measure, params, cfg, float(t), TARGET_METRICS[metric])[0] for t in targets]
+    rows = calibration_table(measure, params, cfg, found + [float(s) for s in scales])
+    for row, target in zip(rows, targets):
+        row.update(target_metric=metric, target=float(target))
     return pd.DataFrame(rows)
-
-
-FINDER_OPTIONS = ("levels", "target", "margin", "margin_of", "confidence", "bisect", "metric")
 
 
 def critical(config: Config | str | Path | dict | None = None, overrides: Sequence[str] = (), *,
@@ -177,9 +177,9 @@ def critical(config: Config | str | Path | dict | None = None, overrides: Sequen
     bisect, metric); the runs go to `out` (default: run.out_dir / run.name-critical)."""
     setup()
     cfg = _config(config, overrides)
-    unknown = sorted(set(finder) - set(FINDER_OPTIONS))
+    unknown = sorted(set(finder) - FINDER_KEYS)
     if unknown:
-        raise ConfigError(f"critical: unknown finder option(s) {unknown}; accepted: {', '.join(FINDER_OPTIONS)}.")
+        raise ConfigError(f"critical: unknown finder option(s) {unknown}; accepted: {', '.join(sorted(FINDER_KEYS))}.")
     settings = FinderSettings.from_options(finder)
     root = Path(out) if out is not None else inside(cfg.run.out_dir, f"{cfg.run.name}-critical")
     run_finder(cfg, settings, root, _log(progress), restart=restart)

@@ -18,10 +18,11 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import pandas as pd
 from flax import nnx
 
-from timsim.config import Config, ConfigError, traced_values
-from timsim.diagnostics import mismatch_metrics
+from timsim.config import Config, ConfigError, config_from_dict, traced_values
+from timsim.diagnostics import delta_quantiles_by_bin, mismatch_metrics
 from timsim.noise import LOGIT_NOISE
 from timsim.sampler import Sampler, SamplerKeys
 
@@ -119,3 +120,36 @@ def calibration_table(measure: Callable, params, cfg: Config, scales: list[float
             row["closed_form_kl"] = gaussian_closed_form_kl(scale, got["one_minus_sum_p2"], cfg.sampler.temperature)
         rows.append(row)
     return rows
+
+
+def delta_bins(cfg: Config, graphdef, params, scale: float) -> pd.DataFrame:
+    """|delta| quantiles by the learner's token probability and by position, at `scale`."""
+    got = jax.device_get(make_measure(cfg, graphdef, per_token=True)(params, hyperparams(cfg, scale)))
+    return delta_quantiles_by_bin(got["logp_old"], got["logp_sampler"], got["mask"])
+
+
+PRECISION_MODES = {  # label -> perturbation.sampler_precision
+    "bf16 all sites": {"dtype": "bf16"},
+    **{f"bf16 {site}": {"dtype": "bf16", "sites": [site]}
+       for site in ("weights", "matmul_in", "matmul_out", "activations", "logits")},
+    "fp16 all sites": {"dtype": "fp16"},
+    "split-K 4, fp32 partials": {"split_k": 4},
+    "split-K 4, bf16 partials": {"split_k": 4, "partials": "bf16"},
+    "softmax 4 blocks, bf16 sums": {"softmax_chunks": 4, "partials": "bf16"},
+    "batch-variant split-K 8, bf16": {"split_k": 8, "partials": "bf16", "batch_variant": True},
+}
+
+
+def precision_modes(cfg: Config, graphdef, weights: dict) -> pd.DataFrame:
+    """The mismatch each sampler precision or reduction-order mode (`PRECISION_MODES`) produces
+    against the fp32 learner, on each named set of weights: one row per (mode, weights)."""
+    rows = []
+    for label, precision in PRECISION_MODES.items():
+        raw = cfg.model_dump()
+        raw["perturbation"]["sampler_precision"] = precision
+        mode_cfg = config_from_dict(raw)
+        measure = make_measure(mode_cfg, graphdef)
+        for name, params in weights.items():
+            got = {k: float(v) for k, v in jax.device_get(measure(params, hyperparams(mode_cfg, 0.0))).items()}
+            rows.append({"mode": label, "weights": name, **got})
+    return pd.DataFrame(rows)

@@ -145,73 +145,100 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args, console) -> int:
+    """Each command: parse, call the library, print. No simulation logic lives here."""
+    import timsim
+    from timsim import report
+    from timsim.config import inside, load_config
+
+    log = console.print
     if args.command == "metrics":
         from timsim.metrics import describe
 
         console.print(describe(), highlight=False)
         return 0
     if args.command == "summarize":
-        from timsim.report import print_summary
-        from timsim.store import load
-
-        metrics, summary = load(args.path)
-        print_summary(summary, console)
+        result = timsim.load(args.path)
+        report.print_summary(result.summary, console)
         if args.against:
-            from timsim.report import paired_table, print_paired
-
-            print_paired(paired_table(metrics, summary, args.against), args.against, console)
+            report.print_paired(result.compare(args.against), args.against, console)
         return 0
     if args.command == "sweep":
-        from timsim.report import sweep
+        from timsim.sweep_spec import load_plan
 
-        sweep(args.file, args.overrides, console, dry_run=args.dry_run, restart=args.restart, out_dir=args.out_dir,
-              executor=args.executor, ray_address=args.ray_address)
+        plan = load_plan(args.file, args.overrides)
+        root = inside(args.out_dir or plan.cells[0].cfg.run.out_dir, plan.name)
+        report.print_plan(plan, root, console)
+        if not args.dry_run:
+            ray = plan.ray.model_dump() | ({"address": args.ray_address} if args.ray_address else {})
+            result = timsim.sweep(args.file, args.overrides, out=root, restart=args.restart,
+                                  executor=args.executor, ray=ray, log=log)
+            report.finish(root, result.summary, console)
         return 0
     if args.command == "bench":
         from timsim.bench import bench
 
         bench(args.overrides, args.runs, console)
         return 0
-
     if args.command == "profile":
         from timsim.profile import command
 
         return command(args.pairs, args.out, args.example, args.config, args.overrides, console)
-
     if args.command == "critical":
-        from timsim.report import critical
+        import pandas as pd
 
-        cli = {"levels": _floats(args.levels, "--levels") if args.levels else None, "target": args.target,
-               "margin": args.margin, "margin_of": args.margin_of, "confidence": args.confidence,
-               "bisect": args.bisect, "metric": args.metric}
-        critical(args.config, args.overrides, cli, console, only=args.only, out_dir=args.out_dir,
-                 restart=args.restart)
+        from timsim.study import run_critical
+
+        options = {"levels": _floats(args.levels, "--levels") if args.levels else None, "target": args.target,
+                   "margin": args.margin, "margin_of": args.margin_of, "confidence": args.confidence,
+                   "bisect": args.bisect, "metric": args.metric}
+
+        def show(variant, record, root, settings):
+            report.print_dose_response(pd.read_parquet(root / "critical.parquet"), record, max(settings.levels),
+                                       root, console)
+
+        run = run_critical(args.config, args.overrides, options, only=args.only, out_dir=args.out_dir,
+                           restart=args.restart, log=log, after_variant=show)
+        if run.table is not None:
+            report.print_study_table(run, console)
         return 0
-
-    from timsim.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.command == "calibrate":
-        from timsim.report import print_calibration, print_precision_modes
-
-        if args.modes:
-            print_precision_modes(cfg, console, args.trained)
-        else:
-            print_calibration(cfg, _floats(args.targets, "--targets"), console, args.metric, args.real_length, args.bins)
+    if args.command == "train":
+        root = inside(cfg.run.out_dir, cfg.run.name)
+        result = timsim.train(cfg, out=root, restart=args.restart, log=log)
+        report.finish(root, result.summary, console)
         return 0
-    if args.command == "pretrain":
-        from timsim.base import get_base
+    from timsim.base import get_base
 
-        _, _, info = get_base(cfg, progress=lambda i: console.log(
-            f"step {i['steps']}: loss {i['loss']:.3f}, greedy held-out accuracy {i['greedy_accuracy']:.2f}"),
-            announce=console.print)
+    graphdef, params, info = get_base(cfg, progress=lambda i: console.log(
+        f"step {i['steps']}: loss {i['loss']:.3f}, greedy held-out accuracy {i['greedy_accuracy']:.2f}"),
+        announce=log)
+    if args.command == "pretrain":
         console.print(f"base {info['base_key']}: greedy held-out accuracy {info['greedy_accuracy']:.2f}, "
                       f"sampled {info['sampled_accuracy']:.2f} after {info['steps']} supervised steps")
         return 0
+    # calibrate
+    from timsim import calibration
 
-    from timsim.report import train
+    if args.modes:
+        weights = {"base": params}
+        if args.trained:
+            from timsim.config import traced_values
+            from timsim.runner import load_trained_params
 
-    train(cfg, console, restart=args.restart)
+            weights["trained"], step = load_trained_params(args.trained, params, {**traced_values(cfg), "seed": 0.0},
+                                                           lag_steps=cfg.perturbation.lag_steps)
+            log(f"trained weights: {args.trained}, step {step}, run 0")
+        report.print_precision_modes(calibration.precision_modes(cfg, graphdef, weights), info, cfg, console)
+        return 0
+    rows = timsim.calibrate(cfg, _floats(args.targets, "--targets"), args.metric, base=(graphdef, params))
+    report.print_calibration(cfg, info, rows, args.metric, args.real_length, console)
+    if args.bins:
+        for row in rows.to_dict("records"):
+            report.print_bins(calibration.delta_bins(cfg, graphdef, params, row["scale"]),
+                              f"|delta| quantiles by bin at target {args.metric} {row['target']:.3g} (scale "
+                              f"{row['scale']:.3g}): p = learner probability of the sampled token, position in "
+                              "the response", console)
     return 0
 
 

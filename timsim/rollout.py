@@ -2,7 +2,7 @@
 
 The sampler samples each response token from softmax(logits / temperature) computed by the
 KV-cache decode path (`Transformer.decode`). What it *reports* as `logp_sampler` is a
-separate choice, made in `train.py` / `sampler.report_logits`: the log-probs of the sampled
+separate choice, made in `sampler.Sampler.report`: the log-probs of the sampled
 tokens recomputed by teacher forcing (the learner's own for the zero-mismatch sampler, which
 makes delta == 0 bit for bit, DESIGN §8.2). The residual ~1e-6 disagreement between the
 decode path and teacher forcing is kept as `logp_decode` and reported as `delta_floor_max`.

@@ -1,17 +1,22 @@
 """Study files: one critical-mismatch finder per variant of a base config
-(`timsim critical FILE`), and the one-line summary of each variant's result."""
+(`timsim critical FILE`), the one-line summary of each variant's result, and running a
+config or a study through the finder (`run_critical`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from timsim.config import Config, ConfigError, check_name, config_from_dict, parse_overrides, set_dotted
-from timsim.finder import FinderSettings
+from timsim.config import (Config, ConfigError, check_name, config_from_dict, inside, load_config, parse_overrides,
+                           set_dotted)
+from timsim.finder import FinderSettings, run_finder
+from timsim.store import atomic_write_parquet
 from timsim.sweep_spec import read_spec, resolve_base
 
 
@@ -80,3 +85,50 @@ def study_row(variant: str, record: dict, real_length: int = 4096) -> dict:
             "first_significant_step": record.get("first_significant_step", float("nan")),
             "correction": record.get("correction", ""),
             "uncorrected_critical_level": record.get("uncorrected", {}).get("critical_level")}
+
+
+@dataclasses.dataclass
+class CriticalRun:
+    """What `run_critical` found: per variant its finder record and results directory, and for a
+    study file the critical table (one row per variant, also written as critical_table.parquet)."""
+
+    root: Path
+    name: str | None  # the study's name; None for a single config
+    settings: FinderSettings
+    records: dict[str, tuple[dict, Path]]
+    table: pd.DataFrame | None
+
+
+def run_critical(path: str | Path, overrides: list[str], options: dict, only: str | None = None,
+                 out_dir: str | None = None, restart: bool = False, log: Callable[[str], None] = print,
+                 after_variant: Callable[[str, dict, Path, FinderSettings], None] | None = None) -> CriticalRun:
+    """Run (or resume) the finder on a config file, or on every variant of a study file (`only`:
+    comma-separated variants); `after_variant` is called as each variant finishes."""
+    if is_study_file(path):
+        name, variants, settings = load_study(path, overrides, options)
+        if only:
+            unknown = set(only.split(",")) - set(variants)
+            if unknown:
+                raise ConfigError(f"--only names unknown variant(s) {sorted(unknown)}; the study has "
+                                  f"{', '.join(variants)}.")
+            variants = {k: v for k, v in variants.items() if k in only.split(",")}
+    else:
+        cfg = load_config(path, overrides)
+        name, variants = None, {cfg.run.name: cfg}
+        settings = FinderSettings.from_options(options)
+    for cfg in variants.values():
+        settings.validate(cfg)
+    parent = Path(out_dir or next(iter(variants.values())).run.out_dir)
+    root = inside(parent, name) if name else parent
+    records = {}
+    for variant, cfg in variants.items():
+        vroot = inside(root, variant if name else f"critical-{variant}")
+        log(f"critical finder: {variant}")
+        records[variant] = run_finder(cfg, settings, vroot, log, restart=restart), vroot
+        if after_variant is not None:
+            after_variant(variant, records[variant][0], vroot, settings)
+    table = None
+    if name:
+        table = pd.DataFrame([study_row(variant, record) for variant, (record, _) in records.items()])
+        atomic_write_parquet(root / "critical_table.parquet", table)
+    return CriticalRun(root, name, settings, records, table)
