@@ -31,19 +31,20 @@ class Recorder(timsim.Hook):
 
 @pytest.fixture(scope="module")
 def in_memory(tiny_cfg, tiny_base, tmp_path_factory):
-    lines, recorder = [], Recorder()
+    lines, recorder, scalars = [], Recorder(), []
     cwd, before = tmp_path_factory.mktemp("cwd"), os.getcwd()
     os.chdir(cwd)  # an in-memory run writes nothing, not even into the working directory
     try:
         result = timsim.train(tiny_cfg, ["run.steps=10"], base=tiny_base[:2], progress=False,
-                              hooks=[recorder, ProgressHook(lines.append, bar=False)])
+                              hooks=[recorder, ProgressHook(lines.append, bar=False),
+                                     timsim.ScalarHook(lambda *a: scalars.append(a), ["reward_mean", "eval_greedy_accuracy"])])
     finally:
         os.chdir(before)
-    return result, recorder.events, lines, cwd
+    return result, recorder.events, lines, cwd, scalars
 
 
 def test_train_returns_dataframes_state_and_calls_hooks(in_memory, tiny_cfg):
-    result, events, lines, _ = in_memory
+    result, events, lines = in_memory[:3]
     seeds, steps = tiny_cfg.run.seeds, 10
     assert isinstance(result.metrics, pd.DataFrame) and isinstance(result.summary, pd.DataFrame)
     assert len(result.metrics) == len(seeds) * (steps + 1)  # step 0 (the base model) and every step
@@ -57,6 +58,16 @@ def test_train_returns_dataframes_state_and_calls_hooks(in_memory, tiny_cfg):
                       ("boundary", 2, 10, ["run"]), ("end",)]
     assert len(lines) == 2 and "step 10/10" in lines[-1]
     assert in_force()  # the determinism setup is in force once the API ran
+
+
+def test_scalar_hook_sends_every_step_to_a_tracker(in_memory, tiny_cfg):
+    result, scalars = in_memory[0], in_memory[4]
+    rewards = {(tag, step): value for tag, value, step in scalars if tag.endswith("/reward_mean")}
+    assert len(rewards) == len(tiny_cfg.run.seeds) * 10  # every run and step (step 0 has no reward)
+    row = result.metrics[(result.metrics.seed == 1) & (result.metrics.step == 7)].iloc[0]
+    assert rewards[("run/seed1/reward_mean", 7)] == row.reward_mean
+    evals = sorted({step for tag, _, step in scalars if tag.endswith("eval_greedy_accuracy")})
+    assert evals == [0, 5, 10]
 
 
 def test_in_memory_and_results_directory_give_the_same_numbers(in_memory, tiny_cfg, tmp_path):

@@ -17,7 +17,7 @@ PACKAGE = Path(timsim.__file__).parent
 LAYERS = [
     {"registry", "config_types", "keys", "faults", "numerics", "determinism", "kl", "metrics", "plots"},
     {"tasks", "grpo", "corrections", "noise", "diagnostics", "summary", "store"},
-    {"config_mismatch", "config"},
+    {"config_mismatch", "config", "hyper", "catalogue"},
     {"model", "rollout"},
     {"sampler"},
     {"step", "probes", "calibration", "base"},
@@ -100,6 +100,18 @@ def test_the_checker_sees_upward_and_hidden_imports(tmp_path):
     assert _imports(probe) == [("api", False), ("loop", True), ("cli", True)]
 
 
+def test_timsim_never_touches_the_matplotlib_backend(tmp_path):
+    """Plots are drawn without pyplot, so a notebook's backend (inline plots) survives timsim."""
+    code = (f"import sys, pandas as pd, timsim\n"
+            f"from timsim.plots import plot_curves\n"
+            f"frame = pd.DataFrame({{'cell_id': 'c', 'run_idx': 0, 'step': [0, 1], 'eval_greedy_accuracy': [0.1, 0.2],"
+            f" 'reward_mean': [0.3, 0.4]}})\n"
+            f"plot_curves(frame, {str(tmp_path / 'c.png')!r})\n"
+            f"print('matplotlib.pyplot' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False" and (tmp_path / "c.png").stat().st_size > 5_000
+
+
 def test_importing_timsim_changes_no_global_setting_and_setup_does():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     code = ("import os, jax, timsim\n"
@@ -108,3 +120,33 @@ def test_importing_timsim_changes_no_global_setting_and_setup_does():
             "print(before, timsim.determinism.in_force())\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "(None, None) True"
+
+
+def test_a_new_noise_family_is_one_function_and_one_registration():
+    """Registered from outside the package, in a fresh process (the registry is global): the
+    config accepts it, calibration may tune it, and a knob it does not read is refused."""
+    code = '''
+import jax, timsim
+from timsim.noise import LOGIT_NOISE
+
+@LOGIT_NOISE.register(knobs=("scale",), scaled=True)
+def laplace(key, logits, knobs):
+    return logits + knobs.scale * jax.random.laplace(key, logits.shape)
+
+cfg = timsim.load_config(None, ["perturbation.logit_noise.family=laplace", "perturbation.target.token_kl=0.01"])
+assert cfg.perturbation.scaled_source == "laplace logit noise"
+try:
+    timsim.load_config(None, ["perturbation.logit_noise.family=laplace", "perturbation.logit_noise.nu=4"])
+except timsim.ConfigError as err:
+    assert "perturbation.logit_noise.nu" in str(err), err
+    print("ok")
+'''
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_the_readme_catalogue_is_read_from_the_registries():
+    from timsim.catalogue import block
+
+    assert block() in (PACKAGE.parent / "README.md").read_text(), \
+        "README's catalogue is out of date: run `python -m timsim.catalogue README.md`"

@@ -32,6 +32,14 @@ def test_metrics_lists_every_registered_metric(capsys):
     assert all(f"`{name}`" in out for name in METRICS)
 
 
+def test_catalogue_lists_every_registered_name(capsys):
+    from timsim.catalogue import CATALOGUES
+
+    assert main(["catalogue"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"`{name}`" in out for registry, _ in CATALOGUES for name in registry)
+
+
 def test_pretrain_reports_the_base(tiny_file, tiny_base, capsys):
     assert main(["pretrain", str(tiny_file)]) == 0
     assert f"base {tiny_base[2]['base_key']}" in capsys.readouterr().out
@@ -84,3 +92,12 @@ def test_critical_on_a_config_prints_the_dose_response(tiny_file, capsys):
     assert (root / "critical.parquet").exists() and (root / "critical.png").exists()
     assert main([*argv[:-4], "--levels", "0,1"]) == 2  # a bad option is one clear error
     assert "--levels takes positive numbers" in capsys.readouterr().out
+
+
+def test_every_command_has_a_handler():
+    import argparse
+
+    from timsim.cli import COMMANDS, _parser
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)

@@ -7,10 +7,11 @@ import pandas as pd
 import pytest
 from flax import nnx
 
-from timsim.config import load_config, static_hash, static_view, traced_values
+from timsim.config import load_config
 from timsim.model import init_model
 from timsim.rollout import learner_logprobs, sample
 import timsim
+from timsim import hyper
 from timsim.executors import run_cells
 from timsim.metrics import METRICS
 from timsim.plan import Cell, stack_hyperparams
@@ -154,7 +155,7 @@ def test_results_layout(tiny_overrides, tiny_base, tmp_path):
     # the final checkpoint restores as trained weights of the base's shape
     graphdef, base_params, _ = tiny_base
     cfg = load_config(None, tiny_overrides)
-    params, step = load_trained_params(root, base_params, {**traced_values(cfg), "seed": 0.0}, run=1)
+    params, step = load_trained_params(root, base_params, hyper.of(cfg), run=1)
     assert step == 10
     assert jax.tree.structure(params) == jax.tree.structure(base_params)
     assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(base_params)))

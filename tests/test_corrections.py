@@ -1,15 +1,17 @@
 """Corrections: each against a hand-computed example, identity at zero mismatch, and in a run."""
 
+from types import SimpleNamespace
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from timsim.config import ConfigError, load_config, traced_values
+from timsim import hyper
+from timsim.config import ConfigError, load_config
 from timsim.corrections import CORRECTIONS, apply_corrections, make_inputs
 from test_core import assert_same_training, train_metrics
 
-KNOBS = {k.removeprefix("correction."): jnp.float32(v) for k, v in traced_values(load_config()).items()
-         if k.startswith("correction.")}
+KNOBS = hyper.of(load_config()).correction  # the default thresholds
 
 
 def _inputs(ratios, mask=None, adv=(1.0,), p_old=None):
@@ -23,8 +25,9 @@ def _inputs(ratios, mask=None, adv=(1.0,), p_old=None):
 
 
 def _apply(kinds, x, **knobs):
-    w, keep = apply_corrections(tuple(kinds), x, {**KNOBS, **{k: jnp.float32(v) for k, v in knobs.items()}},
-                                knobs.pop("est", "k3") if "est" in knobs else "k3")
+    estimator = knobs.pop("est", "k3")
+    w, keep = apply_corrections(tuple(kinds), x, KNOBS.replace(**{k: jnp.float32(v) for k, v in knobs.items()}),
+                                estimator)
     return np.asarray(w), np.asarray(keep)
 
 
@@ -71,7 +74,7 @@ def test_kl_rejection_aggregates(est, agg, expected_kept):
     """Response 0: r = (1.1, 1.0), every estimate below 0.05. Response 1: r = (2, 0.5): k3 =
     (0.307, 0.193), k2 = (0.24, 0.24), k1 = -delta = (-0.693, 0.693): only the k1 sum (0) passes."""
     x = _inputs([[1.1, 1.0], [2.0, 0.5]], adv=(1.0, 1.0))
-    w, keep = apply_corrections(("kl_rejection",), x, {**KNOBS, "kl_threshold": jnp.float32(0.05)}, est, agg)
+    w, keep = apply_corrections(("kl_rejection",), x, KNOBS.replace(kl_threshold=jnp.float32(0.05)), est, agg)
     assert np.asarray(keep)[:, 0].tolist() == expected_kept
 
 
@@ -95,7 +98,7 @@ def test_composition_multiplies_weights_and_intersects_masks():
 
 
 def test_batch_normalization_of_weights():
-    w, keep = apply_corrections(("token_tis",), _inputs([[0.5, 1.5]]), {**KNOBS, "tis_cap": jnp.float32(2.0)},
+    w, keep = apply_corrections(("token_tis",), _inputs([[0.5, 1.5]]), KNOBS.replace(tis_cap=jnp.float32(2.0)),
                                 batch_normalize=True)
     np.testing.assert_allclose(np.asarray(w), [[0.5, 1.5]], rtol=1e-6)  # mean already 1
     w, _ = apply_corrections(("token_tis",), _inputs([[0.5, 0.5]]), KNOBS, batch_normalize=True)
@@ -169,7 +172,7 @@ def _enumerated_estimators():
 
     def expected_update(kind):
         x = make_inputs(token_logp(theta), logp_mu, mask, reward - baseline)
-        weight, _ = apply_corrections((kind,), x, {"tis_cap": jnp.float64(1e12)})
+        weight, _ = apply_corrections((kind,), x, SimpleNamespace(tis_cap=jnp.float64(1e12)))
         surrogate = lambda t: (mu_seq[:, None] * weight * (reward - baseline)[:, None] * token_logp(t)).sum()  # noqa: E731
         return jax.grad(surrogate)(theta)
 

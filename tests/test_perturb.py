@@ -1,6 +1,7 @@
 """Perturbations, calibration and mismatch diagnostics."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
@@ -89,7 +90,7 @@ def test_common_random_numbers_across_scales(tiny_overrides, tiny_base):
 def test_teacher_forced_noise_matches_per_position_draws():
     key = jax.random.key(0)
     logits = jax.random.normal(jax.random.key(1), (3, 5, 16))
-    knobs = {"scale": jnp.float32(0.7)}
+    knobs = SimpleNamespace(scale=jnp.float32(0.7))
     batched = perturb_teacher_forced(LOGIT_NOISE["gaussian"], key, logits, knobs)
     for t in range(5):
         one = LOGIT_NOISE["gaussian"](jax.random.fold_in(key, t), logits[:, t], knobs)
@@ -247,7 +248,7 @@ def test_context_noise_is_a_deterministic_function_of_the_context():
     responses = jnp.array([[4, 5, 6, 11], [4, 5, 6, 11], [4, 7, 6, 11]])
     logits = jnp.zeros((3, 4, 16))
     out = np.asarray(report_logits(spec, logits, prompts, responses, noise_key_for(spec, 0, 0),
-                                   {"scale": jnp.float32(1.0)}))
+                                   SimpleNamespace(scale=jnp.float32(1.0))))
     assert np.array_equal(out[0], out[1])
     assert np.array_equal(out[0, :2], out[2, :2]), "positions 0 and 1 share the context"
     assert not np.any(out[0, 2:] == out[2, 2:]), "after the differing token the noise differs"
@@ -266,7 +267,7 @@ def test_state_noise_is_a_deterministic_function_of_the_predictive_distribution(
     confident = jnp.zeros(16).at[3].set(8.0)
     logits = jnp.stack([jnp.stack([confident, confident + 1e-3, jnp.zeros(16)])] * 2
                        + [jnp.stack([jnp.zeros(16).at[5].set(8.0)] * 3)])
-    knobs = {"scale": jnp.float32(1.0), "state_bin": jnp.float32(0.1)}
+    knobs = SimpleNamespace(scale=jnp.float32(1.0), state_bin=jnp.float32(0.1))
     out = np.asarray(report_logits(spec, logits, prompts, responses, noise_key_for(spec, 0, 0), knobs))
     noise = out - np.asarray(logits)
     np.testing.assert_allclose(noise[0], noise[1], rtol=0, atol=1e-6)  # other context, same states
@@ -396,12 +397,12 @@ def test_dirichlet_noise_preserves_the_mean():
     logits = jnp.array([2.0, 1.0, 0.0, -1.0])
     pi = np.asarray(jax.nn.softmax(logits))
     keys = jax.random.split(jax.random.key(0), 20000)
-    mu = np.exp(np.asarray(jax.vmap(lambda k: dirichlet(k, logits, {"scale": jnp.float32(0.5)}))(keys)))
+    mu = np.exp(np.asarray(jax.vmap(lambda k: dirichlet(k, logits, SimpleNamespace(scale=jnp.float32(0.5))))(keys)))
     np.testing.assert_allclose(mu.sum(-1), 1.0, rtol=1e-5)
     se = mu.std(0) / np.sqrt(len(mu))
     assert np.all(np.abs(mu.mean(0) - pi) < 5 * se)
     assert np.abs(mu[0] - pi).max() > 0.01
-    same = dirichlet(keys[0], logits, {"scale": jnp.float32(0.0)})
+    same = dirichlet(keys[0], logits, SimpleNamespace(scale=jnp.float32(0.0)))
     assert np.array_equal(np.asarray(same), np.asarray(logits))
 
 

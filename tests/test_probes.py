@@ -13,9 +13,9 @@ from timsim.plan import Cell
 def _probe(cfg, tiny_base):
     graphdef, params, _ = tiny_base
     hp, _ = stack_hyperparams([Cell("c", cfg)])
-    params_R = jax.tree.map(lambda x: np.broadcast_to(x, (len(hp["seed"]), *x.shape)), params)
+    params_R = jax.tree.map(lambda x: np.broadcast_to(x, (hp.seed.shape[0], *x.shape)), params)
     probe = make_probe(static_view(cfg), cfg.task.build(), graphdef)
-    return jax.device_get(probe(params_R, np.zeros(len(hp["seed"]), np.int32), hp, params))
+    return jax.device_get(probe(params_R, np.zeros(hp.seed.shape[0], np.int32), hp, params))
 
 
 @pytest.mark.parametrize("extra", [[], ["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.scale=0"],

@@ -1,6 +1,7 @@
 """Engine profiles: validation, fitting a known conditional distribution, the profile family."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -53,7 +54,7 @@ def test_profile_family_reproduces_the_fitted_quantiles_at_the_sampled_tokens(tm
     path.write_text(json.dumps(profile))
     noise = make_logits_fn("profile", str(path))
     logits = jax.random.normal(jax.random.key(0), (4000, 16)) * 3.0
-    noisy = jax.vmap(lambda k, x: noise(k, x, {"scale": 1.0}))(jax.random.split(jax.random.key(1), 4000), logits)
+    noisy = jax.vmap(lambda k, x: noise(k, x, SimpleNamespace(scale=1.0)))(jax.random.split(jax.random.key(1), 4000), logits)
     logp, logp_mu = jax.nn.log_softmax(logits), jax.nn.log_softmax(noisy)
     delta, prob = np.asarray(logp - logp_mu).ravel(), np.exp(np.asarray(logp)).ravel()
     index = np.clip(np.searchsorted(PROB_EDGES, prob, side="right") - 1, 0, len(PROB_EDGES) - 2)

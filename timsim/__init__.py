@@ -8,8 +8,8 @@ changes no global JAX or XLA setting.
 from timsim.api import Result, calibrate, compare, critical, load, sweep, train
 from timsim.config import Config, ConfigError, load_config
 from timsim.determinism import setup
-from timsim.loop import Boundary, GroupRun, Hook
+from timsim.loop import Boundary, GroupRun, Hook, ProgressHook, ScalarHook
 
-__all__ = ["Boundary", "Config", "ConfigError", "GroupRun", "Hook", "Result", "calibrate", "compare", "critical",
-           "load", "load_config", "setup", "sweep", "train"]
+__all__ = ["Boundary", "Config", "ConfigError", "GroupRun", "Hook", "ProgressHook", "Result", "ScalarHook", "calibrate",
+           "compare", "critical", "load", "load_config", "setup", "sweep", "train"]
 __version__ = "0.1.0"

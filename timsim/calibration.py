@@ -21,7 +21,8 @@ import jax.numpy as jnp
 import pandas as pd
 from flax import nnx
 
-from timsim.config import Config, ConfigError, config_from_dict, traced_values
+from timsim import hyper
+from timsim.config import Config, ConfigError, config_from_dict
 from timsim.diagnostics import delta_quantiles_by_bin, mismatch_metrics
 from timsim.noise import LOGIT_NOISE
 from timsim.sampler import Sampler, SamplerKeys
@@ -61,10 +62,9 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
     return measure
 
 
-def hyperparams(cfg: Config, scale: float) -> dict:
-    """`cfg`'s traced values as float32 scalars, with the noise scale set to `scale`."""
-    values = {**traced_values(cfg), cfg.perturbation.scale_key: scale}
-    return {k: jnp.float32(v) for k, v in values.items()}
+def hyperparams(cfg: Config, scale: float) -> hyper.Hyper:
+    """`cfg`'s traced values (`timsim.hyper`) with the noise scale set to `scale`."""
+    return hyper.replace(hyper.of(cfg), cfg.perturbation.scale_key, jnp.float32(scale))
 
 
 def gaussian_closed_form_kl(scale: float, one_minus_sum_p2: float, temperature: float = 1.0) -> float:

@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     critical.add_argument("--restart", action="store_true", help="discard earlier results of this study")
 
     sub.add_parser("metrics", help="list every metric with its formula")
+    sub.add_parser("catalogue", help="list every noise family, correction, loss, advantage, aggregation, KL "
+                   "estimator and task, with its knobs")
 
     bench = sub.add_parser("bench", help="time one GRPO step (standard shape: 32 prompts x 8 samples x 16 tokens)")
     bench.add_argument("overrides", nargs="*")
@@ -144,102 +146,146 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args, console) -> int:
-    """Each command: parse, call the library, print. No simulation logic lives here."""
+# Each command parses, calls the library and prints; no simulation logic lives here. Library
+# modules are imported inside the handlers so that `timsim --help` starts without JAX.
+
+
+def _metrics(args, console) -> int:
+    from timsim.metrics import describe
+
+    console.print(describe(), highlight=False)
+    return 0
+
+
+def _catalogue(args, console) -> int:
+    from timsim.catalogue import markdown
+
+    console.print(markdown(), highlight=False, markup=False)
+    return 0
+
+
+def _summarize(args, console) -> int:
+    import timsim
+    from timsim import report
+
+    result = timsim.load(args.path)
+    report.print_summary(result.summary, console)
+    if args.against:
+        report.print_paired(result.compare(args.against), args.against, console)
+    return 0
+
+
+def _sweep(args, console) -> int:
+    import timsim
+    from timsim import report
+    from timsim.config import inside
+    from timsim.sweep_spec import load_plan
+
+    plan = load_plan(args.file, args.overrides)
+    root = inside(args.out_dir or plan.cells[0].cfg.run.out_dir, plan.name)
+    report.print_plan(plan, root, console)
+    if not args.dry_run:
+        ray = plan.ray.model_dump() | ({"address": args.ray_address} if args.ray_address else {})
+        result = timsim.sweep(args.file, args.overrides, out=root, restart=args.restart, executor=args.executor,
+                              ray=ray, log=console.print)
+        report.finish(root, result.summary, console)
+    return 0
+
+
+def _train(args, console) -> int:
     import timsim
     from timsim import report
     from timsim.config import inside, load_config
 
-    log = console.print
-    if args.command == "metrics":
-        from timsim.metrics import describe
+    cfg = load_config(args.config, args.overrides)
+    root = inside(cfg.run.out_dir, cfg.run.name)
+    result = timsim.train(cfg, out=root, restart=args.restart, log=console.print)
+    report.finish(root, result.summary, console)
+    return 0
 
-        console.print(describe(), highlight=False)
-        return 0
-    if args.command == "summarize":
-        result = timsim.load(args.path)
-        report.print_summary(result.summary, console)
-        if args.against:
-            report.print_paired(result.compare(args.against), args.against, console)
-        return 0
-    if args.command == "sweep":
-        from timsim.sweep_spec import load_plan
 
-        plan = load_plan(args.file, args.overrides)
-        root = inside(args.out_dir or plan.cells[0].cfg.run.out_dir, plan.name)
-        report.print_plan(plan, root, console)
-        if not args.dry_run:
-            ray = plan.ray.model_dump() | ({"address": args.ray_address} if args.ray_address else {})
-            result = timsim.sweep(args.file, args.overrides, out=root, restart=args.restart,
-                                  executor=args.executor, ray=ray, log=log)
-            report.finish(root, result.summary, console)
-        return 0
-    if args.command == "bench":
-        from timsim.bench import bench
+def _bench(args, console) -> int:
+    from timsim.bench import bench
 
-        bench(args.overrides, args.runs, console)
-        return 0
-    if args.command == "profile":
-        from timsim.profile import command
+    bench(args.overrides, args.runs, console)
+    return 0
 
-        return command(args.pairs, args.out, args.example, args.config, args.overrides, console)
-    if args.command == "critical":
-        import pandas as pd
 
-        from timsim.study import run_critical
+def _profile(args, console) -> int:
+    from timsim.profile import command
 
-        options = {"levels": _floats(args.levels, "--levels") if args.levels else None, "target": args.target,
-                   "margin": args.margin, "margin_of": args.margin_of, "confidence": args.confidence,
-                   "bisect": args.bisect, "metric": args.metric}
+    return command(args.pairs, args.out, args.example, args.config, args.overrides, console)
 
-        def show(variant, record, root, settings):
-            report.print_dose_response(pd.read_parquet(root / "critical.parquet"), record, max(settings.levels),
-                                       root, console)
 
-        run = run_critical(args.config, args.overrides, options, only=args.only, out_dir=args.out_dir,
-                           restart=args.restart, log=log, after_variant=show)
-        if run.table is not None:
-            report.print_study_table(run, console)
-        return 0
+def _critical(args, console) -> int:
+    import pandas as pd
+
+    from timsim import report
+    from timsim.study import run_critical
+
+    options = {"levels": _floats(args.levels, "--levels") if args.levels else None, "target": args.target,
+               "margin": args.margin, "margin_of": args.margin_of, "confidence": args.confidence,
+               "bisect": args.bisect, "metric": args.metric}
+
+    def show(variant, record, root, settings):
+        report.print_dose_response(pd.read_parquet(root / "critical.parquet"), record, max(settings.levels), root,
+                                   console)
+
+    run = run_critical(args.config, args.overrides, options, only=args.only, out_dir=args.out_dir,
+                       restart=args.restart, log=console.print, after_variant=show)
+    if run.table is not None:
+        report.print_study_table(run, console)
+    return 0
+
+
+def _base(args, console):
+    from timsim.base import get_base
+    from timsim.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    if args.command == "train":
-        root = inside(cfg.run.out_dir, cfg.run.name)
-        result = timsim.train(cfg, out=root, restart=args.restart, log=log)
-        report.finish(root, result.summary, console)
-        return 0
-    from timsim.base import get_base
+    progress = lambda i: console.log(f"step {i['steps']}: loss {i['loss']:.3f}, greedy held-out accuracy "  # noqa: E731
+                                     f"{i['greedy_accuracy']:.2f}")
+    return (cfg, *get_base(cfg, progress=progress, announce=console.print))
 
-    graphdef, params, info = get_base(cfg, progress=lambda i: console.log(
-        f"step {i['steps']}: loss {i['loss']:.3f}, greedy held-out accuracy {i['greedy_accuracy']:.2f}"),
-        announce=log)
-    if args.command == "pretrain":
-        console.print(f"base {info['base_key']}: greedy held-out accuracy {info['greedy_accuracy']:.2f}, "
-                      f"sampled {info['sampled_accuracy']:.2f} after {info['steps']} supervised steps")
-        return 0
-    # calibrate
-    from timsim import calibration
 
+def _pretrain(args, console) -> int:
+    *_, info = _base(args, console)
+    console.print(f"base {info['base_key']}: greedy held-out accuracy {info['greedy_accuracy']:.2f}, "
+                  f"sampled {info['sampled_accuracy']:.2f} after {info['steps']} supervised steps")
+    return 0
+
+
+def _calibrate(args, console) -> int:
+    import timsim
+    from timsim import calibration, hyper, report
+    from timsim.runner import load_trained_params
+
+    cfg, graphdef, params, info = _base(args, console)
     if args.modes:
         weights = {"base": params}
         if args.trained:
-            from timsim.config import traced_values
-            from timsim.runner import load_trained_params
-
-            weights["trained"], step = load_trained_params(args.trained, params, {**traced_values(cfg), "seed": 0.0},
+            weights["trained"], step = load_trained_params(args.trained, params, hyper.of(cfg),
                                                            lag_steps=cfg.perturbation.lag_steps)
-            log(f"trained weights: {args.trained}, step {step}, run 0")
+            console.print(f"trained weights: {args.trained}, step {step}, run 0")
         report.print_precision_modes(calibration.precision_modes(cfg, graphdef, weights), info, cfg, console)
         return 0
     rows = timsim.calibrate(cfg, _floats(args.targets, "--targets"), args.metric, base=(graphdef, params))
     report.print_calibration(cfg, info, rows, args.metric, args.real_length, console)
-    if args.bins:
-        for row in rows.to_dict("records"):
-            report.print_bins(calibration.delta_bins(cfg, graphdef, params, row["scale"]),
-                              f"|delta| quantiles by bin at target {args.metric} {row['target']:.3g} (scale "
-                              f"{row['scale']:.3g}): p = learner probability of the sampled token, position in "
-                              "the response", console)
+    for row in rows.to_dict("records") if args.bins else []:
+        report.print_bins(calibration.delta_bins(cfg, graphdef, params, row["scale"]),
+                          f"|delta| quantiles by bin at target {args.metric} {row['target']:.3g} (scale "
+                          f"{row['scale']:.3g}): p = learner probability of the sampled token, position in the "
+                          "response", console)
     return 0
+
+
+COMMANDS = {"metrics": _metrics, "catalogue": _catalogue, "summarize": _summarize, "sweep": _sweep, "train": _train,
+            "bench": _bench, "profile": _profile, "critical": _critical, "pretrain": _pretrain,
+            "calibrate": _calibrate}
+
+
+def _dispatch(args, console) -> int:
+    return COMMANDS[args.command](args, console)
 
 
 if __name__ == "__main__":

@@ -76,19 +76,19 @@ def _seq_ratio(x: CorrectionInputs):
 @CORRECTIONS.register(knobs=("tis_cap",), weighting=True)
 def token_tis(x, k):
     """Truncated IS per token: w_t = min(r_corr,t, C)."""
-    return jnp.minimum(x.ratio_NT, k["tis_cap"]), _ones(x)
+    return jnp.minimum(x.ratio_NT, k.tis_cap), _ones(x)
 
 
 @CORRECTIONS.register(knobs=("tis_cap",), weighting=True)
 def seq_tis(x, k):
     """Truncated IS per response: w = min(prod_t r_corr,t, C) on every token of the response."""
-    return _per_response(x, jnp.minimum(_seq_ratio(x), k["tis_cap"])), _ones(x)
+    return _per_response(x, jnp.minimum(_seq_ratio(x), k.tis_cap)), _ones(x)
 
 
 @CORRECTIONS.register(knobs=("mis_low", "mis_high"), weighting=True)
 def token_mis(x, k):
     """Masked IS per token (IcePop): w_t = r_corr,t, kept only if lo <= r_corr,t <= hi."""
-    keep = (x.ratio_NT >= k["mis_low"]) & (x.ratio_NT <= k["mis_high"])
+    keep = (x.ratio_NT >= k.mis_low) & (x.ratio_NT <= k.mis_high)
     return x.ratio_NT, keep.astype(jnp.float32)
 
 
@@ -96,7 +96,7 @@ def token_mis(x, k):
 def seq_mask(x, k):
     """Sequence rejection: keep a response only if lo <= prod_t r_corr,t <= hi (no weight)."""
     ratio = _seq_ratio(x)
-    return _ones(x), _per_response(x, ((ratio >= k["seq_low"]) & (ratio <= k["seq_high"])).astype(jnp.float32))
+    return _ones(x), _per_response(x, ((ratio >= k.seq_low) & (ratio <= k.seq_high)).astype(jnp.float32))
 
 
 @CORRECTIONS.register(knobs=("seq_low", "seq_high"), weighting=True)
@@ -110,7 +110,7 @@ def seq_mis(x, k):
 def geometric(x, k):
     """Geometric rejection (length-invariant): keep if lo <= exp(mean_t delta_t) <= hi."""
     geo = jnp.exp(x.seq_delta_N / x.lengths_N)
-    return _ones(x), _per_response(x, ((geo >= k["geo_low"]) & (geo <= k["geo_high"])).astype(jnp.float32))
+    return _ones(x), _per_response(x, ((geo >= k.geo_low) & (geo <= k.geo_high)).astype(jnp.float32))
 
 
 @CORRECTIONS.register(knobs=("kl_estimator", "kl_aggregate", "kl_threshold"), static=("kl_estimator", "kl_aggregate"))
@@ -124,14 +124,14 @@ def kl_rejection(x, k, kl_estimator: str = "k3", kl_aggregate: str = "mean"):
         per_seq = kl_NT.sum(-1) / x.lengths_N
     else:
         per_seq = jnp.where(x.mask_NT > 0, kl_NT, -jnp.inf).max(-1)
-    return _ones(x), _per_response(x, (per_seq <= k["kl_threshold"]).astype(jnp.float32))
+    return _ones(x), _per_response(x, (per_seq <= k.kl_threshold).astype(jnp.float32))
 
 
 @CORRECTIONS.register(knobs=("veto_threshold",))
 def veto(x, k):
     """Reject a response if any of its tokens has r_corr below the veto threshold."""
     low = jnp.where(x.mask_NT > 0, x.ratio_NT, jnp.inf).min(-1)
-    return _ones(x), _per_response(x, (low >= k["veto_threshold"]).astype(jnp.float32))
+    return _ones(x), _per_response(x, (low >= k.veto_threshold).astype(jnp.float32))
 
 
 @CORRECTIONS.register(knobs=("offpolicy_threshold",))
@@ -140,7 +140,7 @@ def offpolicy_mask(x, k):
     log(mu / pi) exceeds the threshold. pi is pi_old here (the step's start; at the first
     update pi_theta = pi_old), so mean log(mu / pi) = -mean_t delta_t."""
     drift = -x.seq_delta_N / x.lengths_N
-    drop = (x.adv_N < 0) & (drift > k["offpolicy_threshold"])
+    drop = (x.adv_N < 0) & (drift > k.offpolicy_threshold)
     return _ones(x), _per_response(x, (~drop).astype(jnp.float32))
 
 
@@ -148,7 +148,7 @@ def offpolicy_mask(x, k):
 def cis(x, k):
     """Calibrated IS: w_t = min(r_corr,t, 1 + lambda * max(1 - p_t, kappa)), a cap that grows as
     the learner's probability p_t = pi_old(y_t) of the token falls (rare tokens keep more weight)."""
-    cap = 1.0 + k["cis_lambda"] * jnp.maximum(1.0 - jnp.exp(x.logp_old_NT), k["cis_kappa"])
+    cap = 1.0 + k.cis_lambda * jnp.maximum(1.0 - jnp.exp(x.logp_old_NT), k.cis_kappa)
     return jnp.minimum(x.ratio_NT, cap), _ones(x)
 
 
@@ -157,7 +157,7 @@ def prefix_is(x, k):
     """Prefix IS: w_t = min(prod_{i<=t} r_corr,i, C). The exact per-token correction (the state
     at t was reached under mu), unbiased when untruncated; its variance grows with t."""
     log_prefix = jnp.clip(jnp.cumsum(x.delta_NT, axis=-1), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    return jnp.minimum(jnp.exp(log_prefix), k["prefix_cap"]), _ones(x)
+    return jnp.minimum(jnp.exp(log_prefix), k.prefix_cap), _ones(x)
 
 
 @CORRECTIONS.register(knobs=("prefix_cap",), weighting=True)
@@ -171,7 +171,7 @@ def minpro(x, k):
     ratio = jnp.where(x.mask_NT > 0, x.ratio_NT, 1.0)
     running_min = jax.lax.cummin(ratio, axis=ratio.ndim - 1)
     before = jnp.concatenate([jnp.ones_like(ratio[..., :1]), running_min[..., :-1]], axis=-1)
-    return jnp.minimum(ratio * jnp.minimum(before, 1.0), k["prefix_cap"]), _ones(x)
+    return jnp.minimum(ratio * jnp.minimum(before, 1.0), k.prefix_cap), _ones(x)
 WEIGHTING = CORRECTIONS.names(weighting=True)
 
 
@@ -185,11 +185,6 @@ def centered_score_logp(logp_NT, logp_all_NTV, mu_NTV):
     b is); the covariance bias Cov_mu - Cov_pi remains. `mu_NTV` is treated as a constant."""
     expected = (jax.lax.stop_gradient(mu_NTV) * logp_all_NTV).sum(-1)
     return logp_NT + (jax.lax.stop_gradient(expected) - expected)  # the added term is exactly 0 in value
-
-
-def correction_knobs(hp: dict) -> dict:
-    prefix = "correction."
-    return {k.removeprefix(prefix): v for k, v in hp.items() if k.startswith(prefix)}
 
 
 def apply_corrections(kinds: tuple[str, ...], x: CorrectionInputs, knobs: dict, kl_estimator: str = "k3",

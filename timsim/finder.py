@@ -33,6 +33,7 @@ import pandas as pd
 from timsim.config import TARGET_METRICS, Config, ConfigError, config_from_dict, set_dotted
 from timsim.executors import run_cells
 from timsim.noise import LOGIT_NOISE
+from timsim.plots import plot_dose_response
 from timsim.plan import Cell
 from timsim.store import Store, atomic_write_bytes, atomic_write_parquet, load
 from timsim.summary import paired_ci, paired_differences
@@ -311,7 +312,7 @@ def run_finder(cfg: Config, settings: FinderSettings, root: Path, log: Callable[
             record["uncorrected"] = base
             record["critical_shift"] = critical_shift(base["critical_level"], record["critical_level"])
         atomic_write_bytes(root / "critical.json", json.dumps(record, indent=2).encode())
-        plot_dose_response(table, record, root / "critical.png")
+        plot_dose_response(table, record, margin_words(record), root / "critical.png")
         return record
 
 
@@ -346,31 +347,3 @@ def _critical_fields(finding: Finding, table: pd.DataFrame) -> dict:
         out.update(critical_token_kl=float(row.token_kl_base), critical_seq_kl=float(row.seq_kl_base),
                    first_significant_step=float(row.first_significant_step))
     return out
-
-
-def plot_dose_response(table: pd.DataFrame, record: dict, path: Path) -> Path:
-    """Paired accuracy difference (± CI) against the level, with the margin and the critical level."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for arm, levels in table[table.level > 0].groupby("arm", sort=False):
-        label = arm if arm == "uncorrected" else record.get("correction", arm)
-        ax.errorbar(levels.level, levels.paired_diff, yerr=levels.paired_diff_ci, marker="o", capsize=3, label=label)
-    ax.axhline(0.0, color="gray", lw=0.8)
-    ax.axhline(-record["margin_abs"], color="red", ls="--", lw=0.8, label=f"-margin ({margin_words(record)})")
-    for found, style in ((record.get("uncorrected", {}).get("critical_level"), ":"), (record["critical_level"], "-")):
-        if found is not None:
-            ax.axvline(found, color="red", lw=0.8, ls=style, label=f"critical {found:.3g}")
-    ax.set_xscale("log")
-    ax.set_xlabel(f"mismatch level ({record['target']}, calibrated at the base model)")
-    ax.set_ylabel("final accuracy minus zero-mismatch twin")
-    ax.set_title(f"{record['family']} {record['mode']}, {record['old_logprobs']}, {record['response_len']}-token "
-                 f"responses", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path

@@ -125,8 +125,8 @@ def gspo_per_token(logp_NT, logp_old_NT, adv_N, eps_low, eps_high, mask_NT):
 @LOSSES.register("ppo", knobs=("clip_eps_low", "clip_eps_high", "dual_clip"))
 def ppo(logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
     """PPO-clip; `dual_clip` > 1 adds the dual clip (0: off)."""
-    return dual_clip_per_token(logp_NT, logp_old_NT, adv_N, knobs["clip_eps_low"], knobs["clip_eps_high"],
-                               knobs["dual_clip"])
+    return dual_clip_per_token(logp_NT, logp_old_NT, adv_N, knobs.clip_eps_low, knobs.clip_eps_high,
+                               knobs.dual_clip)
 
 
 @LOSSES.register("reinforce")
@@ -138,28 +138,27 @@ def reinforce(logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
 @LOSSES.register("gspo", knobs=("clip_eps_low", "clip_eps_high"))
 def gspo(logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
     """Clipped length-normalised sequence ratio."""
-    return gspo_per_token(logp_NT, logp_old_NT, adv_N, knobs["clip_eps_low"], knobs["clip_eps_high"], mask_NT)
+    return gspo_per_token(logp_NT, logp_old_NT, adv_N, knobs.clip_eps_low, knobs.clip_eps_high, mask_NT)
 
 
 @LOSSES.register("cispo", knobs=("clip_eps_low", "clip_eps_high"))
 def cispo(logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
     """Clipped, detached IS weight on -A log pi."""
-    return cispo_per_token(logp_NT, logp_old_NT, adv_N, knobs["clip_eps_low"], knobs["clip_eps_high"])
+    return cispo_per_token(logp_NT, logp_old_NT, adv_N, knobs.clip_eps_low, knobs.clip_eps_high)
 
 
-def policy_loss(kind: str, logp_NT, logp_old_NT, adv_N, mask_NT, hp: dict):
+def policy_loss(kind: str, logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
     """Per-token policy loss of `grpo.loss`, where the clip is active, and the token ratios;
-    `hp` holds the run's traced values by dotted key (the loss reads its registered knobs)."""
-    entry = LOSSES.entry(kind)
-    return entry.value(logp_NT, logp_old_NT, adv_N, mask_NT, {k: hp[f"grpo.{k}"] for k in entry.knobs})
+    `knobs`: the run's traced `grpo` values (`hp.grpo`, `timsim.hyper`)."""
+    return LOSSES[kind](logp_NT, logp_old_NT, adv_N, mask_NT, knobs)
 
 
-def make_optimizer(hp: dict) -> optax.GradientTransformation:
+def make_optimizer(knobs) -> optax.GradientTransformation:
     """AdamW with global-norm clipping. Built inside the traced step from traced
     hyperparameters: the optimizer state's structure does not depend on their values."""
     return optax.chain(
-        optax.clip_by_global_norm(hp["grpo.max_grad_norm"]),
-        optax.adamw(hp["grpo.lr"], weight_decay=hp["grpo.weight_decay"]),
+        optax.clip_by_global_norm(knobs.max_grad_norm),
+        optax.adamw(knobs.lr, weight_decay=knobs.weight_decay),
     )
 
 

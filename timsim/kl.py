@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from timsim.registry import Registry
 
-KL_ESTIMATORS: Registry[Callable[[jax.Array], jax.Array]] = Registry("KL estimator", "kl estimator")
+KL_ESTIMATORS: Registry[Callable[[jax.Array], jax.Array]] = Registry("KL estimator",
+                                                               "correction.kl_estimator, grpo.kl_ref")
 
 
 @KL_ESTIMATORS.register()

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from timsim import faults
+from timsim import faults, hyper
 from timsim.calibration import calibrate_scale, make_measure
 from timsim.config import Config, static_hash, static_view
 from timsim.metrics import METRICS
@@ -123,6 +123,24 @@ class FramesHook(Hook):
                                                                      ignore_index=True)
 
 
+class ScalarHook(Hook):
+    """Sends every step's metrics to an experiment tracker through one callable,
+    `write(tag, value, step)`: TensorBoard's `SummaryWriter(...).add_scalar`, or
+    `lambda tag, value, step: wandb.log({tag: value}, step=step)` for W&B. Tags are
+    "{cell}/seed{seed}/{metric}"; `metrics` limits which (default: all); NaN values (metrics a
+    program does not compute, eval_* between chunk ends) are skipped."""
+
+    def __init__(self, write: Callable[[str, float, int], None], metrics: Sequence[str] | None = None):
+        self.write, self.metrics = write, list(metrics) if metrics is not None else list(METRICS)
+
+    def boundary(self, group: GroupRun, at: Boundary) -> None:
+        for cell_id, frame in at.frames.items():
+            for name in self.metrics:
+                for seed, step, value in zip(frame.seed, frame.step, frame[name]):
+                    if not np.isnan(value):
+                        self.write(f"{cell_id}/seed{seed}/{name}", float(value), int(step))
+
+
 def metric_rows(runs, metrics_R: dict, steps: np.ndarray) -> dict[str, pd.DataFrame]:
     """Per-cell DataFrames (rows run x step) from host arrays [R, S]; every `timsim.metrics`
     column is present (NaN where this program does not compute it). A metric the program
@@ -177,7 +195,7 @@ class TargetTracker:
         self.measure = make_measure(self.runs[0][1].cfg, graphdef) if self.runs else None
 
     def recalibrate(self, params, hp) -> list[float]:
-        scales = np.asarray(jax.device_get(hp[self.key]), float).copy()
+        scales = np.asarray(jax.device_get(hyper.get(hp, self.key)), float).copy()
         host_params = jax.device_get(params)
         for i, cell in self.runs:
             metric, value = cell.cfg.perturbation.target.resolved()
@@ -185,8 +203,8 @@ class TargetTracker:
             scales[i] = calibrate_scale(self.measure, run_params, cell.cfg, value, metric, start=float(scales[i]))[0]
         return scales.tolist()
 
-    def with_scales(self, hp: dict, scales: list[float]) -> dict:
-        return {**hp, self.key: jnp.asarray(scales, jnp.float32)}
+    def with_scales(self, hp: hyper.Hyper, scales: list[float]) -> hyper.Hyper:
+        return hyper.replace(hp, self.key, jnp.asarray(scales, jnp.float32))
 
 
 _PROGRAMS: dict[tuple[str, int], tuple] = {}
@@ -234,7 +252,7 @@ def run(cells: list[Cell], graphdef, base_params, hooks: Sequence[Hook] = (), ev
     task = cfg.task.build()
     cells, calibration = resolve_targets(cells, graphdef, base_params)
     hp, runs = stack_hyperparams(cells)
-    width = len(hp["seed"])
+    width = hp.seed.shape[0]
     tracker = TargetTracker(cells, runs, graphdef)
     if resume and tracker.runs and resume.tracked_scales:
         hp = tracker.with_scales(hp, resume.tracked_scales)

@@ -1,6 +1,7 @@
 """Logit-noise families: how the sampler's logits differ from the learner's at one position.
 
-A family is a pure function ``(key, logits [..., V], knobs) -> sampler logits`` registered in
+A family is a pure function ``(key, logits [..., V], knobs) -> sampler logits`` (`knobs`:
+the traced `hp.perturbation.logit_noise` section, `timsim.hyper`) registered in
 `LOGIT_NOISE` with the traced `perturbation.logit_noise.*` knobs it reads (the config rejects
 the others), whether calibration may tune its `scale` (`scaled`), and whether it is a
 deterministic transform the learner can apply too (`deterministic`, for `learner_too`). A new
@@ -38,26 +39,26 @@ EXCLUDED_LOGIT = -1e9  # "outside the support": exp() is exactly 0, and 0 * logi
 @LOGIT_NOISE.register(knobs=("scale",), scaled=True)
 def gaussian(key, logits, knobs):
     """logits + scale * N(0, 1) per vocabulary entry."""
-    return logits + knobs["scale"] * jax.random.normal(key, logits.shape)
+    return logits + knobs.scale * jax.random.normal(key, logits.shape)
 
 
 @LOGIT_NOISE.register(knobs=("scale", "nu"), scaled=True)
 def student_t(key, logits, knobs):
     """logits + scale * t_nu (heavy tails; nu > 2 so the variance is finite)."""
-    return logits + knobs["scale"] * jax.random.t(key, knobs["nu"], logits.shape)
+    return logits + knobs.scale * jax.random.t(key, knobs.nu, logits.shape)
 
 
 @LOGIT_NOISE.register(knobs=("scale", "rate"), scaled=True)
 def spikes(key, logits, knobs):
     """logits + size * Bernoulli(rate): rare large one-signed bumps on random entries."""
-    return logits + knobs["scale"] * jax.random.bernoulli(key, knobs["rate"], logits.shape)
+    return logits + knobs.scale * jax.random.bernoulli(key, knobs.rate, logits.shape)
 
 
 @LOGIT_NOISE.register(knobs=("scale",), scaled=True)
 def magnitude(key, logits, knobs):
     """logits + scale * |logit - mean logit| * N(0, 1): larger logits get larger errors."""
     centred = jnp.abs(logits - logits.mean(-1, keepdims=True))
-    return logits + knobs["scale"] * centred * jax.random.normal(key, logits.shape)
+    return logits + knobs.scale * centred * jax.random.normal(key, logits.shape)
 
 
 @LOGIT_NOISE.register(knobs=("scale",), scaled=True)
@@ -66,7 +67,7 @@ def dirichlet(key, logits, knobs):
     E[mu] = pi exactly (DESIGN §8.1): the control that separates mismatch from the average
     flattening that zero-mean logit noise causes. Returns log mu (probabilities below the
     float32 range become EXCLUDED_LOGIT); scale 0 returns the logits unchanged."""
-    scale = knobs["scale"]
+    scale = knobs.scale
     probs = jax.nn.softmax(logits, axis=-1)
     alpha = probs / jnp.maximum(scale, 1e-30)
     mu = jax.random.dirichlet(key, jnp.maximum(alpha, 1e-30))
@@ -78,7 +79,7 @@ def dirichlet(key, logits, knobs):
 def top_k(key, logits, knobs):
     """Truncated support: keep the top_k largest logits (ties kept), renormalise over them.
     A systematic, one-signed mismatch: delta = log(kept mass) <= 0 at every sampled token."""
-    k = jnp.clip(jnp.round(knobs["top_k"]).astype(jnp.int32), 1, logits.shape[-1])
+    k = jnp.clip(jnp.round(knobs.top_k).astype(jnp.int32), 1, logits.shape[-1])
     kth = jnp.take_along_axis(-jnp.sort(-logits, axis=-1), jnp.broadcast_to(k - 1, logits.shape[:-1])[..., None], -1)
     return jnp.where(logits >= kth, logits, EXCLUDED_LOGIT)
 
@@ -91,7 +92,7 @@ def top_p(key, logits, knobs):
     order = jnp.argsort(-probs, axis=-1)
     sorted_probs = jnp.take_along_axis(probs, order, -1)
     mass_before = jnp.cumsum(sorted_probs, -1) - sorted_probs
-    keep_sorted = mass_before < knobs["top_p"]
+    keep_sorted = mass_before < knobs.top_p
     keep = jnp.take_along_axis(keep_sorted, jnp.argsort(order, axis=-1), -1)
     return jnp.where(keep, logits, EXCLUDED_LOGIT)
 
@@ -100,7 +101,7 @@ def top_p(key, logits, knobs):
 def temperature(key, logits, knobs):
     """One-sided temperature: the sampler samples from softmax(logits / tau), the learner (unless
     `learner_too`) computes plain log-probs: a common real-world bug."""
-    return logits / knobs["temperature"]
+    return logits / knobs.temperature
 
 
 @LOGIT_NOISE.register(knobs=("scale",), scaled=True, needs_profile=True)
@@ -120,7 +121,7 @@ def profile(key, logits, knobs, table_BL):
     lo_level, hi_level = levels[hi - 1], levels[hi]
     lo_value, hi_value = table[bins, hi - 1], table[bins, hi]
     eps = lo_value + (u - lo_level) / (hi_level - lo_level) * (hi_value - lo_value)
-    return logits - knobs["scale"] * eps
+    return logits - knobs.scale * eps
 
 
 def make_logits_fn(family: str, profile_path: str | None = None) -> Callable | None:

@@ -11,9 +11,8 @@ import dataclasses
 import hashlib
 import json
 
-import jax.numpy as jnp
-
-from timsim.config import Config, ConfigError, static_hash, traced_values
+from timsim import hyper
+from timsim.config import Config, ConfigError, static_hash
 from timsim.step import padded_width
 
 
@@ -36,15 +35,14 @@ def run_axis_width(cells: list[Cell]) -> int:
     return padded_width(sum(len(c.cfg.run.seeds) for c in cells))
 
 
-def stack_hyperparams(cells: list[Cell]) -> tuple[dict, list[tuple[Cell, int, int]]]:
+def stack_hyperparams(cells: list[Cell]) -> tuple[hyper.Hyper, list[tuple[Cell, int, int]]]:
     """Traced values of every run of `cells` along a leading run axis, and who each run is.
     The axis is padded to a multiple of the device count with copies of the last run, whose
     results are never written."""
     runs = [(cell, i, seed) for cell in cells for i, seed in enumerate(cell.cfg.run.seeds)]
-    values = [{**traced_values(cell.cfg), "seed": seed} for cell, _, seed in runs]
+    values = [hyper.of(cell.cfg, seed) for cell, _, seed in runs]
     values += [values[-1]] * (padded_width(len(values)) - len(values))
-    hp = {k: jnp.asarray([v[k] for v in values], jnp.float32) for k in values[0]}
-    return hp, runs
+    return hyper.stack(values), runs
 
 
 def plan_groups(cells: list[Cell], manifest: dict) -> dict[str, list[Cell]]:

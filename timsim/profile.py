@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from matplotlib.figure import Figure
 
 from timsim.base import get_base
 from timsim.calibration import hyperparams, make_measure
@@ -118,16 +119,12 @@ def table(profile: dict, by: str = "by_prob") -> pd.DataFrame:
 def plot(df: pd.DataFrame, path: Path) -> Path:
     """Fitted against observed quantiles of delta per probability bin: fitted on one half of the
     tokens, observed on the other, so a bin too thin for a stable fit shows off the diagonal."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     half = fit(df.iloc[::2], min_tokens=MIN_TOKENS_PER_BIN // 2)
     held_out = df.iloc[1::2]
     delta = held_out.logp_trainer.to_numpy(float) - held_out.logp_sampler.to_numpy(float)
     index = _bins(np.exp(held_out.logp_trainer.to_numpy(float)), PROB_EDGES)
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = Figure(figsize=(5, 5), layout="tight")
+    ax = fig.subplots()
     for b, row in enumerate(half["by_prob"]):
         sel = delta[index == b]
         if row["quantiles"] is None or sel.size < 10:
@@ -138,9 +135,7 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
     ax.set_xlabel("fitted quantile of delta (one half)")
     ax.set_ylabel("observed quantile (other half)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 

@@ -92,8 +92,9 @@ def run_group(gid: str, cells: list[Cell], store: Store, log: Callable[[str], No
         resume=resume)
 
 
-def load_trained_params(root, base_params, hp_template: dict, run: int = 0, lag_steps: int = 0):
-    """Parameters of run `run` of the first group of a results directory, at its last checkpoint."""
+def load_trained_params(root, base_params, hp_template, run: int = 0, lag_steps: int = 0):
+    """Parameters of run `run` of the first group of a results directory, at its last checkpoint;
+    `hp_template`: one run's `timsim.hyper.Hyper` (for the state's structure)."""
     store = Store(root)
     groups = [(gid, g) for gid, g in store.read_manifest().get("groups", {}).items() if g["chunks_done"]]
     if not groups:
@@ -101,7 +102,7 @@ def load_trained_params(root, base_params, hp_template: dict, run: int = 0, lag_
     gid, group = groups[0]
     steps = sorted(int(p.name) for p in (store.root / "ckpt" / gid).iterdir() if p.name.isdigit())
     width = group.get("padded_width", group["run_axis_width"])
-    hp = {k: jnp.full((width,), v, jnp.float32) for k, v in hp_template.items()}
+    hp = jax.tree.map(lambda v: jnp.full((width,), v, jnp.float32), hp_template)
     abstract = jax.eval_shape(lambda: jax.vmap(lambda h: init_state(base_params, h, lag_steps))(hp))
     state = ocp.StandardCheckpointer().restore(store.checkpoint_dir(gid, steps[-1]).absolute(),
                                                base_lib.restore_target(abstract))

@@ -36,10 +36,9 @@ from timsim.numerics import Numerics
 from timsim.rollout import Rollout, prefix_hashes, sample
 
 
-def noise_knobs(hp: dict) -> dict:
-    """The traced knobs of the logit-noise family, from a run's hyperparameters."""
-    prefix = "perturbation.logit_noise."
-    return {k.removeprefix(prefix): v for k, v in hp.items() if k.startswith(prefix)}
+def noise_knobs(hp):
+    """The traced knobs of the logit-noise family, from a run's hyperparameters (`timsim.hyper`)."""
+    return hp.perturbation.logit_noise
 
 
 # ----------------------------------------------------------------------------- the sampler side
@@ -91,18 +90,18 @@ def weight_noise_key(spec: SamplerSpec, seed: jax.Array, step: jax.Array) -> jax
     return step_key(seed, "weight_noise", step // spec.weight_hold_steps)
 
 
-def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.Array, hp: dict):
+def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.Array, hp):
     """The model the sampler runs: the learner's, or one with noisy weights."""
     if not spec.weight_noise:
         return learner_model
-    return nnx.merge(graphdef, with_weight_noise(params, key, hp["perturbation.weight_noise.scale"]))
+    return nnx.merge(graphdef, with_weight_noise(params, key, hp.perturbation.weight_noise.scale))
 
 
-def sampler_routing(spec: SamplerSpec, key: jax.Array, hp: dict) -> Routing | None:
+def sampler_routing(spec: SamplerSpec, key: jax.Array, hp) -> Routing | None:
     """The sampler's router perturbation (a fresh draw per key), or None."""
     if not spec.router_noise:
         return None
-    return Routing(noise_key=key, noise_scale=hp["perturbation.router_noise.scale"])
+    return Routing(noise_key=key, noise_scale=hp.perturbation.router_noise.scale)
 
 
 def learner_transform(spec: SamplerSpec, knobs: dict) -> Callable:
@@ -132,7 +131,7 @@ def state_hash(logits_NV: jax.Array, state_bin) -> jax.Array:
 
 def _per_sequence(spec: SamplerSpec, key: jax.Array, logits_NV, context_hash_N, knobs):
     """Persistent noise: each row's draw keyed by its context hash or by its state's hash."""
-    hashes_N = context_hash_N if spec.noise_mode == "context" else state_hash(logits_NV, knobs["state_bin"])
+    hashes_N = context_hash_N if spec.noise_mode == "context" else state_hash(logits_NV, knobs.state_bin)
     keys = jax.vmap(lambda h: jax.random.fold_in(key, h))(hashes_N)
     return jax.vmap(lambda k, x: spec.noise_fn(k, x, knobs))(keys, logits_NV)
 
@@ -232,23 +231,23 @@ class Sampler:
         """Whether the sampler is exactly the learner (so it reports the learner's log-probs)."""
         return self.spec.noise_fn is None and not self.spec.separate_forward
 
-    def generate(self, params, learner_model, prompts_NP, keys: SamplerKeys, hp: dict,
+    def generate(self, params, learner_model, prompts_NP, keys: SamplerKeys, hp,
                  greedy: bool = False) -> tuple[Rollout, Any, Routing | None]:
         """Sample responses with the sampler's weights, numerics, router and logit noise:
         (rollout, the sampler's model, its routing perturbation)."""
         knobs = noise_knobs(hp)
         model = sampler_model(self.spec, self.graphdef, params, learner_model, keys.weight, hp)
         routing = sampler_routing(self.spec, keys.router, hp)
-        rollout = sample(model, prompts_NP, keys.sample, hp["sampler.temperature"], self.response_len, greedy=greedy,
+        rollout = sample(model, prompts_NP, keys.sample, hp.sampler.temperature, self.response_len, greedy=greedy,
                          logits_fn=decode_logits_fn(self.spec, keys.noise, knobs), nm=self.spec.sampler_nm,
                          routing=routing)
         return rollout, model, routing
 
     def report(self, learner_model, sampler_model_, prompts_NP, responses_NT, routing: Routing | None,
-               noise_key: jax.Array, hp: dict) -> Report:
+               noise_key: jax.Array, hp) -> Report:
         """Teacher-forced log-probs of both sides at the sampled responses. The zero-mismatch
         sampler reports the learner's own, bit for bit."""
-        knobs, temperature = noise_knobs(hp), hp["sampler.temperature"]
+        knobs, temperature = noise_knobs(hp), hp.sampler.temperature
         logits, routes, logits_sampler, routes_sampler = teacher_forced_pair(
             self.spec, learner_model, sampler_model_, prompts_NP, responses_NT, routing, self.routing_replay)
         logp_learner, logp_all_learner = token_logprobs(learner_transform(self.spec, knobs)(logits), responses_NT,

@@ -1,8 +1,9 @@
 """The pure, jitted GRPO run: one step, a chunk of steps (`lax.scan`), a batch of runs.
 
-Static config (shapes, modes) is closed over when a program is built; traced config (`hp`:
-a dict of scalars by dotted key, plus ``"seed"``) is an argument with a leading run axis, so
-runs that differ only in traced values share one compiled program.
+Static config (shapes, modes) is closed over when a program is built; traced config (`hp`, a
+`timsim.hyper.Hyper` pytree: ``hp.grpo.lr``, ``hp.perturbation.logit_noise.scale``, ``hp.seed``)
+is an argument with a leading run axis, so runs that differ only in traced values share one
+compiled program.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from timsim import grpo
+from timsim import grpo, hyper
 from timsim.config import Config
-from timsim.corrections import (WEIGHTING, apply_corrections, centered_score_logp, correction_knobs,
-                                correction_metrics, make_inputs)
+from timsim.corrections import WEIGHTING, apply_corrections, centered_score_logp, correction_metrics, make_inputs
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics, routing_metrics
 from timsim.model import Routing
@@ -35,9 +35,9 @@ class RunState(NamedTuple):
     lagged: nnx.State | None = None  # ring buffer [lag, ...] of past params when the sampler lags
 
 
-def init_state(params: nnx.State, hp: dict, lag_steps: int = 0) -> RunState:
+def init_state(params: nnx.State, hp: hyper.Hyper, lag_steps: int = 0) -> RunState:
     lagged = None if not lag_steps else jax.tree.map(lambda x: jnp.broadcast_to(x, (lag_steps, *x.shape)), params)
-    return RunState(params, grpo.make_optimizer(hp).init(params), jnp.zeros((), jnp.int32), lagged)
+    return RunState(params, grpo.make_optimizer(hp.grpo).init(params), jnp.zeros((), jnp.int32), lagged)
 
 
 class Collected(NamedTuple):
@@ -65,7 +65,7 @@ def make_collect(cfg: Config, task: Task, sampler: Sampler) -> Callable:
     n_prompts, group = g.prompts_per_step, g.group_size
 
     def collect(old_params, hp, step) -> Collected:
-        seed = hp["seed"].astype(jnp.int32)
+        seed = hp.seed.astype(jnp.int32)
         model = nnx.merge(sampler.graphdef, old_params)
         prompts = task.sample(step_key(seed, "prompts", step), n_prompts, "train")
         prompts_N = jnp.repeat(prompts, group, axis=0)
@@ -98,14 +98,14 @@ class LearnerBatch(NamedTuple):
     replay: tuple | None = None  # experts the loss's forward replays (R2: pi_old's, R3: the sampler's)
 
 
-def learner_batch(c: Collected, hp: dict, old_logprobs: str, corr) -> LearnerBatch:
+def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> LearnerBatch:
     """Apply the mode (recompute: pi_old = the learner's; bypass: mu) and the corrections."""
     logp_old = c.logp_learner_NT if old_logprobs == "recompute" else c.logp_sampler_NT
     weight, keep = jnp.ones_like(c.mask_NT), c.mask_NT
     if corr.kinds:
         weight, keep = apply_corrections(tuple(corr.kinds),
                                          make_inputs(c.logp_learner_NT, c.logp_sampler_NT, c.mask_NT, c.adv_N),
-                                         correction_knobs(hp), corr.kl_estimator, corr.kl_aggregate,
+                                         hp.correction, corr.kl_estimator, corr.kl_aggregate,
                                          corr.batch_normalize)
         if old_logprobs == "bypass" and any(k in WEIGHTING for k in corr.kinds):
             logp_old = c.logp_learner_NT  # the weight replaces r_corr in bypass mode instead of multiplying it
@@ -126,7 +126,7 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
 
     def loss_fn(params, ref_params, batch: LearnerBatch, hp, first_update):
         model = nnx.merge(graphdef, params)
-        temperature = hp["sampler.temperature"]
+        temperature = hp.sampler.temperature
         transform = learner_transform(spec, noise_knobs(hp))
         routing = None if batch.replay is None else Routing(replay=batch.replay)
         logp, logp_all, balance = learner_logprobs(model, batch.prompts_N, batch.responses_NT, batch.mask_NT,
@@ -137,11 +137,11 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
         if batch.mu_NTV is not None:
             logp = centered_score_logp(logp, logp_all, batch.mu_NTV) * batch.mask_NT
         mask = batch.keep_NT
-        per_token, clipped, ratio = grpo.policy_loss(g.loss, logp, logp_old, batch.adv_N, mask, hp)
+        per_token, clipped, ratio = grpo.policy_loss(g.loss, logp, logp_old, batch.adv_N, mask, hp.grpo)
         per_token = per_token * batch.weight_NT
         entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
         loss = grpo.aggregate(per_token, mask, g.loss_agg)
-        loss = loss - hp["grpo.entropy_coef"] * grpo.aggregate(entropy_NT, mask, g.loss_agg)
+        loss = loss - hp.grpo.entropy_coef * grpo.aggregate(entropy_NT, mask, g.loss_agg)
         if cfg.model.experts:
             loss = loss + cfg.model.balance_coef * balance
         kl_ref = jnp.zeros(())
@@ -151,7 +151,7 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
                                                               temperature, spec.learner_nm, transform, routing)[0])
             kl_NT = grpo.kl_to_reference(logp, logp_ref, g.kl_ref)
             kl_ref = grpo.masked_mean(kl_NT, mask)
-            loss = loss + hp["grpo.kl_coef"] * grpo.aggregate(kl_NT, mask, g.loss_agg)
+            loss = loss + hp.grpo.kl_coef * grpo.aggregate(kl_NT, mask, g.loss_agg)
         aux = {"clip_frac": grpo.masked_mean(clipped, mask), "entropy": grpo.masked_mean(entropy_NT, mask),
                "kl_ref": kl_ref, "ratio_dev_max": jnp.abs((ratio - 1.0) * mask).max()}
         return loss, aux
@@ -174,7 +174,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
     grad_fn = jax.value_and_grad(make_loss(cfg, graphdef, spec, g.old_logprobs == "recompute" and not lag),
                                  has_aux=True)
 
-    def step(state: RunState, hp: dict, ref_params) -> tuple[RunState, dict]:
+    def step(state: RunState, hp: hyper.Hyper, ref_params) -> tuple[RunState, dict]:
         # With async lag the sampler runs (and recompute uses) the weights of `lag` updates ago:
         # delta then measures numerics only and the PPO ratio measures staleness (DESIGN §8.2).
         old_params = state.params if not lag else jax.tree.map(lambda b: b[state.step % lag], state.lagged)
@@ -188,7 +188,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
         batch = learner_batch(c, hp, g.old_logprobs, corr)
         any_kept = batch.keep_NT.sum() > 0  # a batch with every token rejected skips its update (counted)
         batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
-        tx = grpo.make_optimizer(hp)
+        tx = grpo.make_optimizer(hp.grpo)
 
         # UPDATE: epochs x minibatches optimizer steps on the policy loss.
         def update(carry, i):
@@ -221,8 +221,8 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             "update_norm": optax.tree.norm(jax.tree.map(jnp.subtract, params, state.params)),
             **mismatch_metrics(c.logp_all_learner_NTV, c.logp_all_sampler_NTV, c.responses_NT, mask),
             **advantage_skew_metrics((c.logp_learner_NT - c.logp_sampler_NT) * mask, c.adv_N, mask,
-                                     hp["grpo.clip_eps_low"], hp["grpo.clip_eps_high"]),
-            "noise_scale": (hp[cfg.perturbation.scale_key] if spec.noise_fn is not None or spec.router_noise
+                                     hp.grpo.clip_eps_low, hp.grpo.clip_eps_high),
+            "noise_scale": (hyper.get(hp, cfg.perturbation.scale_key) if spec.noise_fn is not None or spec.router_noise
                             else jnp.zeros(())),
             "nonfinite_frac": grpo.masked_mean(~jnp.isfinite(c.logp_sampler_NT) | ~jnp.isfinite(c.logp_learner_NT),
                                                mask),
@@ -332,7 +332,7 @@ def make_eval(cfg: Config, task: Task, graphdef) -> Callable:
     def evaluate(params_and_step, hp, _):
         params, step = params_and_step
         model = nnx.merge(graphdef, params)
-        seed = hp["seed"].astype(jnp.int32)
+        seed = hp.seed.astype(jnp.int32)
         key = step_key(seed, "eval", 0)
         # fresh noise: an eval-only draw; persistent noise: the run's own deterministic sampler
         noise_key = noise_key_for(sampler.spec, seed, step) if sampler.spec.persistent else step_key(seed, "eval", 1)
