@@ -1,5 +1,8 @@
 """Shared fixtures: one tiny base policy per test session (DESIGN §8.6)."""
 
+import os
+from pathlib import Path
+
 import pytest
 
 import timsim
@@ -7,6 +10,19 @@ from timsim.config import load_config
 
 # The explicit determinism setup the API and CLI make (tests also drive the lower layers directly).
 timsim.setup()
+
+if os.environ.get("TIMSIM_COMPILE_LOG"):  # where the suite's time goes: scripts/compile_report.py reads it
+    import jax.monitoring
+
+    _LOG = Path(f"{os.environ['TIMSIM_COMPILE_LOG']}.{os.environ.get('PYTEST_XDIST_WORKER', 'main')}")
+
+    def _record(event: str, seconds: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):
+            test = os.environ.get("PYTEST_CURRENT_TEST", "-").split(" ")[0]
+            with _LOG.open("a") as out:
+                out.write(f"{test}\t{event.rsplit('/', 1)[-1]}\t{seconds:.4f}\n")
+
+    jax.monitoring.register_event_duration_secs_listener(_record)
 
 TINY = [
     "task.name=sort", "task.n_digits=4", "task.eval_prompts=128",

@@ -90,7 +90,8 @@ def test_sweep_from_a_dict_and_paired_comparison(tiny_overrides, tiny_base, tmp_
             "cells": {"zero": {"perturbation.logit_noise.scale": 0.0}, "noisy": {"perturbation.logit_noise.scale": 2.0}}}
     result = timsim.sweep(spec, tiny_overrides + ["run.steps=5", "run.chunk_steps=5"], progress=False)
     assert list(tmp_path.iterdir()) == []
-    assert set(result.configs) == {"zero", "noisy"} and len(result.state) == 1  # one program for both cells
+    assert list(result.configs) == ["zero", "noisy"] and len(result.state) == 1  # one program for both cells
+    assert list(result.summary.cell_id.unique()) == ["zero", "noisy"]  # the plan's order, as on disk
     table = result.compare("zero").set_index("cell")
     assert table.loc["zero", "minus_zero"] == 0.0
     noisy = result.summary[result.summary.cell_id == "noisy"].set_index("seed").final_accuracy

@@ -119,8 +119,11 @@ class FramesHook(Hook):
         self.frames.extend(at.frames.values())
 
     def metrics(self) -> pd.DataFrame:
-        return pd.concat(self.frames, ignore_index=True).sort_values(["cell_id", "run_idx", "step"],
-                                                                     ignore_index=True)
+        """Rows by cell (in the order the cells were run), run and step."""
+        frame = pd.concat(self.frames, ignore_index=True)
+        order = {cell: i for i, cell in enumerate(dict.fromkeys(frame.cell_id))}
+        return frame.sort_values(["cell_id", "run_idx", "step"], key=lambda c: c.map(order) if c.name == "cell_id"
+                                 else c, kind="stable", ignore_index=True)
 
 
 class ScalarHook(Hook):
