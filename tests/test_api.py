@@ -1,4 +1,4 @@
-"""The in-memory API: `timsim.step` / `timsim.sweep_spec` return DataFrames, call hooks, write
+"""The in-memory API: `timsim.train` / `timsim.sweep` return DataFrames, call hooks, write
 nothing unless asked, and give the same numbers as the results-directory path."""
 
 import os
@@ -72,7 +72,12 @@ def test_scalar_hook_sends_every_step_to_a_tracker(in_memory, tiny_cfg):
 
 def test_in_memory_and_results_directory_give_the_same_numbers(in_memory, tiny_cfg, tmp_path):
     result = in_memory[0]
-    stored = timsim.train(tiny_cfg, ["run.steps=10"], out=tmp_path / "r", progress=False)
+    recorder = Recorder()
+    stored = timsim.train(tiny_cfg, ["run.steps=10"], out=tmp_path / "r", progress=False, hooks=[recorder])
+    assert [e[:2] for e in recorder.events] == [("start", 10), ("boundary", 0), ("boundary", 1), ("boundary", 2),
+                                                ("end",)]  # hooks run on the results-directory path too
+    with pytest.raises(timsim.ConfigError, match="full results directory"):
+        timsim.train(tiny_cfg, out=tmp_path / "x", evaluate=False, progress=False)
     assert stored.path == tmp_path / "r" and (tmp_path / "r" / "manifest.json").exists()
     columns = [c for c in result.metrics.columns if c in stored.metrics.columns]
     pd.testing.assert_frame_equal(result.metrics[columns], stored.metrics[columns], check_exact=True)

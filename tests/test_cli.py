@@ -69,9 +69,11 @@ def test_sweep_dry_run_prints_the_plan_and_runs_nothing(tiny_file, tmp_path, cap
 
 
 def test_calibrate_prints_the_scale_per_target(tiny_file, capsys):
-    assert main(["calibrate", str(tiny_file), "perturbation.logit_noise.family=gaussian", "--targets", "1e-2"]) == 0
+    assert main(["calibrate", str(tiny_file), "perturbation.logit_noise.family=gaussian", "--targets", "1e-2,1e-1",
+                 "--bins"]) == 0
     out = capsys.readouterr().out
     assert "0.01" in out and "scale" in out
+    assert out.count("quantiles by bin at target token_kl") == 2  # one |delta| table per target
 
 
 def test_profile_example_then_fit(tmp_path, capsys):

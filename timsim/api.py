@@ -94,10 +94,14 @@ def train(config: Config | str | Path | dict | None = None, overrides: Sequence[
     from instead of the config's cached pretrained one. `hooks`: extra `timsim.Hook`s."""
     setup()
     cfg = _config(config, overrides)
-    log = _log(progress)
+    log = _log(progress, log)
     if out is not None:
+        if base is not None or not evaluate:
+            raise ConfigError("train(out=...) writes a full results directory: it starts from the config's own "
+                              "base and evaluates at every chunk end; drop `base` / `evaluate=False`, or train in "
+                              "memory (out=None).")
         root = Path(out)
-        run_cells([Cell(cfg.run.name, cfg)], Store(root), log, restart=restart)
+        run_cells([Cell(cfg.run.name, cfg)], Store(root), log, restart=restart, hooks=hooks)
         return load(root)
     graphdef, params = base if base is not None else get_base(cfg, announce=log)[:2]
     frames = FramesHook()

@@ -122,10 +122,15 @@ def calibration_table(measure: Callable, params, cfg: Config, scales: list[float
     return rows
 
 
-def delta_bins(cfg: Config, graphdef, params, scale: float) -> pd.DataFrame:
-    """|delta| quantiles by the learner's token probability and by position, at `scale`."""
-    got = jax.device_get(make_measure(cfg, graphdef, per_token=True)(params, hyperparams(cfg, scale)))
-    return delta_quantiles_by_bin(got["logp_old"], got["logp_sampler"], got["mask"])
+def delta_bins(cfg: Config, graphdef, params, scales: list[float]) -> list[pd.DataFrame]:
+    """|delta| quantiles by the learner's token probability and by position, at each scale
+    (one compiled measurement for all of them)."""
+    measure = make_measure(cfg, graphdef, per_token=True)
+    frames = []
+    for scale in scales:
+        got = jax.device_get(measure(params, hyperparams(cfg, scale)))
+        frames.append(delta_quantiles_by_bin(got["logp_old"], got["logp_sampler"], got["mask"]))
+    return frames
 
 
 PRECISION_MODES = {  # label -> perturbation.sampler_precision

@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     setup()
     console = Console() if sys.stdout.isatty() else Console(width=200)  # logs: tables unwrapped
     try:
-        return _dispatch(args, console)
+        return COMMANDS[args.command](args, console)
     except (ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ResultsBusy) as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2
@@ -271,9 +271,9 @@ def _calibrate(args, console) -> int:
         return 0
     rows = timsim.calibrate(cfg, _floats(args.targets, "--targets"), args.metric, base=(graphdef, params))
     report.print_calibration(cfg, info, rows, args.metric, args.real_length, console)
-    for row in rows.to_dict("records") if args.bins else []:
-        report.print_bins(calibration.delta_bins(cfg, graphdef, params, row["scale"]),
-                          f"|delta| quantiles by bin at target {args.metric} {row['target']:.3g} (scale "
+    bins = calibration.delta_bins(cfg, graphdef, params, list(rows.scale)) if args.bins else []
+    for row, frame in zip(rows.to_dict("records"), bins):
+        report.print_bins(frame, f"|delta| quantiles by bin at target {args.metric} {row['target']:.3g} (scale "
                           f"{row['scale']:.3g}): p = learner probability of the sampled token, position in the "
                           "response", console)
     return 0
@@ -282,10 +282,6 @@ def _calibrate(args, console) -> int:
 COMMANDS = {"metrics": _metrics, "catalogue": _catalogue, "summarize": _summarize, "sweep": _sweep, "train": _train,
             "bench": _bench, "profile": _profile, "critical": _critical, "pretrain": _pretrain,
             "calibrate": _calibrate}
-
-
-def _dispatch(args, console) -> int:
-    return COMMANDS[args.command](args, console)
 
 
 if __name__ == "__main__":

@@ -32,24 +32,20 @@ from timsim.kl import KL_ESTIMATORS
 from timsim.config_mismatch import (TARGET_METRICS, CorrectionConfig, LogitNoiseConfig, PerturbationConfig,  # noqa: F401
                                     PrecisionConfig, TargetConfig, WeightNoiseConfig)
 from timsim.config_types import (FIELD_MARK, HOST, TRACED, ConfigError, HostValue, Traced, _Section,  # noqa: F401
-                                 check_name, inside, name_problem)
+                                 check_name, inside, name_problem, registered)
 
+TaskName = registered(tasks_lib.TASKS)
+AdvantageName, AggregationName, LossName = registered(ADVANTAGES), registered(AGGREGATIONS), registered(LOSSES)
+KLReferenceName = registered(KL_ESTIMATORS, extra=("none",))
 MAX_SEED = 2**24  # seeds ride the float32 run axis with the traced values: integers are exact below 2^24
 
 
 class TaskConfig(_Section):
-    name: str = "add"
+    name: TaskName = "add"
     n_digits: int = Field(3, ge=1, le=256)
     modulus: int = Field(97, ge=2, description="modmul only")
     partial_credit: bool = False
     eval_prompts: int = Field(256, ge=8, description="held-out prompts for evaluation")
-
-    @field_validator("name")
-    @classmethod
-    def _known_task(cls, name: str) -> str:
-        if name not in tasks_lib.TASKS:
-            raise ValueError(f"unknown task {name!r}; accepted: {', '.join(tasks_lib.TASKS)}")
-        return name
 
     def inert_fields(self) -> dict[str, str]:
         return {"modulus": f"only task modmul reads it (got task {self.name!r})"} if self.name != "modmul" else {}
@@ -102,10 +98,10 @@ class SamplerConfig(_Section):
 class GRPOConfig(_Section):
     prompts_per_step: int = Field(32, ge=1)
     group_size: int = Field(8, ge=2)
-    advantage: str = Field("zscore", description="group-relative advantage (timsim.grpo.ADVANTAGES)")
-    loss_agg: str = Field("token_mean", description="per-token loss to scalar (timsim.grpo.AGGREGATIONS)")
+    advantage: AdvantageName = Field("zscore", description="group-relative advantage (timsim.grpo.ADVANTAGES)")
+    loss_agg: AggregationName = Field("token_mean", description="per-token loss to scalar (timsim.grpo.AGGREGATIONS)")
     old_logprobs: Literal["recompute", "bypass"] = "recompute"
-    loss: str = Field("ppo", description=(
+    loss: LossName = Field("ppo", description=(
         "ppo: PPO-clip (dual_clip > 1 adds the dual clip); reinforce: -A log pi, one update per batch; "
         "gspo: clipped length-normalised sequence ratio; cispo: clipped, detached IS weight on -A log pi"))
     dual_clip: Traced = Field(0.0, ge=0.0, description="ppo: lower bound c A on the objective of A < 0 tokens (0: off; "
@@ -117,34 +113,14 @@ class GRPOConfig(_Section):
     max_grad_norm: Traced = Field(1.0, gt=0.0)
     clip_eps_low: Traced = Field(0.2, ge=0.0, lt=1.0)
     clip_eps_high: Traced = Field(0.2, ge=0.0)
-    kl_ref: str = Field("none", description="estimator of the KL penalty to the base model (timsim.kl), or none")
+    kl_ref: KLReferenceName = Field("none", description="estimator of the KL penalty to the base model (timsim.kl), or none")
     kl_coef: Traced = Field(0.0, ge=0.0)
     entropy_coef: Traced = 0.0
-
-    @field_validator("advantage")
-    @classmethod
-    def _known_advantage(cls, name: str) -> str:
-        return ADVANTAGES.check(name)
-
-    @field_validator("loss_agg")
-    @classmethod
-    def _known_aggregation(cls, name: str) -> str:
-        return AGGREGATIONS.check(name)
-
-    @field_validator("loss")
-    @classmethod
-    def _known_loss(cls, name: str) -> str:
-        return LOSSES.check(name)
-
-    @field_validator("kl_ref")
-    @classmethod
-    def _known_kl_ref(cls, name: str) -> str:
-        return name if name == "none" else KL_ESTIMATORS.check(name)
 
     def inert_fields(self) -> dict[str, str]:
         reads = LOSSES.entry(self.loss).knobs
         inert = {knob: f"grpo.loss {self.loss!r} reads only {', '.join(reads) or 'no clip knob'}"
-                 for knob in sorted({k for e in LOSSES.entries() for k in e.knobs}) if knob not in reads}
+                 for knob in LOSSES.union("knobs") if knob not in reads}
         if self.kl_ref == "none":
             inert["kl_coef"] = "grpo.kl_ref is 'none' (set it to k1, k2 or k3 for a KL penalty to the reference)"
         return inert

@@ -8,11 +8,13 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 
 from timsim import tasks as tasks_lib
-from timsim.config_types import HOST, HostValue, Traced, _Section
+from timsim.config_types import HOST, HostValue, Traced, _Section, registered
 from timsim.corrections import CORRECTIONS
 from timsim.kl import KL_ESTIMATORS
 from timsim.noise import LOGIT_NOISE
 from timsim.numerics import Numerics
+
+KLEstimatorName = registered(KL_ESTIMATORS)
 
 
 class LogitNoiseConfig(_Section):
@@ -51,7 +53,7 @@ class LogitNoiseConfig(_Section):
                     for name in type(self).model_fields if name != "family"}
         family = LOGIT_NOISE.entry(self.family)
         inert = {knob: f"family {self.family!r} reads only {', '.join(family.knobs)}"
-                 for knob in sorted({k for e in LOGIT_NOISE.entries() for k in e.knobs}) if knob not in family.knobs}
+                 for knob in LOGIT_NOISE.union("knobs") if knob not in family.knobs}
         if family.deterministic:
             inert |= {name: f"family {self.family!r} is a deterministic transform and draws no noise"
                       for name in ("mode", "version_steps", "state_bin")}
@@ -243,7 +245,7 @@ class CorrectionConfig(_Section):
     seq_high: Traced = Field(2.0, ge=1.0, description="seq_mask / seq_mis: keep prod r_corr <= this")
     geo_low: Traced = Field(0.999, gt=0.0, le=1.0, description="geometric: keep exp(mean delta) >= this")
     geo_high: Traced = Field(1.001, ge=1.0, description="geometric: keep exp(mean delta) <= this")
-    kl_estimator: str = Field("k3", description="kl_rejection: the per-token estimator (timsim.kl)")
+    kl_estimator: KLEstimatorName = Field("k3", description="kl_rejection: the per-token estimator (timsim.kl)")
     kl_aggregate: Literal["sum", "mean", "max"] = "mean"
     kl_threshold: Traced = Field(0.01, gt=0.0, description="kl_rejection: reject a response above this")
     veto_threshold: Traced = Field(1e-4, gt=0.0, le=1.0, description="veto: reject a response with r_corr below this")
@@ -261,7 +263,7 @@ class CorrectionConfig(_Section):
         used = {knob for kind in self.kinds for knob in CORRECTIONS.entry(kind).knobs}
         listed = f"correction.kinds is {self.kinds}" if self.kinds else "correction.kinds is empty"
         inert = {}
-        for knob in sorted({k for e in CORRECTIONS.entries() for k in e.knobs} - used):
+        for knob in (k for k in CORRECTIONS.union("knobs") if k not in used):
             readers = [e.name for e in CORRECTIONS.entries() if knob in e.knobs]
             inert[knob] = f"{listed}; only {' and '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it"
         if not self.kinds:
@@ -286,8 +288,3 @@ class CorrectionConfig(_Section):
         if len(set(kinds)) != len(kinds):
             raise ValueError(f"a correction is listed twice: {kinds}")
         return kinds
-
-    @field_validator("kl_estimator")
-    @classmethod
-    def _known_estimator(cls, name: str) -> str:
-        return KL_ESTIMATORS.check(name)

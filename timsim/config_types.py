@@ -18,12 +18,18 @@ import typing
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationInfo, field_validator, model_validator
 
 
 class ConfigError(ValueError):
     """A bad config value: the message names the field and what is accepted."""
 
+
+
+def registered(registry, extra: tuple[str, ...] = ()):
+    """A `str` field whose value must be a name in `registry` (a `timsim.registry.Registry`) or
+    one of `extra` (e.g. "none"); the registry's error lists the accepted names."""
+    return Annotated[str, AfterValidator(lambda name: name if name in extra else registry.check(name))]
 
 TRACED = "traced"
 Traced = Annotated[float, TRACED]

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import pandas as pd
 
 from timsim.config import ConfigError, check_name, to_yaml
+from timsim.loop import Hook
 from timsim.plan import Cell, check_compatible, plan_groups
 from timsim.runner import run_group
 from timsim.store import SCHEMA_VERSION, Store, load, provenance
@@ -32,10 +33,11 @@ def _run_group_task(root: str, gid: str, cells: list) -> str:
     return gid
 
 
-def run_local(groups: dict[str, list[Cell]], root: Path, log: Callable[[str], None] = print) -> None:
+def run_local(groups: dict[str, list[Cell]], root: Path, log: Callable[[str], None] = print,
+              hooks: Sequence[Hook] = ()) -> None:
     """Run every group in this process, one after another."""
     for gid, group_cells in groups.items():
-        run_group(gid, group_cells, Store(root), log)
+        run_group(gid, group_cells, Store(root), log, hooks)
 
 
 def run_on_ray(groups: dict[str, list], root: Path, log: Callable[[str], None] = print, address: str | None = None,
@@ -76,15 +78,19 @@ EXECUTORS = {"local": run_local, "ray": run_on_ray}
 
 
 def run_cells(cells: list[Cell], store: Store, log: Callable[[str], None] = print, sweep: dict | None = None,
-              restart: bool = False, executor: str = "local", ray: dict | None = None) -> pd.DataFrame:
+              restart: bool = False, executor: str = "local", ray: dict | None = None,
+              hooks: Sequence[Hook] = ()) -> pd.DataFrame:
     """Run (or resume) all cells into `store` under its lock; returns the per-run summary table.
 
-    `executor`: `local` runs the groups one after another in this process; `ray` makes each
-    group a Ray task (options in `ray`). Both write the same files."""
+    `executor`: `local` runs the groups one after another in this process (calling `hooks` too);
+    `ray` makes each group a Ray task (options in `ray`; hooks cannot travel to its workers).
+    Both write the same files."""
     for cell in cells:
         check_name(cell.cell_id, "cell name")
     if executor not in EXECUTORS:
         raise ConfigError(f"executor must be {' or '.join(EXECUTORS)}, got {executor!r}.")
+    if hooks and executor != "local":
+        raise ConfigError("hooks run in this process: use executor: local with hooks.")
     with store.lock():
         if restart:
             store.clear()
@@ -108,7 +114,7 @@ def run_cells(cells: list[Cell], store: Store, log: Callable[[str], None] = prin
         if executor == "ray":
             run_on_ray(groups, store.root, log, **(ray or {}))
         else:
-            run_local(groups, store.root, log)
+            run_local(groups, store.root, log, hooks)
         manifest = store.read_manifest()
         summary = summarize_runs(load(store.root)[0])
         store.write_summary(summary)

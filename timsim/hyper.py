@@ -76,15 +76,3 @@ def replace(hp: Any, dotted: str, value) -> Any:
     if not rest:
         return hp.replace(**{head: value})
     return hp.replace(**{head: replace(getattr(hp, head), rest, value)})
-
-
-def dotted_items(hp: Any, prefix: str = "") -> dict[str, jax.Array]:
-    """Every leaf by its dotted config key (and `seed`)."""
-    out = {}
-    for f in dataclasses.fields(hp):
-        value = getattr(hp, f.name)
-        if dataclasses.is_dataclass(value):
-            out |= dotted_items(value, f"{prefix}{f.name}.")
-        else:
-            out[f"{prefix}{f.name}"] = value
-    return out

@@ -267,7 +267,7 @@ def run(cells: list[Cell], graphdef, base_params, hooks: Sequence[Hook] = (), ev
     done = resume.chunks_done if resume else 0
     if done:
         state = place(resume.restore(state), over_runs=True)
-    group = GroupRun(label or ", ".join(c.cell_id for c in cells), cells, runs[:], cfg.run.steps, chunk_steps,
+    group = GroupRun(label or ", ".join(c.cell_id for c in cells), cells, runs, cfg.run.steps, chunk_steps,
                      done * chunk_steps, calibration)
     n_runs = len(runs)
 

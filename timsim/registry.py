@@ -85,6 +85,10 @@ class Registry(Mapping[str, T]):
         """Registered names, in registration order; `where` keeps those whose facts match."""
         return tuple(n for n, e in self._entries.items() if all(e.info[k] == v for k, v in where.items()))
 
+    def union(self, fact: str) -> list[str]:
+        """Every value of a tuple-valued fact over all entries, sorted (e.g. every knob read)."""
+        return sorted({item for entry in self._entries.values() for item in entry.info[fact]})
+
     def entries(self) -> tuple[Entry[T], ...]:
         return tuple(self._entries.values())
 
