@@ -117,3 +117,12 @@ def test_bad_config_given_to_the_api_is_one_config_error():
         timsim.train(None, ["grpo.lr=-1"], progress=False)
     with pytest.raises(TypeError, match="config must be"):
         timsim.train(42, progress=False)
+
+
+def test_theory_table_from_the_api(tiny_cfg, tiny_base):
+    rows = timsim.theory_table(tiny_cfg, ["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.scale=0.2"],
+                               base=tiny_base[:2], n_prompts=32, names=["delta_mean", "rounding"])
+    assert list(rows.prediction) == ["delta_mean", "rounding"]
+    assert rows.set_index("prediction").applies.to_dict() == {"delta_mean": True, "rounding": False}
+    with pytest.raises(timsim.ConfigError, match="n_prompts"):
+        timsim.theory_table(tiny_cfg, base=tiny_base[:2], n_prompts=0)

@@ -15,7 +15,7 @@ PACKAGE = Path(timsim.__file__).parent
 # Bottom to top: data flows tasks -> model/numerics -> sampler -> learner -> runs -> store-backed
 # runs -> executors -> experiments -> API -> CLI. A new module must be placed here on purpose.
 LAYERS = [
-    {"registry", "config_types", "keys", "faults", "numerics", "determinism", "kl", "metrics", "plots"},
+    {"registry", "config_types", "keys", "faults", "numerics", "determinism", "kl", "metrics", "plots", "theory"},
     {"tasks", "grpo", "corrections", "noise", "diagnostics", "summary", "store"},
     {"config_mismatch", "config", "hyper", "catalogue"},
     {"model", "rollout"},
@@ -24,7 +24,7 @@ LAYERS = [
     {"plan", "loop"},
     {"runner"},
     {"executors"},
-    {"sweep_spec", "finder", "study", "profile", "bench"},
+    {"sweep_spec", "finder", "study", "profile", "bench", "predictions"},
     {"api", "report"},
     {"cli", "__init__"},
 ]

@@ -76,6 +76,17 @@ def test_calibrate_prints_the_scale_per_target(tiny_file, capsys):
     assert out.count("quantiles by bin at target token_kl") == 2  # one |delta| table per target
 
 
+def test_theory_prints_predictions_against_measurements(tiny_file, capsys):
+    assert main(["theory", str(tiny_file), "perturbation.logit_noise.family=gaussian",
+                 "perturbation.logit_noise.scale=0.2", "--prompts", "32", "--only", "gaussian_kl,truncation"]) == 0
+    out = capsys.readouterr().out
+    assert "KL(mu || pi) per token" in out and "1 of 1 predictions agree" in out
+    assert "does not apply: top-k / top-p" in out
+    assert main(["theory", str(tiny_file), "--only", "gaussian_kll"]) == 2
+    err = capsys.readouterr().out
+    assert "unknown prediction(s) ['gaussian_kll']; accepted: ratio_mean" in err and "Traceback" not in err
+
+
 def test_profile_example_then_fit(tmp_path, capsys):
     pairs = tmp_path / "pairs.csv"
     assert main(["profile", "--example", str(pairs)]) == 0

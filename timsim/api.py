@@ -29,6 +29,7 @@ from timsim.determinism import setup
 from timsim.executors import run_cells
 from timsim.loop import FramesHook, Hook, ProgressHook, run
 from timsim.plan import Cell
+from timsim.predictions import check_names, measure_batch, table as prediction_table
 from timsim.store import Store, load as load_store
 from timsim.study import FINDER_KEYS
 from timsim.summary import SUMMARY_METRICS, by_cell, paired_table, summarize_runs
@@ -170,6 +171,24 @@ def calibrate(config: Config | str | Path | dict | None = None, targets: Sequenc
     for row, target in zip(rows, targets):
         row.update(target_metric=metric, target=float(target))
     return pd.DataFrame(rows)
+
+
+def theory_table(config: Config | str | Path | dict | None = None, overrides: Sequence[str] = (), *,
+                 base: tuple | None = None, params=None, n_prompts: int = 512,
+                 names: Sequence[str] | None = None) -> pd.DataFrame:
+    """Theory against simulation for one config (`timsim.predictions`): each closed form of
+    `timsim.theory` beside what the config's sampler measures on `n_prompts` x group-size
+    responses of the base model (or of `params`, e.g. trained weights), with the standard
+    error, the size of the omitted terms, z and whether they agree. Rows that do not apply to
+    the config say why. `names`: only these predictions (`timsim.predictions.PREDICTIONS`)."""
+    setup()
+    cfg = _config(config, overrides)
+    check_names(names)
+    if not isinstance(n_prompts, int) or isinstance(n_prompts, bool) or n_prompts < 1:
+        raise ConfigError(f"theory: n_prompts must be a positive integer, got {n_prompts!r}.")
+    graphdef, base_params = base if base is not None else get_base(cfg, announce=lambda _msg: None)[:2]
+    measured = measure_batch(cfg, graphdef, base_params if params is None else params, n_prompts)
+    return prediction_table(measured, list(names) if names else None)
 
 
 def critical(config: Config | str | Path | dict | None = None, overrides: Sequence[str] = (), *,

@@ -8,7 +8,8 @@ the *exact* mean per-token KL(mu || pi); `perturbation.target` offers per-token 
 the target, by geometric bisection on the measured curve (fixed prompts, sampling uniforms
 and noise draws make it a deterministic, almost monotone function of the scale). For Gaussian logit noise the small-sigma closed form
 E[KL] ~= 1/2 sigma^2 (1 - sum_v p_v^2) (temperature 1; sigma / tau otherwise) gives the
-starting point and is reported beside the measurement.
+starting point, and its fourth-order form (`timsim.theory.gaussian_kl`) is reported beside
+the measurement.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import jax.numpy as jnp
 import pandas as pd
 from flax import nnx
 
-from timsim import hyper
+from timsim import grpo, hyper, theory
 from timsim.config import Config, ConfigError, config_from_dict
 from timsim.diagnostics import delta_quantiles_by_bin, mismatch_metrics
 from timsim.noise import LOGIT_NOISE
@@ -35,12 +36,16 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
     """`measure(params, hp) -> metrics` on a fixed batch of the sampler's own responses to
     training prompts; `hp` holds a config's traced values (`hyperparams`). The sampler is the
     config's whole sampler side (numerics, weight noise, logit noise). With `per_token` the
-    result also holds the [N, T] arrays `logp_old`, `logp_sampler` and `mask`."""
+    result also holds the [N, T] arrays `logp_old`, `logp_sampler` and `mask`, both sides' full
+    log-distributions `logp_all_old` and `logp_all_sampler` [N, T, V], the `prompts`, `responses`,
+    `reward` and group-relative `adv` [N] (for `timsim.predictions`)."""
     task = cfg.task.build()
     sampler = Sampler.from_config(cfg, graphdef)
     key = jax.random.key(seed)
     prompts = jnp.repeat(task.sample(jax.random.fold_in(key, 0), cfg.grpo.prompts_per_step), cfg.grpo.group_size, 0)
     keys = SamplerKeys(*(jax.random.fold_in(key, i) for i in (2, 1, 3, 4)))  # sample, noise, weight, router
+    noise = cfg.perturbation.logit_noise
+    gaussian_logits = noise.family == "gaussian" and not noise.report_only
 
     @jax.jit
     def measure(params, hp):
@@ -52,11 +57,19 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
         collision = (jnp.exp(logp_all) ** 2).sum(-1)
         metrics["one_minus_sum_p2"] = ((1 - collision) * rollout.mask).sum() / rollout.mask.sum()
         metrics["response_tokens"] = rollout.mask.sum(-1).mean()
+        if gaussian_logits:  # the closed form beside the measurement (`timsim.theory`)
+            sigma = hyper.get(hp, cfg.perturbation.scale_key) / hp.sampler.temperature
+            kl = theory.gaussian_kl(jnp.exp(logp_all), sigma)
+            metrics["closed_form_kl"] = (kl * rollout.mask).sum() / rollout.mask.sum()
         seq_kl_N = ((jnp.exp(logp_all_sampler) * (logp_all_sampler - logp_all)).sum(-1) * rollout.mask).sum(-1)
         metrics["seq_kl_se"] = seq_kl_N.std() / jnp.sqrt(seq_kl_N.shape[0])  # standard error of seq_kl
         if per_token:
             take = lambda a: jnp.take_along_axis(a, rollout.responses[..., None], -1)[..., 0]  # noqa: E731
-            metrics.update(logp_old=take(logp_all), logp_sampler=take(logp_all_sampler), mask=rollout.mask)
+            reward = task.reward(prompts, rollout.responses, cfg.task.partial_credit)
+            metrics.update(logp_old=take(logp_all), logp_sampler=take(logp_all_sampler), mask=rollout.mask,
+                           logp_all_old=logp_all, logp_all_sampler=logp_all_sampler, prompts=prompts,
+                           responses=rollout.responses, reward=reward,
+                           adv=grpo.advantages(reward, cfg.grpo.group_size, cfg.grpo.advantage))
         return metrics
 
     return measure
@@ -65,10 +78,6 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
 def hyperparams(cfg: Config, scale: float) -> hyper.Hyper:
     """`cfg`'s traced values (`timsim.hyper`) with the noise scale set to `scale`."""
     return hyper.replace(hyper.of(cfg), cfg.perturbation.scale_key, jnp.float32(scale))
-
-
-def gaussian_closed_form_kl(scale: float, one_minus_sum_p2: float, temperature: float = 1.0) -> float:
-    return 0.5 * (scale / temperature) ** 2 * one_minus_sum_p2
 
 
 def calibrate_scale(measure: Callable, params, cfg: Config, target: float, metric: str = "kl_sampler_learner",
@@ -111,14 +120,12 @@ def calibrate_scale(measure: Callable, params, cfg: Config, target: float, metri
 
 
 def calibration_table(measure: Callable, params, cfg: Config, scales: list[float]) -> list[dict]:
-    """Measured metrics (and the Gaussian closed form) at each scale, for `timsim calibrate`."""
+    """Measured metrics (with Gaussian logit noise also the closed form `closed_form_kl`) at each
+    scale, for `timsim calibrate`."""
     rows = []
     for scale in scales:
         got = {k: float(v) for k, v in jax.device_get(measure(params, hyperparams(cfg, scale))).items()}
-        row = {"scale": scale, **got}
-        if cfg.perturbation.scaled_source == "gaussian logit noise":
-            row["closed_form_kl"] = gaussian_closed_form_kl(scale, got["one_minus_sum_p2"], cfg.sampler.temperature)
-        rows.append(row)
+        rows.append({"scale": scale, **got})
     return rows
 
 

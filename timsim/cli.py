@@ -83,6 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     critical.add_argument("--out-dir", default=None, help="results parent directory (default: run.out_dir)")
     critical.add_argument("--restart", action="store_true", help="discard earlier results of this study")
 
+    theory = sub.add_parser("theory", help="closed-form predictions against what the config's sampler measures "
+                                           "on its base model: prediction, measurement ± SE, z, agreement")
+    theory.add_argument("config")
+    theory.add_argument("overrides", nargs="*")
+    theory.add_argument("--prompts", type=int, default=512, help="prompts sampled (x group size responses)")
+    theory.add_argument("--only", default=None, help="comma-separated predictions (default: all)")
+
     sub.add_parser("metrics", help="list every metric with its formula")
     sub.add_parser("catalogue", help="list every noise family, correction, loss, advantage, aggregation, KL "
                    "estimator and task, with its knobs")
@@ -279,9 +286,23 @@ def _calibrate(args, console) -> int:
     return 0
 
 
+def _theory(args, console) -> int:
+    import timsim
+    from timsim import report
+
+    from timsim.predictions import check_names
+
+    names = [n.strip() for n in args.only.split(",")] if args.only else None
+    check_names(names)  # before pretraining a base
+    cfg, graphdef, params, info = _base(args, console)
+    rows = timsim.theory_table(cfg, base=(graphdef, params), n_prompts=args.prompts, names=names)
+    report.print_theory(rows, cfg, info, args.prompts, console)
+    return 0
+
+
 COMMANDS = {"metrics": _metrics, "catalogue": _catalogue, "summarize": _summarize, "sweep": _sweep, "train": _train,
             "bench": _bench, "profile": _profile, "critical": _critical, "pretrain": _pretrain,
-            "calibrate": _calibrate}
+            "calibrate": _calibrate, "theory": _theory}
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from timsim.config import Config
@@ -95,6 +96,29 @@ def print_bins(frame: pd.DataFrame, title: str, console: Console) -> None:
     for rec in frame.itertuples(index=False):
         table.add_row(*(f"{v:.3g}" if isinstance(v, float) else str(v) for v in rec))
     console.print(table)
+
+
+def print_theory(rows: pd.DataFrame, cfg: Config, info: dict, n_prompts: int, console: Console) -> None:
+    """`timsim theory`: one line per prediction that applies, then the ones that do not, with why."""
+    noise = cfg.perturbation.logit_noise
+    table = Table(title=f"theory vs simulation: {noise.family} logit noise (scale {noise.scale:g}, {noise.mode}), "
+                        f"sampler precision {cfg.perturbation.sampler_precision.dtype}, temperature "
+                        f"{cfg.sampler.temperature:g}; base {info['base_key']}, {n_prompts}x{cfg.grpo.group_size} "
+                        "responses")
+    for header in ("quantity", "closed form", "predicted", "measured ± SE", "omitted", "z", "agrees"):
+        table.add_column(header, justify="left" if header in ("quantity", "closed form") else "right",
+                         overflow="fold")
+    applies = rows[rows.applies.astype(bool)]
+    for row in applies.to_dict("records"):
+        table.add_row(escape(row["quantity"]), escape(row["formula"]), f"{row['predicted']:.4g}",
+                      f"{row['measured']:.4g} ± {row['se']:.2g}", f"{row['omitted']:.2g}",
+                      "bound" if math.isnan(row["z"]) else f"{row['z']:+.2f}", "yes" if row["agrees"] else "NO")
+    console.print(table)
+    for row in rows[~rows.applies.astype(bool)].to_dict("records"):
+        console.print(escape(f"  does not apply: {row['quantity']} ({row['formula']}): {row['reason']}"))
+    disagree = int((applies.agrees == False).sum())  # noqa: E712
+    console.print(f"{len(applies) - disagree} of {len(applies)} predictions agree (|z| < 3: z = (measured - "
+                  "predicted) / sqrt(SE^2 + omitted^2); 'omitted' is the size of the terms the closed form leaves out).")
 
 
 def print_precision_modes(frame: pd.DataFrame, info: dict, cfg: Config, console: Console) -> None:
