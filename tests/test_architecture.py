@@ -20,7 +20,7 @@ LAYERS = [
     {"config_mismatch", "config", "hyper", "catalogue"},
     {"model", "rollout"},
     {"sampler"},
-    {"step", "probes", "calibration", "base"},
+    {"step", "probes", "calibration", "base", "exact"},
     {"plan", "loop"},
     {"runner"},
     {"executors"},

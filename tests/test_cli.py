@@ -87,6 +87,18 @@ def test_theory_prints_predictions_against_measurements(tiny_file, capsys):
     assert "unknown prediction(s) ['gaussian_kll']; accepted: ratio_mean" in err and "Traceback" not in err
 
 
+def test_oracle_prints_every_estimator(tmp_path, base_dir, capsys):
+    from test_exact import ENUMERABLE
+
+    config = tmp_path / "enumerable.yaml"
+    config.write_text("{}\n")
+    assert main(["oracle", str(config), *ENUMERABLE, f"pretrain.cache_dir={base_dir}",
+                 "perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.scale=0.5", "--draws", "2",
+                 "--prompts", "8", "--only", "recompute,bypass"]) == 0
+    out = capsys.readouterr().out
+    assert "recompute" in out and "bypass" in out and "true gradient" in out and "2 noise draw(s)" in out
+
+
 def test_profile_example_then_fit(tmp_path, capsys):
     pairs = tmp_path / "pairs.csv"
     assert main(["profile", "--example", str(pairs)]) == 0

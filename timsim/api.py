@@ -20,12 +20,14 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
+from timsim import hyper
 from timsim.base import get_base
 from timsim.calibration import calibrate_scale, calibration_table, make_measure
 from timsim.config import (TARGET_METRICS, Config, ConfigError, config_from_dict, inside, load_config, parse_overrides,
                             set_dotted)
 from timsim.finder import FinderSettings, run_finder
 from timsim.determinism import setup
+from timsim.exact import estimators, evaluate as evaluate_oracle, make_oracle
 from timsim.executors import run_cells
 from timsim.loop import FramesHook, Hook, ProgressHook, run
 from timsim.plan import Cell
@@ -189,6 +191,32 @@ def theory_table(config: Config | str | Path | dict | None = None, overrides: Se
     graphdef, base_params = base if base is not None else get_base(cfg, announce=lambda _msg: None)[:2]
     measured = measure_batch(cfg, graphdef, base_params if params is None else params, n_prompts)
     return prediction_table(measured, list(names) if names else None)
+
+
+def oracle(config: Config | str | Path | dict | None = None, overrides: Sequence[str] = (), *,
+           base: tuple | None = None, params=None, draws: int = 16, max_prompts: int = 128,
+           only: Sequence[str] | None = None, variance: bool = True) -> pd.DataFrame:
+    """The exact-gradient oracle (`timsim.exact`) at the base model (or at `params`): for every
+    estimator (or those named in `only`), its expected update's cosine to the true gradient
+    grad E_pi[R], relative bias against the zero-mismatch update, the bias's projection on it,
+    and the per-sample variance; averaged over `draws` noise draws when the sampler's noise is
+    fresh. The task must be enumerable (responses of at most 4 tokens, at most 4 free digits).
+    `table.attrs` holds the facts (draws, prompts, responses, prompt mass covered)."""
+    setup()
+    cfg = _config(config, overrides)
+    for name, value, low in (("draws", draws, 1), ("max_prompts", max_prompts, 1)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"oracle: {name} must be a positive integer, got {value!r}.")
+    known = [e.name for e in estimators(cfg)]
+    unknown = sorted(set(only or ()) - set(known))
+    if unknown:
+        raise ConfigError(f"oracle: unknown estimator(s) {unknown}; accepted: {', '.join(known)}.")
+    graphdef, base_params = base if base is not None else get_base(cfg, announce=lambda _msg: None)[:2]
+    params = base_params if params is None else params
+    built = make_oracle(cfg, graphdef, max_prompts, tuple(only) if only else None, variance)
+    table, facts = evaluate_oracle(built, cfg, params, params, hyper.of(cfg, seed=cfg.run.seeds[0]), 0, draws)
+    table.attrs.update(facts)
+    return table
 
 
 def critical(config: Config | str | Path | dict | None = None, overrides: Sequence[str] = (), *,

@@ -90,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     theory.add_argument("--prompts", type=int, default=512, help="prompts sampled (x group size responses)")
     theory.add_argument("--only", default=None, help="comma-separated predictions (default: all)")
 
+    oracle = sub.add_parser("oracle", help="the exact-gradient oracle on an enumerable task: every estimator's "
+                                           "expected update against the true gradient, at the base model")
+    oracle.add_argument("config")
+    oracle.add_argument("overrides", nargs="*")
+    oracle.add_argument("--draws", type=int, default=16, help="noise draws averaged when the noise is fresh")
+    oracle.add_argument("--prompts", type=int, default=128, help="most likely training prompts enumerated")
+    oracle.add_argument("--only", default=None, help="comma-separated estimators (default: all)")
+
     sub.add_parser("metrics", help="list every metric with its formula")
     sub.add_parser("catalogue", help="list every noise family, correction, loss, advantage, aggregation, KL "
                    "estimator and task, with its knobs")
@@ -300,9 +308,20 @@ def _theory(args, console) -> int:
     return 0
 
 
+def _oracle(args, console) -> int:
+    import timsim
+    from timsim import report
+
+    only = [n.strip() for n in args.only.split(",")] if args.only else None
+    cfg, graphdef, params, info = _base(args, console)
+    table = timsim.oracle(cfg, base=(graphdef, params), draws=args.draws, max_prompts=args.prompts, only=only)
+    report.print_oracle(table, cfg, info, console)
+    return 0
+
+
 COMMANDS = {"metrics": _metrics, "catalogue": _catalogue, "summarize": _summarize, "sweep": _sweep, "train": _train,
             "bench": _bench, "profile": _profile, "critical": _critical, "pretrain": _pretrain,
-            "calibrate": _calibrate, "theory": _theory}
+            "calibrate": _calibrate, "theory": _theory, "oracle": _oracle}
 
 
 if __name__ == "__main__":

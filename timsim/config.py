@@ -133,8 +133,14 @@ class RunConfig(_Section):
     chunk_steps: int = Field(50, ge=1, description="steps per compiled chunk; evaluation at chunk ends")
     probe_every: int = Field(0, ge=0, description="objective-effect probes every this many steps (a multiple of "
                              "chunk_steps; 0: off); also at step 0")
+    oracle_every: int = Field(0, ge=0, description="exact-gradient oracle every this many steps (a multiple of "
+                              "chunk_steps; 0: off; an enumerable task only, timsim.exact); also at step 0")
+    oracle_draws: int = Field(4, ge=1, description="oracle: noise draws averaged when the sampler's noise is fresh")
     batching: Literal["auto", "vmap", "map"] = "auto"
     out_dir: str = "runs"
+
+    def inert_fields(self) -> dict[str, str]:
+        return {} if self.oracle_every else {"oracle_draws": "run.oracle_every is 0 (the oracle is off)"}
 
     @field_validator("name")
     @classmethod
@@ -193,6 +199,9 @@ class Config(_Section):
             field = ("correction.routing_replay" if self.correction.routing_replay != "none"
                      else "perturbation.router_noise.family")
             raise ValueError(f"{field} needs a mixture-of-experts policy: set model.experts (e.g. 4)")
+        if self.run.oracle_every % self.run.chunk_steps:
+            raise ValueError(f"run.oracle_every ({self.run.oracle_every}) must be 0 or a multiple of run.chunk_steps "
+                             f"({self.run.chunk_steps}): the oracle runs at chunk boundaries")
         if self.run.probe_every % self.run.chunk_steps:
             raise ValueError(f"run.probe_every ({self.run.probe_every}) must be 0 or a multiple of run.chunk_steps "
                              f"({self.run.chunk_steps}): probes run at chunk boundaries")

@@ -18,25 +18,42 @@ from timsim.registry import Registry
 
 LOG_RATIO_CLAMP = 20.0
 
-ADVANTAGES: Registry = Registry("advantage", "grpo.advantage")
-AGGREGATIONS: Registry = Registry("loss aggregation", "grpo.loss_agg")
+# population: the G -> infinity limit the exact-gradient oracle uses (`timsim.exact`). An advantage's is
+# ``(reward_M, weight_M) -> adv_M`` over one prompt's enumerated responses with sampling probabilities
+# weight_M (summing to 1); an aggregation's is ``(mask_NT, weight_N) -> (coeff_NT, normaliser_N)`` with
+# the limit sum(coeff * per_token) / sum(normaliser) over every enumerated response (weights summing to 1).
+ADVANTAGES: Registry = Registry("advantage", "grpo.advantage", population=None)
+AGGREGATIONS: Registry = Registry("loss aggregation", "grpo.loss_agg", population=None)
+
+
+def _population_baseline(reward_M, weight_M):
+    return (weight_M * reward_M).sum()
+
+
+def _population_zscore(reward_M, weight_M):
+    centred = reward_M - _population_baseline(reward_M, weight_M)
+    return centred / (jnp.sqrt((weight_M * centred**2).sum()) + 1e-6)
+
+
+def _population_centred(reward_M, weight_M):
+    return reward_M - _population_baseline(reward_M, weight_M)
 # knobs: the traced `grpo.*` clip knobs a loss reads (the config rejects the others)
 LOSSES: Registry = Registry("policy loss", "grpo.loss", knobs=())
 
 
-@ADVANTAGES.register()
+@ADVANTAGES.register(population=_population_zscore)
 def zscore(r_GS):
     """(r - mean) / (std + 1e-6) within each group, std with Bessel's correction as in common GRPO code."""
     return (r_GS - r_GS.mean(-1, keepdims=True)) / (r_GS.std(-1, ddof=1, keepdims=True) + 1e-6)
 
 
-@ADVANTAGES.register()
+@ADVANTAGES.register(population=_population_centred)
 def mean(r_GS):
     """r - group mean (Dr. GRPO)."""
     return r_GS - r_GS.mean(-1, keepdims=True)
 
 
-@ADVANTAGES.register()
+@ADVANTAGES.register(population=_population_centred)
 def rloo(r_GS):
     """r - mean of the *other* responses of the group (leave-one-out)."""
     group_size = r_GS.shape[-1]
@@ -48,19 +65,20 @@ def advantages(reward_N: jax.Array, group_size: int, kind: str) -> jax.Array:
     return ADVANTAGES[kind](reward_N.reshape(-1, group_size)).reshape(-1)
 
 
-@AGGREGATIONS.register()
+@AGGREGATIONS.register(population=lambda mask, w: (w[:, None] * mask, w * mask.sum(-1)))
 def token_mean(per_token_NT, mask_NT):
     """Sum over all tokens / number of tokens."""
     return (per_token_NT * mask_NT).sum() / jnp.maximum(mask_NT.sum(), 1.0)
 
 
-@AGGREGATIONS.register()
+@AGGREGATIONS.register(population=lambda mask, w: (w[:, None] * mask / jnp.maximum(mask.sum(-1, keepdims=True), 1.0),
+                                                  w))
 def seq_mean_token_mean(per_token_NT, mask_NT):
     """Mean over responses of each response's token mean."""
     return ((per_token_NT * mask_NT).sum(-1) / jnp.maximum(mask_NT.sum(-1), 1.0)).mean()
 
 
-@AGGREGATIONS.register()
+@AGGREGATIONS.register(population=lambda mask, w: (w[:, None] * mask, w * mask.shape[-1]))
 def seq_mean_token_sum_norm(per_token_NT, mask_NT):
     """Sum over all tokens / (N * T): a constant normaliser (Dr. GRPO), so a response's weight
     does not depend on its length or on the batch's lengths."""

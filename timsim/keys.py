@@ -8,7 +8,7 @@ an existing one.
 
 import jax
 
-PURPOSES = {"prompts": 0, "sample": 1, "eval": 2, "noise": 3, "weight_noise": 4, "router_noise": 5}
+PURPOSES = {"prompts": 0, "sample": 1, "eval": 2, "noise": 3, "weight_noise": 4, "router_noise": 5, "oracle": 6}
 
 
 def step_key(seed: jax.Array, purpose: str, step: jax.Array) -> jax.Array:

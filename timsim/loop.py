@@ -28,6 +28,7 @@ from timsim.calibration import calibrate_scale, make_measure
 from timsim.config import Config, static_hash, static_view
 from timsim.metrics import METRICS
 from timsim.plan import Cell, stack_hyperparams
+from timsim.exact import make_oracle_probe
 from timsim.probes import make_probe
 from timsim.step import RunState, init_state, make_chunk, make_eval, place
 
@@ -232,7 +233,8 @@ def programs(cfg: Config, task, graphdef, width: int) -> tuple:
             jax.clear_caches()
         static = static_view(cfg)
         probe = make_probe(static, task, graphdef) if cfg.run.probe_every else None
-        _PROGRAMS[key] = make_chunk(static, task, graphdef), make_eval(static, task, graphdef), probe
+        oracle = make_oracle_probe(static, graphdef) if cfg.run.oracle_every else None
+        _PROGRAMS[key] = make_chunk(static, task, graphdef), make_eval(static, task, graphdef), probe, oracle
     return _PROGRAMS[key]
 
 
@@ -263,7 +265,7 @@ def run(cells: list[Cell], graphdef, base_params, hooks: Sequence[Hook] = (), ev
     lag = cfg.perturbation.lag_steps
     state = place(jax.vmap(lambda h: init_state(base_params, h, lag))(hp), over_runs=True)
     chunk_steps, n_chunks = cfg.run.chunk_steps, cfg.run.steps // cfg.run.chunk_steps
-    chunk_fn, evaluate_fn, probe = programs(cfg, task, graphdef, width)
+    chunk_fn, evaluate_fn, probe, oracle = programs(cfg, task, graphdef, width)
     done = resume.chunks_done if resume else 0
     if done:
         state = place(resume.restore(state), over_runs=True)
@@ -276,6 +278,8 @@ def run(cells: list[Cell], graphdef, base_params, hooks: Sequence[Hook] = (), ev
         out = evaluate_fn(state.params, state.step, hp) if evaluate else {}
         if probe is not None and step % cfg.run.probe_every == 0:
             out |= probe(state.params, state.step, hp, base_params)
+        if oracle is not None and step % cfg.run.oracle_every == 0:
+            out |= oracle(state.params, state.lagged, jax.device_get(state.step), hp, n_runs)
         return out
 
     for hook in hooks:

@@ -121,6 +121,29 @@ def print_theory(rows: pd.DataFrame, cfg: Config, info: dict, n_prompts: int, co
                   "predicted) / sqrt(SE^2 + omitted^2); 'omitted' is the size of the terms the closed form leaves out).")
 
 
+def print_oracle(table: pd.DataFrame, cfg: Config, info: dict, console: Console) -> None:
+    """`timsim oracle`: one line per estimator."""
+    facts = table.attrs
+    noise = cfg.perturbation.logit_noise
+    out = Table(title=f"exact expected updates: {noise.family} logit noise (scale {noise.scale:g}, {noise.mode}); "
+                      f"loss {cfg.grpo.loss}, advantage {cfg.grpo.advantage} (population limit), {cfg.grpo.loss_agg}; "
+                      f"base {info['base_key']}; {facts['prompts']} prompts x {facts['responses']} responses "
+                      f"(prompt mass {facts['prompt_mass']:.2f}), {facts['draws']} noise draw(s)")
+    for header in ("estimator", "cos to grad E_pi[R]", "rel. bias vs zero mismatch", "bias along g0", "|g| / |g0|",
+                   "per-sample variance"):
+        out.add_column(header, justify="left" if header == "estimator" else "right")
+    fmt = lambda v: "" if pd.isna(v) else f"{v:.3g}"  # noqa: E731
+    for row in table.to_dict("records"):
+        bias = "" if pd.isna(row["rel_bias"]) else (f"{row['rel_bias']:.3g} ± {row['rel_bias_se']:.1g}"
+                                                    if row["rel_bias_se"] > 0 else f"{row['rel_bias']:.3g}")
+        out.add_row(escape(row["estimator"]), fmt(row["cos_true"]), bias, fmt(row["bias_proj"]), fmt(row["norm_ratio"]),
+                    fmt(row["variance"]))
+    console.print(out)
+    console.print("g0: the same loss's expected update at zero mismatch (sampler = learner). 'bias along g0' < 0: "
+                  "mismatch shrinks the update along the zero-mismatch direction. Expected updates are -grad of the "
+                  "loss at theta = theta_old, before clipping and Adam; group statistics in their G -> infinity limit.")
+
+
 def print_precision_modes(frame: pd.DataFrame, info: dict, cfg: Config, console: Console) -> None:
     """`timsim calibrate --modes` (`timsim.calibration.precision_modes`)."""
     table = Table(title=f"sampler numerics vs fp32 learner (base {info['base_key']}, greedy acc "

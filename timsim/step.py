@@ -116,21 +116,20 @@ def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> Lea
     return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu, replay)
 
 
-def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -> Callable:
-    """`loss(params, ref_params, batch: LearnerBatch, hp, first_update) -> (loss, aux)`.
+def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | None = None) -> Callable:
+    """`objective(logp_NT, logp_all_NTV, batch, hp, first_update) -> (loss, clipped_NT, ratio_NT,
+    entropy_NT, logp_NT)`: the policy loss with its corrections and entropy bonus as a function of the
+    learner's log-probs, before any term that needs another forward (load balance, reference KL).
+    `aggregate(per_token_NT, mask_NT)` reduces a per-token term (default `grpo.loss_agg`; the
+    exact-gradient oracle passes its population limit, `timsim.exact`).
 
     `recompute_first`: at the first update theta == theta_old, so pi_old is the loss's own
     forward. The forward-only recomputation differs from the forward inside value_and_grad by
     float rounding (~1e-7: XLA fuses them differently), so that one is used: r_ppo == 1."""
     g = cfg.grpo
+    aggregate = aggregate or (lambda per_token, mask: grpo.aggregate(per_token, mask, g.loss_agg))
 
-    def loss_fn(params, ref_params, batch: LearnerBatch, hp, first_update):
-        model = nnx.merge(graphdef, params)
-        temperature = hp.sampler.temperature
-        transform = learner_transform(spec, noise_knobs(hp))
-        routing = None if batch.replay is None else Routing(replay=batch.replay)
-        logp, logp_all, balance = learner_logprobs(model, batch.prompts_N, batch.responses_NT, batch.mask_NT,
-                                                   temperature, spec.learner_nm, transform, routing)
+    def objective(logp, logp_all, batch: LearnerBatch, hp, first_update):
         logp_old = batch.logp_old_NT
         if recompute_first:
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
@@ -140,8 +139,28 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
         per_token, clipped, ratio = grpo.policy_loss(g.loss, logp, logp_old, batch.adv_N, mask, hp.grpo)
         per_token = per_token * batch.weight_NT
         entropy_NT = -(jnp.exp(logp_all) * logp_all).sum(-1)
-        loss = grpo.aggregate(per_token, mask, g.loss_agg)
-        loss = loss - hp.grpo.entropy_coef * grpo.aggregate(entropy_NT, mask, g.loss_agg)
+        loss = aggregate(per_token, mask)
+        loss = loss - hp.grpo.entropy_coef * aggregate(entropy_NT, mask)
+        return loss, clipped, ratio, entropy_NT, logp  # logp: score-centred when centring is on
+
+    return objective
+
+
+def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -> Callable:
+    """`loss(params, ref_params, batch: LearnerBatch, hp, first_update) -> (loss, aux)`: the
+    learner's forward, `make_objective`, the load-balancing loss and the reference KL."""
+    g = cfg.grpo
+    objective = make_objective(cfg, recompute_first)
+
+    def loss_fn(params, ref_params, batch: LearnerBatch, hp, first_update):
+        model = nnx.merge(graphdef, params)
+        temperature = hp.sampler.temperature
+        transform = learner_transform(spec, noise_knobs(hp))
+        routing = None if batch.replay is None else Routing(replay=batch.replay)
+        logp, logp_all, balance = learner_logprobs(model, batch.prompts_N, batch.responses_NT, batch.mask_NT,
+                                                   temperature, spec.learner_nm, transform, routing)
+        loss, clipped, ratio, entropy_NT, logp = objective(logp, logp_all, batch, hp, first_update)
+        mask = batch.keep_NT
         if cfg.model.experts:
             loss = loss + cfg.model.balance_coef * balance
         kl_ref = jnp.zeros(())
