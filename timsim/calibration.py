@@ -57,6 +57,8 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
         collision = (jnp.exp(logp_all) ** 2).sum(-1)
         metrics["one_minus_sum_p2"] = ((1 - collision) * rollout.mask).sum() / rollout.mask.sum()
         metrics["response_tokens"] = rollout.mask.sum(-1).mean()
+        logp_sampler = jnp.take_along_axis(logp_all_sampler, rollout.responses[..., None], -1)[..., 0]
+        metrics["delta_floor_max"] = (jnp.abs(rollout.logp_decode - logp_sampler) * rollout.mask).max()
         if gaussian_logits:  # the closed form beside the measurement (`timsim.theory`)
             sigma = hyper.get(hp, cfg.perturbation.scale_key) / hp.sampler.temperature
             kl = theory.gaussian_kl(jnp.exp(logp_all), sigma)

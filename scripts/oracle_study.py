@@ -1,0 +1,149 @@
+"""How biased is each estimator, exactly? The oracle (`timsim.exact`) on configs/oracle.yaml's
+enumerable task, for 5 pretrained bases (pretrain.seed 0..4) x Gaussian logit noise at scale
+0 (zero mismatch), 0.5, 1 and 2 x fresh and context-keyed (persistent) noise; fresh noise is
+averaged over 8 draws. One row per (base, mode, scale, estimator) into a Parquet file; then the
+Markdown tables of docs/results/oracle-bias-cpu.md.
+
+    python scripts/oracle_study.py docs/results/oracle-bias-cpu.parquet          # ~25 min, 2 cores
+    python scripts/oracle_study.py --report docs/results/oracle-bias-cpu.parquet
+    python scripts/oracle_study.py --finite-group docs/results/oracle-finite-group-cpu.parquet   # ~5 min
+"""
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+
+import timsim
+from timsim import exact, hyper
+from timsim.base import get_base
+from timsim.summary import ci_half_width
+
+BASES, SCALES, MODES, DRAWS = range(5), (0.0, 0.5, 1.0, 2.0), ("fresh", "context"), 8
+SHOWN = ["recompute", "bypass", "recompute+token_tis", "recompute+seq_tis", "recompute+token_mis", "recompute+cis",
+         "recompute+prefix_is", "recompute+minpro", "bypass+seq_mask", "bypass+kl_rejection", "bypass+geometric",
+         "bypass+offpolicy_mask", "recompute+score_centering", "bypass*token_tis (double count)",
+         "bypass*seq_tis (double count)", "zero mismatch"]
+
+
+def run(out: str) -> None:
+    """One compiled oracle per noise mode, reused for every base and scale (both traced or data)."""
+    timsim.setup()
+    frames = []
+    for mode in MODES:
+        cfg = timsim.load_config("configs/oracle.yaml", [f"perturbation.logit_noise.mode={mode}"])
+        graphdef = get_base(cfg, announce=print)[0]
+        oracle = exact.make_oracle(cfg, graphdef)
+        for base in BASES:
+            params = get_base(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"seed": base})}),
+                              announce=print)[1]
+            for scale in SCALES:
+                if scale == 0 and mode == "context":
+                    continue  # zero mismatch has no mode
+                start = time.time()
+                at = timsim.load_config("configs/oracle.yaml", [f"perturbation.logit_noise.mode={mode}",
+                                                                 f"perturbation.logit_noise.scale={scale}"])
+                table, facts = exact.evaluate(oracle, at, params, params, hyper.of(at), 0, DRAWS if scale else 1)
+                frames.append(table.assign(base=base, mode=mode, scale=scale, draws=facts["draws"]))
+                print(f"base {base} {mode} scale {scale}: {time.time() - start:.0f} s", flush=True)
+                pd.concat(frames).to_parquet(out)  # every finished cell is kept
+
+
+def _mean_ci(values) -> str:
+    values = np.asarray(values, float)
+    return f"{values.mean():.3f} ± {ci_half_width(values):.3f}"
+
+
+def report(path: str) -> None:
+    data = pd.read_parquet(path)
+    levels = [s for s in SCALES if s > 0]
+    print("Relative bias |E[g] - g0| / |g0| (mean ± 95% CI over the 5 bases):\n")
+    for mode in MODES:
+        print(f"\n{mode} noise\n")
+        print("| estimator | " + " | ".join(f"sigma {s:g}" for s in levels) + " |")
+        print("|---|" + "---|" * len(levels))
+        for name in SHOWN[:-1]:
+            cells = [data[(data["mode"] == mode) & (data.scale == s) & (data.estimator == name)].rel_bias for s in levels]
+            print(f"| {name} | " + " | ".join(_mean_ci(c) for c in cells) + " |")
+    print("\nCosine to the true gradient grad E_pi[R]:\n")
+    for mode in MODES:
+        print(f"\n{mode} noise\n")
+        print("| estimator | sigma 0 | " + " | ".join(f"sigma {s:g}" for s in levels) + " |")
+        print("|---|---|" + "---|" * len(levels))
+        for name in SHOWN:
+            zero = data[(data.scale == 0) & (data.estimator == name)].cos_true
+            cells = [data[(data["mode"] == mode) & (data.scale == s) & (data.estimator == name)].cos_true
+                     for s in levels]
+            print(f"| {name} | {_mean_ci(zero)} | " + " | ".join(_mean_ci(c) for c in cells) + " |")
+    print("\nBypass (PPO clip) minus recompute, relative bias, paired by base (mean ± 95% CI):\n")
+    print("| mode | " + " | ".join(f"sigma {s:g}" for s in levels) + " |")
+    print("|---|" + "---|" * len(levels))
+    for mode in MODES:
+        cells = []
+        for s in levels:
+            cell = data[(data["mode"] == mode) & (data.scale == s)].pivot(index="base", columns="estimator",
+                                                                            values="rel_bias")
+            cells.append(_mean_ci(cell["bypass"] - cell["recompute"]))
+        print(f"| {mode} | " + " | ".join(cells) + " |")
+    print("\nPer-sample variance (tr Cov of one response's update), sigma 1, relative to zero mismatch's:\n")
+    for mode in MODES:
+        cell = data[(data["mode"] == mode) & (data.scale == 1.0)].pivot(index="base", columns="estimator",
+                                                                          values="variance")
+        ratio = cell.div(cell["zero mismatch"], axis=0)
+        print(f"{mode}: " + ", ".join(f"{n} {_mean_ci(ratio[n])}" for n in SHOWN[:-1]))
+
+
+def finite_group_gap(out: str, batches: int = 400) -> None:
+    """The oracle's G -> infinity limit against the real step at finite group size G: the real
+    loss's gradient (make_collect, learner_batch, make_loss) averaged over `batches` sampled
+    batches, for the default estimator (PPO, zscore, token mean, recompute) and for rloo with a
+    constant normaliser (where the finite-G expectation equals the limit exactly), under
+    context-keyed Gaussian noise (scale 1; the oracle is then exact). Relative gap
+    |mean - oracle| / |oracle| with its Monte-Carlo standard error; base seed 0."""
+    import jax
+    import jax.numpy as jnp
+
+    from timsim.sampler import Sampler
+    from timsim.step import learner_batch, make_collect, make_loss
+
+    timsim.setup()
+    rows = []
+    for label, extra in (("ppo, zscore, token_mean, recompute", []),
+                         ("ppo, rloo, seq_mean_token_sum_norm, bypass",
+                          ["grpo.advantage=rloo", "grpo.loss_agg=seq_mean_token_sum_norm",
+                           "grpo.old_logprobs=bypass"])):
+        for group in (2, 4, 8, 16):
+            cfg = timsim.load_config("configs/oracle.yaml", ["perturbation.logit_noise.mode=context",
+                                                             f"grpo.group_size={group}",
+                                                             f"grpo.prompts_per_step={64 // group}", *extra])
+            graphdef, params, _ = get_base(cfg, announce=print)
+            hp = hyper.of(cfg)
+            oracle = exact.make_oracle(cfg, graphdef, only=("configured",), variance=False)
+            expected = np.asarray(oracle(params, params, hp, 0, 0)["updates"][0], np.float64)
+            sampler = Sampler.from_config(cfg, graphdef)
+            collect, mode = make_collect(cfg, cfg.task.build(), sampler), cfg.grpo.old_logprobs
+            loss = make_loss(cfg, graphdef, sampler.spec, recompute_first=mode == "recompute")
+            flat, unflatten = jax.flatten_util.ravel_pytree(params)
+
+            def update(step):
+                batch = learner_batch(collect(params, hp, step), hp, mode, cfg.correction)
+                return -jax.grad(lambda f: loss(unflatten(f), params, batch, hp, True)[0])(flat)
+
+            samples = np.asarray(jax.jit(lambda s: jax.lax.map(update, s, batch_size=50))(jnp.arange(batches)),
+                                 np.float64)
+            mean, var = samples.mean(0), samples.var(0, ddof=1) / batches
+            gap = np.sqrt(((mean - expected) ** 2).sum() / (expected**2).sum())
+            noise = np.sqrt(var.sum() / (expected**2).sum())  # the gap's size from Monte-Carlo error alone
+            rows.append({"estimator": label, "group_size": group, "relative_gap": gap, "mc_noise": noise,
+                         "ratio": ((mean - expected) ** 2).sum() / var.sum()})
+            print(rows[-1], flush=True)
+    pd.DataFrame(rows).to_parquet(out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--report":
+        report(sys.argv[2])
+    elif sys.argv[1] == "--finite-group":
+        finite_group_gap(sys.argv[2])
+    else:
+        run(sys.argv[1])
