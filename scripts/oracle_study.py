@@ -7,6 +7,9 @@ Markdown tables of docs/results/oracle-bias-cpu.md.
     python scripts/oracle_study.py docs/results/oracle-bias-cpu.parquet          # ~25 min, 2 cores
     python scripts/oracle_study.py --report docs/results/oracle-bias-cpu.parquet
     python scripts/oracle_study.py --finite-group docs/results/oracle-finite-group-cpu.parquet   # ~5 min
+    python scripts/oracle_study.py --claim docs/results/oracle-bypass-recompute-cpu.parquet      # ~6 min
+    python scripts/oracle_study.py --claim-report docs/results/oracle-bypass-recompute-cpu.parquet
+    python scripts/oracle_study.py --ranking docs/results/oracle-bias-cpu.parquet
 """
 import sys
 import time
@@ -140,10 +143,77 @@ def finite_group_gap(out: str, batches: int = 400) -> None:
     pd.DataFrame(rows).to_parquet(out)
 
 
+def claim(out: str) -> None:
+    """The paired bypass-vs-recompute comparison on 10 bases (pretrain.seed 0..9), both noise
+    modes, scales 0.5 / 1 / 2, fresh noise over 8 draws (those two estimators only, no variance)."""
+    timsim.setup()
+    frames = []
+    for mode in MODES:
+        cfg = timsim.load_config("configs/oracle.yaml", [f"perturbation.logit_noise.mode={mode}"])
+        graphdef = get_base(cfg, announce=print)[0]
+        oracle = exact.make_oracle(cfg, graphdef, only=("recompute", "bypass"), variance=False)
+        for base in range(10):
+            params = get_base(cfg.model_copy(update={"pretrain": cfg.pretrain.model_copy(update={"seed": base})}),
+                              announce=print)[1]
+            for scale in SCALES[1:]:
+                at = timsim.load_config("configs/oracle.yaml", [f"perturbation.logit_noise.mode={mode}",
+                                                                 f"perturbation.logit_noise.scale={scale}"])
+                table, facts = exact.evaluate(oracle, at, params, params, hyper.of(at), 0, DRAWS)
+                frames.append(table.assign(base=base, mode=mode, scale=scale, draws=facts["draws"]))
+        print(f"{mode} done", flush=True)
+    pd.concat(frames).to_parquet(out)
+
+
+def claim_report(path: str) -> None:
+    data = pd.read_parquet(path)
+    print("| mode | sigma | rel. bias bypass - recompute | cos to grad E_pi[R] bypass - recompute | "
+          "norm / norm(g0), bypass | norm / norm(g0), recompute |")
+    print("|---|---|---|---|---|---|")
+    for mode in MODES:
+        for s in SCALES[1:]:
+            cell = data[(data["mode"] == mode) & (data.scale == s)]
+            wide = {c: cell.pivot(index="base", columns="estimator", values=c) for c in ("rel_bias", "cos_true",
+                                                                                        "norm_ratio")}
+            print(f"| {mode} | {s:g} | {_mean_ci(wide['rel_bias'].bypass - wide['rel_bias'].recompute)} | "
+                  f"{_mean_ci(wide['cos_true'].bypass - wide['cos_true'].recompute)} | "
+                  f"{_mean_ci(wide['norm_ratio'].bypass)} | {_mean_ci(wide['norm_ratio'].recompute)} |")
+
+
+def ranking(path: str) -> None:
+    """Spearman rank correlation between the oracle's relative bias (context noise, sigma 1, mean
+    over bases) and the corrections study's paired final-accuracy loss against the zero twin
+    (docs/results/corrections-cpu.md: bypass mode, where a weighting correction replaces r_corr,
+    so it is the oracle's recompute+kind)."""
+    from scipy.stats import spearmanr
+
+    training = {"none": -0.156, "token_tis": -0.014, "seq_tis": -0.027, "token_mis": -0.049, "seq_mask": -0.186,
+                "seq_mis": -0.090, "geometric": -0.629, "kl_rejection": -0.276, "veto": -0.156,
+                "offpolicy_mask": -0.158, "cis": -0.023, "prefix_is": -0.061, "minpro": -0.085}
+    data = pd.read_parquet(path)
+    cell = data[(data["mode"] == "context") & (data.scale == 1.0)].groupby("estimator").rel_bias.mean()
+    oracle = {k: cell["bypass" if k == "none" else (f"recompute+{k}" if f"recompute+{k}" in cell and k in
+                                                     ("token_tis", "seq_tis", "token_mis", "seq_mis", "cis",
+                                                      "prefix_is", "minpro") else f"bypass+{k}")]
+              for k in training}
+    rho, p = spearmanr([oracle[k] for k in training], [-training[k] for k in training])
+    print("| correction | oracle rel. bias (context, sigma 1) | training: final acc - zero (paired, 3 seeds) |")
+    print("|---|---|---|")
+    for k in sorted(training, key=oracle.get):
+        print(f"| {k} | {oracle[k]:.3f} | {training[k]:+.3f} |")
+    print(f"\nSpearman rank correlation between oracle bias and training loss: {rho:.2f} (p = {p:.3g}, "
+          f"{len(training)} corrections)")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "--report":
         report(sys.argv[2])
     elif sys.argv[1] == "--finite-group":
         finite_group_gap(sys.argv[2])
+    elif sys.argv[1] == "--claim":
+        claim(sys.argv[2])
+    elif sys.argv[1] == "--claim-report":
+        claim_report(sys.argv[2])
+    elif sys.argv[1] == "--ranking":
+        ranking(sys.argv[2])
     else:
         run(sys.argv[1])
