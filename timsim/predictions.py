@@ -145,6 +145,16 @@ _NO_MISMATCH = "the sampler is the learner: nothing to predict"
 _REPORT_ONLY = "report-only noise: tokens are drawn from pi, not from the reported mu"
 
 
+@PREDICTIONS.register("zero_mismatch")
+def zero_mismatch(m: Measured) -> list[Row]:
+    """DESIGN §8.2: with no perturbation the sampler reports the learner's own log-probs."""
+    quantity, formula = "zero mismatch", "delta = 0 and KL(mu || pi) = 0 at every token, bit for bit"
+    if m.sampler_differs:
+        return not_applicable(quantity, formula, "the config's sampler differs from the learner")
+    return [Row("max |delta| (zero mismatch)", "0, bit for bit", 0.0, float(np.abs(m.delta).max()), 0.0, bound=True),
+            Row("max KL(mu || pi) (zero mismatch)", "0, bit for bit", 0.0, float(m.kl.max()), 0.0, bound=True)]
+
+
 @PREDICTIONS.register("ratio_mean")
 def ratio_mean(m: Measured) -> list[Row]:
     quantity, formula = "E_mu[r] over tokens", "E_{y~mu}[pi(y)/mu(y)] = 1 (any mu covering pi's support)"

@@ -116,10 +116,9 @@ def print_theory(rows: pd.DataFrame, cfg: Config, info: dict, n_prompts: int, co
     console.print(table)
     for row in rows[~rows.applies.astype(bool)].to_dict("records"):
         console.print(escape(f"  does not apply: {row['quantity']} ({row['formula']}): {row['reason']}"))
-    if applies.empty:
-        console.print("No prediction applies: this config's sampler has no mismatch to predict. Try e.g. "
-                      "perturbation.logit_noise.family=gaussian perturbation.logit_noise.scale=0.3")
-        return
+    if set(applies.prediction) <= {"zero_mismatch"}:
+        console.print("This config's sampler is the learner: only the zero-mismatch identities apply. For the "
+                      "closed forms add e.g. perturbation.logit_noise.family=gaussian perturbation.logit_noise.scale=0.3")
     disagree = int((applies.agrees == False).sum())  # noqa: E712
     console.print(f"{len(applies) - disagree} of {len(applies)} predictions agree (|z| < 3: z = (measured - "
                   "predicted) / sqrt(SE^2 + omitted^2); 'omitted' is the size of the terms the closed form leaves out).")
