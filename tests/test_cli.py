@@ -84,7 +84,7 @@ def test_theory_prints_predictions_against_measurements(tiny_file, capsys):
     assert "does not apply: top-k / top-p" in out
     assert main(["theory", str(tiny_file), "--only", "gaussian_kll"]) == 2
     err = capsys.readouterr().out
-    assert "unknown prediction(s) ['gaussian_kll']; accepted: ratio_mean" in err and "Traceback" not in err
+    assert "unknown prediction(s) ['gaussian_kll']; accepted: zero_mismatch" in err and "Traceback" not in err
 
 
 def test_oracle_prints_every_estimator(tmp_path, base_dir, capsys):
