@@ -107,7 +107,6 @@ _CATALOGUE += [
     Metric("oracle_cos_true", "exact-gradient oracle (timsim.exact; run.oracle_every steps only): cosine between the "
            "configured estimator's expected update under mu and the true gradient grad E_pi[R]"),
     Metric("oracle_rel_bias", "oracle: |E[g] - g0| / |g0|, g0 the same loss's expected update at zero mismatch"),
-    Metric("oracle_variance", "oracle: per-sample variance tr Cov of one response's update, configured estimator"),
     Metric("oracle_recompute_rel_bias", "oracle: oracle_rel_bias of plain recompute (no correction)"),
     Metric("oracle_bypass_rel_bias", "oracle: oracle_rel_bias of plain bypass (no correction)"),
     Metric("oracle_zero_cos_true", "oracle: cosine of the zero-mismatch expected update to the true gradient "
