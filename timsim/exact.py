@@ -143,8 +143,21 @@ def needs_draws(cfg: Config) -> bool:
     return fresh_logits or p.weight_noise.family != "none" or p.router_noise.family != "none"
 
 
+@dataclasses.dataclass(frozen=True)
+class Oracle:
+    """A built oracle: call it like the jitted function it wraps; `names` labels its rows."""
+
+    run: Callable
+    names: list[str]  # the estimators, then "zero mismatch" and "true gradient"
+    prompt_mass: float  # probability of the enumerated prompts (1: every training prompt)
+    sizes: tuple[int, int]  # (prompts, responses per prompt)
+
+    def __call__(self, *args):
+        return self.run(*args)
+
+
 def make_oracle(cfg: Config, graphdef, max_prompts: int = 128, only: tuple[str, ...] | None = None,
-                variance: bool = True) -> Callable:
+                variance: bool = True) -> Oracle:
     """`oracle(params, sampler_params, hp, step, draw, second_moments=True) -> dict` for one noise
     draw (jitted): the expected update of every `estimators(cfg)` entry (or those named in
     `only`), then the zero-mismatch update, then the true gradient, flattened [E + 2, D]; each
@@ -153,7 +166,7 @@ def make_oracle(cfg: Config, graphdef, max_prompts: int = 128, only: tuple[str, 
     the largest |sum_y pi(y|x) - 1| and |sum_y mu(y|x) - 1| over the prompts."""
     task = cfg.task.build()
     responses_MT, mask_MT = enumerate_responses(cfg.response_len)
-    prompts_BP, prompt_prob_B, _ = prompt_distribution(task, max_prompts)
+    prompts_BP, prompt_prob_B, prompt_mass = prompt_distribution(task, max_prompts)
     n_prompts, n_responses = len(prompts_BP), len(responses_MT)
     with_variance = variance and n_prompts * n_responses <= VARIANCE_MAX_ROWS
     sampler = Sampler.from_config(cfg, graphdef)
@@ -252,12 +265,8 @@ def make_oracle(cfg: Config, graphdef, max_prompts: int = 128, only: tuple[str, 
         return {"updates": totals.sum(0), "second_moment": seconds.sum(0),
                 "pi_mass_err": jnp.abs(pi_BM.sum(-1) - 1.0).max(), "mu_mass_err": jnp.abs(drawn_BM.sum(-1) - 1.0).max()}
 
-    compiled = jax.jit(oracle)
-    compiled.names = [e.name for e in ests] + ["zero mismatch", "true gradient"]
-    compiled.estimators = ests
-    compiled.prompt_mass = prompt_distribution(task, max_prompts)[2]
-    compiled.sizes = (n_prompts, n_responses)
-    return compiled
+    return Oracle(jax.jit(oracle), [e.name for e in ests] + ["zero mismatch", "true gradient"], prompt_mass,
+                  (n_prompts, n_responses))
 
 
 def summarize(names: list[str], updates_KED: np.ndarray, second_KE: np.ndarray) -> pd.DataFrame:

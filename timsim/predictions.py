@@ -112,10 +112,15 @@ class Measured:
         return self.cfg.grpo.group_size if self.noise.mode == "context" else 1
 
     @property
-    def sampler_differs(self) -> bool:
+    def other_sources(self) -> bool:
+        """Mismatch from something other than logit noise: weights, router or numerics."""
         p = self.cfg.perturbation
-        return (p.logit_noise.family != "none" or p.weight_noise.family != "none" or p.router_noise.family != "none"
+        return (p.weight_noise.family != "none" or p.router_noise.family != "none"
                 or p.sampler_precision.numerics() != p.learner_precision.numerics())
+
+    @property
+    def sampler_differs(self) -> bool:
+        return self.noise.family != "none" or self.other_sources
 
 
 def token_mean(values_NT: np.ndarray, mask_NT: np.ndarray, cluster: int = 1) -> tuple[float, float]:
@@ -155,13 +160,20 @@ def zero_mismatch(m: Measured) -> list[Row]:
             Row("max KL(mu || pi) (zero mismatch)", "0, bit for bit", 0.0, float(m.kl.max()), 0.0, bound=True)]
 
 
-@PREDICTIONS.register("ratio_mean")
-def ratio_mean(m: Measured) -> list[Row]:
-    quantity, formula = "E_mu[r] over tokens", "E_{y~mu}[pi(y)/mu(y)] = 1 (any mu covering pi's support)"
+def _drawn_from_mu(m: Measured, quantity: str, formula: str, see: str = "") -> list[Row] | None:
+    """None when tokens are drawn from a reported mu that differs from pi, else the reason row."""
     if not m.sampler_differs:
         return not_applicable(quantity, formula, _NO_MISMATCH)
     if m.noise.report_only:
-        return not_applicable(quantity, formula, _REPORT_ONLY + " (see report_only_ratio)")
+        return not_applicable(quantity, formula, _REPORT_ONLY + see)
+    return None
+
+
+@PREDICTIONS.register("ratio_mean")
+def ratio_mean(m: Measured) -> list[Row]:
+    quantity, formula = "E_mu[r] over tokens", "E_{y~mu}[pi(y)/mu(y)] = 1 (any mu covering pi's support)"
+    if (skip := _drawn_from_mu(m, quantity, formula, " (see report_only_ratio)")) is not None:
+        return skip
     if m.noise.family in ("top_k", "top_p"):
         return not_applicable(quantity, formula, "truncated support: mu = 0 where pi > 0, so E_mu[r] = Z < 1")
     ratio = np.exp(np.clip(m.delta, -20, 20))
@@ -171,10 +183,8 @@ def ratio_mean(m: Measured) -> list[Row]:
 @PREDICTIONS.register("delta_mean")
 def delta_mean(m: Measured) -> list[Row]:
     quantity, formula = "E_mu[delta] over tokens", "E_{y~mu}[delta] = -KL(mu || pi), exact"
-    if not m.sampler_differs:
-        return not_applicable(quantity, formula, _NO_MISMATCH)
-    if m.noise.report_only:
-        return not_applicable(quantity, formula, _REPORT_ONLY)
+    if (skip := _drawn_from_mu(m, quantity, formula)) is not None:
+        return skip
     return [compare_tokens(quantity, formula, m.delta, -m.kl, m.mask, m.cluster)]
 
 
@@ -192,11 +202,7 @@ def _gaussian(m: Measured, quantity: str, formula: str, report_only: bool = Fals
     if m.noise.report_only != report_only:
         return not_applicable(quantity, formula, _REPORT_ONLY if m.noise.report_only
                               else "applies to report-only noise only")
-    others = m.sampler_differs and (m.cfg.perturbation.weight_noise.family != "none"
-                                    or m.cfg.perturbation.router_noise.family != "none"
-                                    or m.cfg.perturbation.sampler_precision.numerics()
-                                    != m.cfg.perturbation.learner_precision.numerics())
-    if others:
+    if m.other_sources:
         return not_applicable(quantity, formula, "other sampler perturbations add to the logit noise")
     return None
 
