@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 
-import timsim
+# Most of the suite's time is XLA compiling small programs (scripts/compile_report.py). LLVM at -O0
+# compiles them about twice as fast; the numbers differ from the optimised build's in the last bits
+# (FMA contraction), which no test depends on: tests compare runs made within this process, never
+# golden numbers (DESIGN §8.2). TIMSIM_TEST_FULL_OPT=1 runs the suite with the production build.
+FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if not os.environ.get("TIMSIM_TEST_FULL_OPT") and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
+
+import timsim  # noqa: E402  (after the flags: XLA reads them when its backend starts)
 from timsim.config import load_config
 
 # The explicit determinism setup the API and CLI make (tests also drive the lower layers directly).

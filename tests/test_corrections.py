@@ -125,13 +125,18 @@ def test_bad_corrections_name_the_field(override, field):
     assert f"`{field}`" in str(err.value)
 
 
-def test_corrected_run_at_zero_mismatch_is_bit_identical(tiny_overrides, tiny_base):
-    """Every correction at once, bypass mode, zero mismatch: the same metrics as no correction."""
+def test_corrected_run_at_zero_mismatch_is_the_plain_run(tiny_overrides, tiny_base):
+    """Every correction at once, bypass mode, zero mismatch: every weight is exactly 1 and no
+    token is rejected at any step, so the run samples the same tokens and logs the same
+    rewards and mismatch as no correction, bit for bit. The loss and its gradient pass through
+    twelve more (identity) factors, a different program that XLA may fuse differently: at
+    -O0 their last bit differs (DESIGN §8.2 promises bits within one program)."""
     base = tiny_overrides + ["grpo.old_logprobs=bypass"]
     plain = train_metrics(load_config(None, base), tiny_base)[1]
     corrected = train_metrics(load_config(None, base + [f"correction.kinds=[{','.join(CORRECTIONS)}]"]),
                               tiny_base)[1]
-    assert_same_training(plain, corrected)
+    assert_same_training(plain, corrected, rounding=("loss", "grad_norm", "update_norm", "entropy", "entropy_sampler",
+                                                     "entropy_learner", "ratio_first_dev_max"))
     assert np.all(corrected["rejected_token_frac"] == 0.0) and np.all(corrected["corr_weight_mean"] == 1.0)
 
 

@@ -21,6 +21,7 @@ from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from timsim.registry import Registry
 
@@ -41,7 +42,7 @@ def _checksum_coefficients(n_free: int) -> jax.Array:
     return coeff.astype(jnp.int32)
 
 
-_INVERSE_MOD10 = jnp.array([0, 1, 0, 7, 0, 0, 0, 3, 0, 9], jnp.int32)
+_INVERSE_MOD10 = np.array([0, 1, 0, 7, 0, 0, 0, 3, 0, 9], np.int32)  # numpy: importing starts no backend
 
 
 def project_to_split(digits: jax.Array, split: str) -> jax.Array:
@@ -53,7 +54,7 @@ def project_to_split(digits: jax.Array, split: str) -> jax.Array:
         new_last = jnp.where(checksum == 0, (last + 1) % 10, last)
     elif split == "eval":
         rest = (digits[:, :-1] * coeff[:-1]).sum(-1)
-        new_last = (-rest * _INVERSE_MOD10[coeff[-1]]) % 10
+        new_last = (-rest * jnp.asarray(_INVERSE_MOD10)[coeff[-1]]) % 10
     else:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     return digits.at[:, -1].set(new_last.astype(digits.dtype))
