@@ -126,3 +126,17 @@ def test_theory_table_from_the_api(tiny_cfg, tiny_base):
     assert rows.set_index("prediction").applies.to_dict() == {"delta_mean": True, "rounding": False}
     with pytest.raises(timsim.ConfigError, match="n_prompts"):
         timsim.theory_table(tiny_cfg, base=tiny_base[:2], n_prompts=0)
+
+
+def test_lr_zero_logs_everything_and_moves_nothing(tiny_cfg, tiny_base):
+    """The check users run on a real framework before training ("is my mismatch normal?"):
+    with grpo.lr=0 the parameters stay the base's bit for bit while every metric is logged."""
+    result = timsim.train(tiny_cfg, ["grpo.lr=0", "run.steps=5", "perturbation.logit_noise.family=gaussian",
+                                     "perturbation.logit_noise.scale=0.5"], base=tiny_base[:2], progress=False)
+    state = next(iter(result.state.values()))
+    for trained, base in zip(jax.tree.leaves(state.params), jax.tree.leaves(tiny_base[1])):
+        assert np.array_equal(np.asarray(trained), np.broadcast_to(np.asarray(base), trained.shape))
+    steps = result.metrics[result.metrics.step > 0]
+    assert (steps.update_norm == 0).all() and (steps.grad_norm > 0).all() and (steps.mismatch_k3 > 0).all()
+    accuracy = result.metrics.dropna(subset=["eval_greedy_accuracy"]).groupby("seed").eval_greedy_accuracy
+    assert (accuracy.nunique() == 1).all()  # the same policy at step 0 and at the end

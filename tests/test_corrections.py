@@ -9,6 +9,7 @@ import pytest
 from timsim import hyper
 from timsim.config import ConfigError, load_config
 from timsim.corrections import CORRECTIONS, apply_corrections, make_inputs
+from timsim.step import Collected, learner_batch
 from test_core import assert_same_training, train_metrics
 
 KNOBS = hyper.of(load_config()).correction  # the default thresholds
@@ -123,6 +124,31 @@ def test_bad_corrections_name_the_field(override, field):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
     assert f"`{field}`" in str(err.value)
+
+
+@pytest.mark.parametrize("mode, kinds, bypass_weights, denominator", [
+    ("recompute", [], "replace", "pi_old"), ("bypass", [], "replace", "mu"),
+    ("bypass", ["seq_mask"], "replace", "mu"),  # a mask changes no ratio
+    ("bypass", ["token_tis"], "replace", "pi_old"),  # verl's decoupled mode: recompute plus the weight
+    ("bypass", ["token_tis"], "multiply", "mu"),  # the weight multiplies pi_theta / mu: mismatch counted twice
+    ("recompute", ["token_tis"], "replace", "pi_old"),
+])
+def test_the_ratio_denominator_follows_mode_and_bypass_weights(mode, kinds, bypass_weights, denominator):
+    """The PPO ratio's denominator in the loss's batch is what `Config.ratio_denominator` (and so
+    the manifest) says, and the correction's weight is the same whichever denominator is used."""
+    cfg = load_config(None, [f"grpo.old_logprobs={mode}", f"correction.kinds=[{','.join(kinds)}]",
+                             f"correction.bypass_weights={bypass_weights}"])
+    assert cfg.ratio_denominator == denominator
+    rng = np.random.default_rng(0)
+    learner, sampler = (jnp.asarray(-rng.uniform(0.1, 2.0, (4, 3)), jnp.float32) for _ in range(2))
+    mask = jnp.ones((4, 3))
+    collected = Collected(None, None, mask, learner, sampler, None, None, None, None,
+                          jnp.asarray([1.0, -1.0, 0.5, -0.5]), None, None)
+    batch = learner_batch(collected, hyper.of(cfg), mode, cfg.correction)
+    expected = learner if denominator == "pi_old" else sampler
+    assert np.array_equal(np.asarray(batch.logp_old_NT), np.asarray(expected))
+    if kinds == ["token_tis"]:
+        np.testing.assert_allclose(batch.weight_NT, np.minimum(np.exp(learner - sampler), 2.0), rtol=1e-6)
 
 
 def test_corrected_run_at_zero_mismatch_is_the_plain_run(tiny_overrides, tiny_base):

@@ -29,6 +29,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from timsim import tasks as tasks_lib
 from timsim.grpo import ADVANTAGES, AGGREGATIONS, LOSSES
 from timsim.kl import KL_ESTIMATORS
+from timsim.corrections import CORRECTIONS
 from timsim.config_mismatch import (TARGET_METRICS, CorrectionConfig, LogitNoiseConfig, PerturbationConfig,  # noqa: F401
                                     PrecisionConfig, TargetConfig, WeightNoiseConfig)
 from timsim.config_types import (FIELD_MARK, HOST, TRACED, ConfigError, HostValue, Traced, _Section,  # noqa: F401
@@ -108,7 +109,7 @@ class GRPOConfig(_Section):
                                                         "else > 1, usually 3)")
     epochs: int = Field(1, ge=1)
     minibatches: int = Field(1, ge=1)
-    lr: Traced = Field(3e-4, gt=0.0)
+    lr: Traced = Field(3e-4, ge=0.0, description="0: nothing moves, everything is logged (is my mismatch normal?)")
     weight_decay: Traced = Field(0.0, ge=0.0)
     max_grad_norm: Traced = Field(1.0, gt=0.0)
     clip_eps_low: Traced = Field(0.2, ge=0.0, lt=1.0)
@@ -199,6 +200,12 @@ class Config(_Section):
             field = ("correction.routing_replay" if self.correction.routing_replay != "none"
                      else "perturbation.router_noise.family")
             raise ValueError(f"{field} needs a mixture-of-experts policy: set model.experts (e.g. 4)")
+        if self.correction.bypass_weights != "replace" and not (self.grpo.old_logprobs == "bypass"
+                                                                and self.correction.weighting):
+            raise ValueError(f"correction.bypass_weights={self.correction.bypass_weights!r} has no effect: it acts only "
+                             "with grpo.old_logprobs=bypass and a weighting correction in correction.kinds "
+                             f"({', '.join(CORRECTIONS.names(weighting=True))}); got grpo.old_logprobs="
+                             f"{self.grpo.old_logprobs!r} and correction.kinds={self.correction.kinds}")
         if self.run.oracle_every % self.run.chunk_steps:
             raise ValueError(f"run.oracle_every ({self.run.oracle_every}) must be 0 or a multiple of run.chunk_steps "
                              f"({self.run.chunk_steps}): the oracle runs at chunk boundaries")
@@ -209,6 +216,15 @@ class Config(_Section):
             raise ValueError(f"run.steps ({self.run.steps}) must be a multiple of run.chunk_steps "
                              f"({self.run.chunk_steps})")
         return self
+
+    @property
+    def ratio_denominator(self) -> str:
+        """What the PPO ratio divides by: 'pi_old' (the learner's recomputed log-probs) or 'mu' (the
+        sampler's). Bypass with a weighting correction and `correction.bypass_weights=replace` divides
+        by pi_old: that arm is recompute plus the weight, whatever `grpo.old_logprobs` says."""
+        if self.grpo.old_logprobs == "recompute":
+            return "pi_old"
+        return "pi_old" if self.correction.weighting and self.correction.bypass_weights == "replace" else "mu"
 
     @property
     def response_len(self) -> int:

@@ -258,6 +258,10 @@ class CorrectionConfig(_Section):
         "experts the sampler chose, in the learner's old log-probs and every update"))
     score_centering: bool = Field(False, description="subtract the sampler's expected score from every token's")
     batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
+    bypass_weights: Literal["replace", "multiply"] = Field("replace", description=(
+        "grpo.old_logprobs=bypass with a weighting correction: replace puts the learner's pi_old in the PPO ratio, "
+        "so the weight replaces r_corr (verl's decoupled mode: recompute plus the weight); multiply keeps "
+        "pi_theta / mu and multiplies the weight onto it, counting the mismatch twice"))
 
     def inert_fields(self) -> dict[str, str]:
         used = {knob for kind in self.kinds for knob in CORRECTIONS.entry(kind).knobs}
@@ -269,6 +273,11 @@ class CorrectionConfig(_Section):
         if not self.kinds:
             inert["batch_normalize"] = "correction.kinds is empty (there are no weights to normalise)"
         return inert
+
+    @property
+    def weighting(self) -> bool:
+        """Whether a listed correction produces weights (not only masks)."""
+        return any(CORRECTIONS.entry(kind).weighting for kind in self.kinds)
 
     @property
     def active(self) -> bool:

@@ -12,10 +12,13 @@ reported `logp_sampler` (mu) at the sampled tokens, so r_corr = pi_old / mu = ex
 log-ratios are clamped to +-20 before exp.
 
 Modes. In recompute mode the PPO ratio is pi_theta / pi_old and the weight multiplies it.
-In bypass mode the ratio pi_theta / mu already carries r_corr; with a *weighting* correction
-the learner's pi_old replaces mu in the ratio, so the weight replaces r_corr instead of
-counting the mismatch twice (DESIGN §4: a prototype that multiplied both fell to 0.34-0.37).
-Rejections work the same in both modes.
+In bypass mode the ratio pi_theta / mu already carries r_corr, so a *weighting* correction
+is a choice, `correction.bypass_weights`: `replace` (default; verl's decoupled mode) puts the
+learner's pi_old in the ratio, so the weight replaces r_corr and the arm is recompute plus
+the weight (`Config.ratio_denominator` says so, and the manifest records it per cell);
+`multiply` keeps pi_theta / mu and multiplies the weight onto it, counting the mismatch
+twice (DESIGN §4: a prototype that did so fell to 0.34-0.37). Rejections work the same in
+both modes.
 """
 
 from __future__ import annotations
@@ -172,7 +175,6 @@ def minpro(x, k):
     running_min = jax.lax.cummin(ratio, axis=ratio.ndim - 1)
     before = jnp.concatenate([jnp.ones_like(ratio[..., :1]), running_min[..., :-1]], axis=-1)
     return jnp.minimum(ratio * jnp.minimum(before, 1.0), k.prefix_cap), _ones(x)
-WEIGHTING = CORRECTIONS.names(weighting=True)
 
 
 def centered_score_logp(logp_NT, logp_all_NTV, mu_NTV):

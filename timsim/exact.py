@@ -49,7 +49,7 @@ from flax import nnx
 
 from timsim import grpo, hyper
 from timsim.config import Config, ConfigError
-from timsim.corrections import CORRECTIONS, WEIGHTING
+from timsim.corrections import CORRECTIONS
 from timsim.keys import step_key
 from timsim.rollout import learner_logprobs
 from timsim.sampler import (Sampler, learner_transform, noise_key_for, noise_knobs, sampler_model, sampler_routing,
@@ -70,7 +70,7 @@ class Estimator:
     name: str
     mode: str  # "recompute" | "bypass"
     kinds: tuple[str, ...] = ()
-    double_count: bool = False  # bypass with the weight multiplied on r_corr (what timsim refuses to do)
+    bypass_weights: str = "replace"  # bypass with a weight: replace r_corr, or multiply onto it (double count)
     score_centering: bool = False
 
 
@@ -79,11 +79,12 @@ def estimators(cfg: Config) -> list[Estimator]:
     correction in both modes, the bypass double count of each weighting correction, and score
     centering. Thresholds and caps are the config's own `correction.*` values."""
     c = cfg.correction
-    configured = Estimator("configured", cfg.grpo.old_logprobs, tuple(c.kinds), score_centering=c.score_centering)
+    configured = Estimator("configured", cfg.grpo.old_logprobs, tuple(c.kinds), c.bypass_weights, c.score_centering)
     out = [configured, Estimator("recompute", "recompute"), Estimator("bypass", "bypass")]
     for kind in CORRECTIONS:
         out += [Estimator(f"recompute+{kind}", "recompute", (kind,)), Estimator(f"bypass+{kind}", "bypass", (kind,))]
-    out += [Estimator(f"bypass*{kind} (double count)", "bypass", (kind,), double_count=True) for kind in WEIGHTING]
+    out += [Estimator(f"bypass*{kind} (double count)", "bypass", (kind,), bypass_weights="multiply")
+            for kind in CORRECTIONS.names(weighting=True)]
     out.append(Estimator("recompute+score_centering", "recompute", score_centering=True))
     return out
 
@@ -207,10 +208,9 @@ def make_oracle(cfg: Config, graphdef, max_prompts: int = 128, only: tuple[str, 
                               flat(logp_s), flat(all_l), flat(all_s), flat(logp_s), flat(reward), flat(adv_BM),
                               None, None)
         corr = cfg.correction.model_copy(update={"kinds": list(est.kinds), "score_centering": est.score_centering,
-                                                 "batch_normalize": False, "routing_replay": "none"})
+                                                 "batch_normalize": False, "routing_replay": "none",
+                                                 "bypass_weights": est.bypass_weights})
         batch = learner_batch(collected, hp, est.mode, corr)
-        if est.double_count:
-            batch = batch._replace(logp_old_NT=collected.logp_sampler_NT)
         weight_N = flat(weight_BM)
         if cfg.correction.batch_normalize and est.kinds:  # the population mean of the kept weights
             kept = weight_N[:, None] * batch.keep_NT

@@ -64,7 +64,8 @@ def plan_groups(cells: list[Cell], manifest: dict) -> dict[str, list[Cell]]:
                                    "chunks_done": 0, "status": "pending"}
         for c in group_cells:
             manifest["cells"][c.cell_id] = {"status": "pending", "group": gid, "seeds": c.cfg.run.seeds,
-                                            "config_hash": config_hash(c.cfg), "swept": c.swept}
+                                            "config_hash": config_hash(c.cfg), "swept": c.swept,
+                                            "ratio_denominator": c.cfg.ratio_denominator}
         groups[gid] = group_cells
     return groups
 

@@ -19,7 +19,7 @@ from flax import nnx
 
 from timsim import grpo, hyper
 from timsim.config import Config
-from timsim.corrections import WEIGHTING, apply_corrections, centered_score_logp, correction_metrics, make_inputs
+from timsim.corrections import apply_corrections, centered_score_logp, correction_metrics, make_inputs
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics, routing_metrics
 from timsim.model import Routing
@@ -107,8 +107,8 @@ def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> Lea
                                          make_inputs(c.logp_learner_NT, c.logp_sampler_NT, c.mask_NT, c.adv_N),
                                          hp.correction, corr.kl_estimator, corr.kl_aggregate,
                                          corr.batch_normalize)
-        if old_logprobs == "bypass" and any(k in WEIGHTING for k in corr.kinds):
-            logp_old = c.logp_learner_NT  # the weight replaces r_corr in bypass mode instead of multiplying it
+        if old_logprobs == "bypass" and corr.weighting and corr.bypass_weights == "replace":
+            logp_old = c.logp_learner_NT  # the weight replaces r_corr instead of multiplying it (decoupled)
     mu = jax.lax.stop_gradient(jnp.exp(c.logp_all_sampler_NTV)) if corr.score_centering else None
     # R2 and R3 both replay the routes of the old policy's forward: under R3 that forward
     # already replayed the sampler's experts (`teacher_forced_pair`)
