@@ -56,6 +56,14 @@ def test_train_then_summarize(tiny_file, capsys):
     assert "cli" in out and "paired by seed" in out
     assert main(["summarize", str(root), "--against", "nope"]) == 2
     assert "unknown cell" in capsys.readouterr().out
+    assert main(["report", str(root)]) == 0
+    page = (root / "report.html").read_text()  # one zero-mismatch cell: the table and the curves
+    assert "Summary per cell" in page and page.count("<img") == 1
+    assert main(["export", str(root), str(tiny_file.parent / "published"), "--command", "timsim train tiny.yaml",
+                 "--every", "2"]) == 0
+    assert "reload with timsim.load" in capsys.readouterr().out
+    assert main(["export", str(root), str(tiny_file.parent / "x"), "--command", "c", "--every", "0"]) == 2
+    assert "--every takes a positive number" in capsys.readouterr().out
 
 
 def test_sweep_dry_run_prints_the_plan_and_runs_nothing(tiny_file, tmp_path, capsys):

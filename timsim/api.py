@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import pandas as pd
 
-from timsim import hyper
+from timsim import hyper, report_html, store
 from timsim.base import get_base
 from timsim.calibration import calibrate_scale, calibration_table, make_measure
 from timsim.config import (TARGET_METRICS, Config, ConfigError, config_from_dict, inside, load_config, parse_overrides,
@@ -144,6 +144,17 @@ def load(path: str | Path) -> Result:
     while it runs)."""
     metrics, summary = load_store(path)
     return Result(metrics, summary, path=Path(path))
+
+
+def write_report(path: str | Path, out: str | Path | None = None, against: str | None = None) -> Path:
+    """A self-contained HTML report of a results directory (`timsim.report_html`)."""
+    return report_html.write_report(path, out, against)
+
+
+def export(path: str | Path, dest: str | Path, command: str, every: int = 1) -> Path:
+    """Compact, reloadable data of a results directory, with the command that regenerates it
+    (`timsim.store.export`); `load(dest)` reads it."""
+    return store.export(path, dest, command, every)
 
 
 def compare(result: Result | pd.DataFrame, against: str | Sequence[str] = "zero",

@@ -48,6 +48,22 @@ def _parser() -> argparse.ArgumentParser:
     summarize.add_argument("--against", nargs="+", default=None, metavar="CELL",
                            help="also print each cell paired by seed against these reference cells (e.g. zero)")
 
+    report = sub.add_parser("report", help="write a self-contained HTML report of a results directory (summary, "
+                            "curves, mismatch, paired differences, dose-response)")
+    report.add_argument("path")
+    report.add_argument("--against", default=None, metavar="CELL",
+                        help="reference cell of the paired differences (default: zero, when present)")
+    report.add_argument("--out", default=None, help="HTML file to write (default: PATH/report.html)")
+
+    export = sub.add_parser("export", help="copy a results directory as compact, reloadable data to publish "
+                            "(float32 metrics in one Parquet part, summary, manifest, config, the command)")
+    export.add_argument("path")
+    export.add_argument("dest")
+    export.add_argument("--command", required=True, dest="regenerate",
+                        help="the command that regenerates these results, recorded in the manifest")
+    export.add_argument("--every", type=int, default=1,
+                        help="keep every N-th step (evaluation and probe steps are always kept)")
+
     calibrate = sub.add_parser("calibrate", help="map mismatch targets (mean per-token KL) to noise scales on the base model")
     calibrate.add_argument("config")
     calibrate.add_argument("overrides", nargs="*")
@@ -190,6 +206,25 @@ def _summarize(args, console) -> int:
     return 0
 
 
+def _report(args, console) -> int:
+    import timsim
+
+    console.print(f"report: {timsim.write_report(args.path, args.out, args.against)}")
+    return 0
+
+
+def _export(args, console) -> int:
+    import timsim
+
+    if args.every < 1:
+        from timsim.config import ConfigError
+
+        raise ConfigError(f"--every takes a positive number of steps, got {args.every}.")
+    dest = timsim.export(args.path, args.dest, args.regenerate, args.every)
+    console.print(f"exported {args.path} -> {dest} (reload with timsim.load({str(dest)!r}))")
+    return 0
+
+
 def _sweep(args, console) -> int:
     import timsim
     from timsim import report
@@ -321,7 +356,7 @@ def _oracle(args, console) -> int:
 
 COMMANDS = {"metrics": _metrics, "catalogue": _catalogue, "summarize": _summarize, "sweep": _sweep, "train": _train,
             "bench": _bench, "profile": _profile, "critical": _critical, "pretrain": _pretrain,
-            "calibrate": _calibrate, "theory": _theory, "oracle": _oracle}
+            "calibrate": _calibrate, "theory": _theory, "oracle": _oracle, "report": _report, "export": _export}
 
 
 if __name__ == "__main__":

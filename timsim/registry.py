@@ -75,6 +75,9 @@ class Registry(Mapping[str, T]):
     def __getitem__(self, name: str) -> T:
         return self.entry(name).value
 
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._entries)
 

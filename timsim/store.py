@@ -218,3 +218,33 @@ def load(path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     if len(summary):
         summary = summary.sort_values(["cell_id", "run_idx"], key=rank, kind="stable", ignore_index=True)
     return metrics, summary
+
+
+EXPORT_PART = "part-all.parquet"
+
+
+def export(root: str | Path, dest: str | Path, command: str, every: int = 1) -> Path:
+    """A compact, reloadable copy of a results directory, to publish beside a finding: the
+    manifest (with its provenance, plus `export`: the source, the command that regenerates the
+    results and how they were thinned), the resolved config, the summary as is, and the
+    metrics as one float32 zstd Parquet part, keeping every `every`-th step and every step
+    with an evaluation or a probe. `timsim.load(dest)` reads it like the original."""
+    root, dest = Path(root), Path(dest)
+    metrics, summary = load(root)
+    if every > 1:
+        marked = metrics.filter(regex=r"^(eval_|probe_|oracle_)").notna().any(axis=1)
+        metrics = metrics[(metrics.step % every == 0) | marked]
+    metrics = metrics.astype({c: "float32" for c in metrics.columns if metrics[c].dtype == "float64"})
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["export"] = {"source": str(root), "command": command, "every": every, "metrics_dtype": "float32",
+                          "exported_at": time.strftime("%Y-%m-%d")}
+    (dest / "metrics").mkdir(parents=True, exist_ok=True)
+    for stale in (dest / "metrics").glob("part-*.parquet"):
+        stale.unlink()
+    atomic_write_bytes(dest / "manifest.json", json.dumps(manifest, indent=2).encode())
+    if (root / "config.resolved.yaml").exists():
+        atomic_write_bytes(dest / "config.resolved.yaml", (root / "config.resolved.yaml").read_bytes())
+    atomic_write_parquet(dest / "summary.parquet", summary)
+    with _temporary_beside(dest / "metrics" / EXPORT_PART, "export") as tmp:
+        metrics.to_parquet(tmp, index=False, compression="zstd")
+    return dest

@@ -11,6 +11,21 @@ from scipy import stats
 from timsim.config_types import ConfigError
 
 SUMMARY_METRICS = ["final_accuracy", "peak_accuracy", "peak_step", "final_reward", "mean_mismatch_k3", "collapsed"]
+# What each column of a run's summary row means (the tables, the report and the notebooks show these).
+SUMMARY_COLUMNS = {
+    "base_accuracy": "held-out greedy accuracy of the base policy (step 0)",
+    "final_accuracy": "held-out greedy accuracy at the last step",
+    "peak_accuracy": "highest held-out greedy accuracy at any evaluation",
+    "peak_step": "step of peak_accuracy",
+    "final_reward": "mean training reward over the last 10% of steps (sampled responses, T = sampler.temperature)",
+    "mean_mismatch_k3": "mean over steps of the per-token k3 estimate of KL(mu || pi_old) on the training batch",
+    "peak_reward": "peak of the training reward smoothed over 20 steps",
+    "peak_reward_step": "step of peak_reward",
+    "collapsed": "1 if the smoothed reward fell below half its peak after the peak, or a loss or gradient was not finite",
+    "collapse_step": "first step of that collapse (NaN: none)",
+    "recovered": "after a collapse: 1 if the run ended back above half its peak",
+    "nonfinite_steps": "steps whose loss or gradient norm was not finite (their update was skipped)",
+}
 COLLAPSE_FRACTION = 0.5  # a run has collapsed when its smoothed reward stays below this fraction of its peak
 COLLAPSE_WINDOW = 20  # steps of the rolling mean that smooths the reward
 
