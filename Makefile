@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 1
 
-.PHONY: quickstart test bench clean
+.PHONY: quickstart test notebooks bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ quickstart: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
+
+# Every notebook, executed with a real kernel at full size (TIMSIM_NOTEBOOK_TOY=1 for toy size, as CI does).
+notebooks: $(STAMP)
+	$(BIN)/python scripts/run_notebooks.py $(if $(TIMSIM_NOTEBOOK_TOY),--toy)
 
 bench: $(STAMP)
 	$(BIN)/timsim bench

@@ -14,7 +14,7 @@ if not os.environ.get("TIMSIM_TEST_FULL_OPT") and FAST_COMPILE not in os.environ
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_COMPILE}".strip()
 
 import timsim  # noqa: E402  (after the flags: XLA reads them when its backend starts)
-from timsim.config import load_config
+from timsim.config import SMOKE, load_config
 
 # The explicit determinism setup the API and CLI make (tests also drive the lower layers directly).
 timsim.setup()
@@ -32,13 +32,7 @@ if os.environ.get("TIMSIM_COMPILE_LOG"):  # where the suite's time goes: scripts
 
     jax.monitoring.register_event_duration_secs_listener(_record)
 
-TINY = [
-    "task.name=sort", "task.n_digits=4", "task.eval_prompts=128",
-    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_mlp=64", "model.max_len=12",
-    "pretrain.target_accuracy=0.25", "pretrain.eval_every=25", "pretrain.batch_size=64", "pretrain.lr=3e-3",
-    "grpo.prompts_per_step=16", "grpo.group_size=8", "grpo.lr=1e-3",
-    "run.steps=10", "run.chunk_steps=5", "run.seeds=[0,1]",
-]
+TINY = SMOKE  # one tiny base policy per test session
 
 
 @pytest.fixture(scope="session")

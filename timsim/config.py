@@ -233,6 +233,17 @@ class Config(_Section):
         return self.task.build().answer_len + 1
 
 
+# A model and task that train in seconds: the tests' shared base, and the notebooks at toy size
+# (TIMSIM_NOTEBOOK_TOY=1). Overrides of any config; they say nothing about mismatch at scale.
+SMOKE = [
+    "task.name=sort", "task.n_digits=4", "task.eval_prompts=128",
+    "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_mlp=64", "model.max_len=12",
+    "pretrain.target_accuracy=0.25", "pretrain.eval_every=25", "pretrain.batch_size=64", "pretrain.lr=3e-3",
+    "grpo.prompts_per_step=16", "grpo.group_size=8", "grpo.lr=1e-3",
+    "run.steps=10", "run.chunk_steps=5", "run.seeds=[0,1]",
+]
+
+
 # ----------------------------------------------------------------------------- loading
 
 
