@@ -16,7 +16,7 @@ PACKAGE = Path(timsim.__file__).parent
 # runs -> executors -> experiments -> API -> CLI. A new module must be placed here on purpose.
 LAYERS = [
     {"registry", "config_types", "keys", "faults", "numerics", "determinism", "kl", "metrics", "plots", "theory"},
-    {"tasks", "grpo", "corrections", "noise", "diagnostics", "summary", "store"},
+    {"tasks", "grpo", "corrections", "noise", "sources", "diagnostics", "summary", "store"},
     {"config_mismatch", "config", "hyper", "catalogue"},
     {"model", "rollout"},
     {"sampler"},
@@ -125,7 +125,7 @@ def test_importing_timsim_changes_no_global_setting_and_setup_does():
     assert out.stdout.strip() == "(None, None, False) True"
 
 
-def test_a_new_noise_family_is_one_function_and_one_registration():
+def test_a_new_noise_or_weight_noise_family_is_one_function_and_one_registration():
     """Registered from outside the package, in a fresh process (the registry is global): the
     config accepts it, calibration may tune it, and a knob it does not read is refused."""
     code = '''
@@ -142,7 +142,17 @@ try:
     timsim.load_config(None, ["perturbation.logit_noise.family=laplace", "perturbation.logit_noise.nu=4"])
 except timsim.ConfigError as err:
     assert "perturbation.logit_noise.nu" in str(err), err
-    print("ok")
+
+from timsim.sampler import sampler_spec
+from timsim.sources import WEIGHT_NOISE
+
+@WEIGHT_NOISE.register(knobs=("scale",))
+def shrink(key, params, knobs):
+    return jax.tree.map(lambda x: x * (1 - knobs.scale), params)
+
+cfg = timsim.load_config(None, ["perturbation.weight_noise.family=shrink", "perturbation.weight_noise.scale=0.1"])
+assert cfg.perturbation.active_sources == ("weight_noise",) and sampler_spec(cfg).weight_noise_fn is shrink
+print("ok")
 '''
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

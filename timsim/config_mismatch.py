@@ -13,6 +13,7 @@ from timsim.corrections import CORRECTIONS
 from timsim.kl import KL_ESTIMATORS
 from timsim.noise import LOGIT_NOISE
 from timsim.numerics import Numerics
+from timsim.sources import ROUTER_NOISE, WEIGHT_NOISE, active_sources
 
 KLEstimatorName = registered(KL_ESTIMATORS)
 
@@ -119,27 +120,37 @@ class PrecisionConfig(_Section):
         return Numerics(self.dtype, sites, self.split_k, self.partials, self.softmax_chunks, self.batch_variant)
 
 
-class WeightNoiseConfig(_Section):
-    """Gaussian noise added to every sampler weight, re-drawn every `hold_steps` updates."""
+def _unread_knobs(registry, family: str, section: str, always: tuple[str, ...] = ()) -> dict[str, str]:
+    """The knobs of `section` that `family` does not read ({knob: why}), for `inert_fields`."""
+    if family == "none":
+        return {knob: f"{section}.family is 'none'" for knob in (*registry.union("knobs"), *always)}
+    reads = registry.entry(family).knobs
+    return {knob: f"{section}.family {family!r} reads only {', '.join(reads)}"
+            for knob in registry.union("knobs") if knob not in reads}
 
-    family: Literal["none", "gaussian"] = "none"
+
+class WeightNoiseConfig(_Section):
+    """Noise on every sampler weight (`timsim.sources.WEIGHT_NOISE`), re-drawn every `hold_steps` updates."""
+
+    family: registered(WEIGHT_NOISE, ("none",)) = Field("none", description=(
+        "none or a weight-noise family (timsim.sources.WEIGHT_NOISE)"))
     scale: Traced = Field(0.0, ge=0.0, description="standard deviation added to each weight")
     hold_steps: int = Field(1, ge=1, description="keep one draw for this many updates (1: re-drawn every step)")
 
     def inert_fields(self) -> dict[str, str]:
-        return {} if self.family != "none" else {
-            name: "perturbation.weight_noise.family is 'none'" for name in ("scale", "hold_steps")}
+        return _unread_knobs(WEIGHT_NOISE, self.family, "perturbation.weight_noise", always=("hold_steps",))
 
 
 class RouterNoiseConfig(_Section):
-    """Gaussian noise on the sampler's mixture-of-experts router logits (needs model.experts):
-    flips expert choices while the rest of the network stays identical."""
+    """Noise on the sampler's mixture-of-experts router logits (`timsim.sources.ROUTER_NOISE`;
+    needs model.experts): flips expert choices while the rest of the network stays identical."""
 
-    family: Literal["none", "gaussian"] = "none"
+    family: registered(ROUTER_NOISE, ("none",)) = Field("none", description=(
+        "none or a router-noise family (timsim.sources.ROUTER_NOISE)"))
     scale: Traced = Field(0.0, ge=0.0, description="standard deviation added to each router logit")
 
     def inert_fields(self) -> dict[str, str]:
-        return {"scale": "perturbation.router_noise.family is 'none'"} if self.family == "none" else {}
+        return _unread_knobs(ROUTER_NOISE, self.family, "perturbation.router_noise")
 
 
 TARGET_METRICS = {  # target field -> the measured metric it sets (timsim.diagnostics)
@@ -207,6 +218,11 @@ class PerturbationConfig(_Section):
     lag_steps: int = Field(0, ge=0, description=(
         "staleness, not mismatch: the sampler runs the weights of this many updates ago (async RL)"))
     target: TargetConfig = TargetConfig()
+
+    @property
+    def active_sources(self) -> tuple[str, ...]:
+        """The sampler sources this section turns on (`timsim.sources.SOURCES`)."""
+        return active_sources(self)
 
     @property
     def scale_key(self) -> str:

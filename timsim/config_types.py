@@ -28,8 +28,14 @@ class ConfigError(ValueError):
 
 def registered(registry, extra: tuple[str, ...] = ()):
     """A `str` field whose value must be a name in `registry` (a `timsim.registry.Registry`) or
-    one of `extra` (e.g. "none"); the registry's error lists the accepted names."""
-    return Annotated[str, AfterValidator(lambda name: name if name in extra else registry.check(name))]
+    one of `extra` (e.g. "none"); the error lists every accepted name."""
+
+    def check(name: str) -> str:
+        if name in extra or name in registry:
+            return name
+        raise ValueError(f"unknown {registry.kind} {name!r}; accepted: {', '.join((*extra, *registry))}")
+
+    return Annotated[str, AfterValidator(check)]
 
 TRACED = "traced"
 Traced = Annotated[float, TRACED]

@@ -54,6 +54,7 @@ from timsim.keys import step_key
 from timsim.rollout import learner_logprobs
 from timsim.sampler import (Sampler, learner_transform, noise_key_for, noise_knobs, sampler_model, sampler_routing,
                             weight_noise_key)
+from timsim.sources import SOURCES
 from timsim.step import Collected, LearnerBatch, learner_batch, make_objective
 from timsim.tasks import EOS, PAD, VOCAB_SIZE, Task, project_to_split
 
@@ -141,7 +142,7 @@ def needs_draws(cfg: Config) -> bool:
     p = cfg.perturbation
     fresh_logits = p.logit_noise.family != "none" and p.logit_noise.mode == "fresh" and \
         p.logit_noise.family not in ("top_k", "top_p", "temperature")
-    return fresh_logits or p.weight_noise.family != "none" or p.router_noise.family != "none"
+    return fresh_logits or any(SOURCES.entry(name).drawn for name in p.active_sources)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ fp32; exact zero mismatch is obtained by reporting the learner path's log-probs 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +31,14 @@ def dense(layer: nnx.Linear, x: jax.Array, nm: Numerics) -> jax.Array:
 class Routing(NamedTuple):
     """How the mixture-of-experts routers pick experts in one forward.
 
-    `noise_key`/`noise_scale`: Gaussian noise on the router logits (the sampler's routing
-    perturbation), drawn per layer and per absolute position, so the KV-cache decode and the
-    teacher-forced forward of the same sequence see the same noise. `replay`: per layer, the
+    `noise_key`/`noise_fn`: the sampler's routing perturbation, `noise_fn(key, logits_NE)` applied
+    to the router logits of each position with a key per layer and absolute position, so the
+    KV-cache decode and the teacher-forced forward of the same sequence see the same noise. `replay`: per layer, the
     expert indices [N, S, k] to use instead of the router's own top-k (R2, R3); the gates are
     still the router's softmax over the replayed experts, so gradients reach the router."""
 
     noise_key: jax.Array | None = None
-    noise_scale: jax.Array | float = 0.0
+    noise_fn: Callable | None = None
     replay: tuple[jax.Array, ...] | None = None
 
 
@@ -60,9 +60,9 @@ class MoE(nnx.Module):
         logits_NSE = nm.round(dense(self.router, x_NSD, nm), "router")
         if routing is not None and routing.noise_key is not None:
             key = jax.random.fold_in(routing.noise_key, layer)
-            noise_SNE = jax.vmap(lambda p: jax.random.normal(jax.random.fold_in(key, p),
-                                                             (x_NSD.shape[0], n_experts)))(positions_S)
-            logits_NSE = logits_NSE + routing.noise_scale * noise_SNE.swapaxes(0, 1)
+            logits_SNE = jax.vmap(lambda p, x_NE: routing.noise_fn(jax.random.fold_in(key, p), x_NE))(
+                positions_S, logits_NSE.swapaxes(0, 1))
+            logits_NSE = logits_SNE.swapaxes(0, 1)
         replay = None if routing is None or routing.replay is None else routing.replay[layer]
         experts_NSK = jax.lax.top_k(logits_NSE, self.top_k)[1] if replay is None else replay
         gates_NSK = jax.nn.softmax(jnp.take_along_axis(logits_NSE, experts_NSK, axis=-1), axis=-1)

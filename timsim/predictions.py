@@ -114,9 +114,7 @@ class Measured:
     @property
     def other_sources(self) -> bool:
         """Mismatch from something other than logit noise: weights, router or numerics."""
-        p = self.cfg.perturbation
-        return (p.weight_noise.family != "none" or p.router_noise.family != "none"
-                or p.sampler_precision.numerics() != p.learner_precision.numerics())
+        return bool(set(self.cfg.perturbation.active_sources) & {"weight_noise", "router_noise", "numerics"})
 
     @property
     def sampler_differs(self) -> bool:

@@ -1,8 +1,9 @@
 """The sampler side: how the sampler that generates the rollouts differs from the learner.
 
-The sampler may differ from the learner by its weights (noise re-drawn every step), by the
-numerics of its forward (`timsim.numerics`), by noise on its mixture-of-experts router, and by a
-perturbation of its logits (a `timsim.noise` family).
+The sampler may differ from the learner by its weights (a `timsim.sources.WEIGHT_NOISE`
+family, re-drawn every step or hold), by the numerics of its forward (`timsim.numerics`), by
+noise on its mixture-of-experts router (a `ROUTER_NOISE` family), and by a perturbation of its
+logits (a `timsim.noise` family); `timsim.sources.SOURCES` lists them.
 
 The learner's clean logits are computed once per batch (teacher forcing); the sampler's
 logits are a pure function of them, the position's noise key and traced knobs. The same
@@ -34,6 +35,7 @@ from timsim.model import Routing, response_forward, token_logprobs
 from timsim.noise import make_logits_fn, perturb_teacher_forced
 from timsim.numerics import Numerics
 from timsim.rollout import Rollout, prefix_hashes, sample
+from timsim.sources import ROUTER_NOISE, WEIGHT_NOISE
 
 
 def noise_knobs(hp):
@@ -52,12 +54,12 @@ class SamplerSpec:
     noise_mode: str  # "fresh" | "context" | "state"
     sampler_nm: Numerics
     learner_nm: Numerics
-    weight_noise: bool
+    weight_noise_fn: Callable | None  # a `timsim.sources.WEIGHT_NOISE` family, or None
     weight_hold_steps: int = 1
     report_only: bool = False  # the logit noise perturbs the reported log-probs, not the sampling
     version_steps: int = 0  # persistent modes: a new error every this many updates (0: never)
     learner_too: bool = False  # the learner applies the same deterministic transform (the consistent fix)
-    router_noise: bool = False  # noise on the mixture-of-experts router logits
+    router_noise_fn: Callable | None = None  # a `timsim.sources.ROUTER_NOISE` family, or None
 
     @property
     def persistent(self) -> bool:
@@ -66,23 +68,18 @@ class SamplerSpec:
     @property
     def separate_forward(self) -> bool:
         """The sampler's logits need their own forward (other weights or numerics)."""
-        return self.weight_noise or self.router_noise or self.sampler_nm != self.learner_nm
+        return (self.weight_noise_fn is not None or self.router_noise_fn is not None
+                or self.sampler_nm != self.learner_nm)
 
 
 def sampler_spec(cfg) -> SamplerSpec:
     p = cfg.perturbation
-    return SamplerSpec(make_logits_fn(p.logit_noise.family, p.logit_noise.profile), p.logit_noise.mode, p.sampler_precision.numerics(),
-                       p.learner_precision.numerics(), p.weight_noise.family != "none",
-                       p.weight_noise.hold_steps, p.logit_noise.report_only, p.logit_noise.version_steps,
-                       p.logit_noise.learner_too, p.router_noise.family != "none")
-
-
-def with_weight_noise(params, key: jax.Array, scale) -> nnx.State:
-    """`params` plus scale * N(0, 1) on every weight (a fresh draw per key)."""
-    leaves, treedef = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    noisy = [x + scale * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
-    return jax.tree.unflatten(treedef, noisy)
+    family = lambda registry, name: None if name == "none" else registry[name]  # noqa: E731
+    return SamplerSpec(make_logits_fn(p.logit_noise.family, p.logit_noise.profile), p.logit_noise.mode,
+                       p.sampler_precision.numerics(), p.learner_precision.numerics(),
+                       family(WEIGHT_NOISE, p.weight_noise.family), p.weight_noise.hold_steps,
+                       p.logit_noise.report_only, p.logit_noise.version_steps, p.logit_noise.learner_too,
+                       family(ROUTER_NOISE, p.router_noise.family))
 
 
 def weight_noise_key(spec: SamplerSpec, seed: jax.Array, step: jax.Array) -> jax.Array:
@@ -91,17 +88,18 @@ def weight_noise_key(spec: SamplerSpec, seed: jax.Array, step: jax.Array) -> jax
 
 
 def sampler_model(spec: SamplerSpec, graphdef, params, learner_model, key: jax.Array, hp):
-    """The model the sampler runs: the learner's, or one with noisy weights."""
-    if not spec.weight_noise:
+    """The model the sampler runs: the learner's, or one with its weight noise."""
+    if spec.weight_noise_fn is None:
         return learner_model
-    return nnx.merge(graphdef, with_weight_noise(params, key, hp.perturbation.weight_noise.scale))
+    return nnx.merge(graphdef, spec.weight_noise_fn(key, params, hp.perturbation.weight_noise))
 
 
 def sampler_routing(spec: SamplerSpec, key: jax.Array, hp) -> Routing | None:
     """The sampler's router perturbation (a fresh draw per key), or None."""
-    if not spec.router_noise:
+    if spec.router_noise_fn is None:
         return None
-    return Routing(noise_key=key, noise_scale=hp.perturbation.router_noise.scale)
+    knobs = hp.perturbation.router_noise
+    return Routing(noise_key=key, noise_fn=lambda k, logits_NE: spec.router_noise_fn(k, logits_NE, knobs))
 
 
 def learner_transform(spec: SamplerSpec, knobs: dict) -> Callable:
@@ -180,8 +178,8 @@ def report_logits(spec: SamplerSpec, sampler_logits_NTV, prompts_NP, responses_N
 
 def zero_mismatch_spec(spec: SamplerSpec) -> SamplerSpec:
     """The zero-mismatch twin of `spec`: the sampler is the learner (same numerics), no noise."""
-    return dataclasses.replace(spec, noise_fn=None, sampler_nm=spec.learner_nm, weight_noise=False,
-                               report_only=False, learner_too=False, router_noise=False)
+    return dataclasses.replace(spec, noise_fn=None, sampler_nm=spec.learner_nm, weight_noise_fn=None,
+                               report_only=False, learner_too=False, router_noise_fn=None)
 
 
 class SamplerKeys(NamedTuple):

@@ -241,7 +241,7 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
             **mismatch_metrics(c.logp_all_learner_NTV, c.logp_all_sampler_NTV, c.responses_NT, mask),
             **advantage_skew_metrics((c.logp_learner_NT - c.logp_sampler_NT) * mask, c.adv_N, mask,
                                      hp.grpo.clip_eps_low, hp.grpo.clip_eps_high),
-            "noise_scale": (hyper.get(hp, cfg.perturbation.scale_key) if spec.noise_fn is not None or spec.router_noise
+            "noise_scale": (hyper.get(hp, cfg.perturbation.scale_key) if spec.noise_fn is not None or spec.router_noise_fn is not None
                             else jnp.zeros(())),
             "nonfinite_frac": grpo.masked_mean(~jnp.isfinite(c.logp_sampler_NT) | ~jnp.isfinite(c.logp_learner_NT),
                                                mask),
