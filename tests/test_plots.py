@@ -108,3 +108,14 @@ def test_every_summary_column_is_explained():
     columns = set(summarize_runs(synthetic_metrics()).columns)
     identity = {"cell_id", "run_idx", "seed", "steps"} | {c for c in columns if c.startswith("cfg.")}
     assert columns - identity == set(SUMMARY_COLUMNS)
+
+
+def test_auc_is_the_mean_accuracy_over_training():
+    steps = np.arange(0, 41, 10)
+    frame = pd.DataFrame({"cell_id": "c", "run_idx": 0, "seed": 0, "step": np.arange(41), "reward_mean": 0.5,
+                          "loss": 0.0, "grad_norm": 1.0, "mismatch_k3": 0.0})
+    frame["eval_greedy_accuracy"] = np.where(frame.step.isin(steps), frame.step / 40, np.nan)  # 0 -> 1 linearly
+    row = summarize_runs(frame).iloc[0]
+    assert row.auc_accuracy == pytest.approx(0.5) and row.final_accuracy == 1.0
+    late = frame.assign(eval_greedy_accuracy=np.where(frame.step.isin(steps), (frame.step == 40) * 1.0, np.nan))
+    assert summarize_runs(late).iloc[0].auc_accuracy == pytest.approx(0.125)  # learning late scores lower

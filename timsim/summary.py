@@ -17,6 +17,8 @@ SUMMARY_COLUMNS = {
     "final_accuracy": "held-out greedy accuracy at the last step",
     "peak_accuracy": "highest held-out greedy accuracy at any evaluation",
     "peak_step": "step of peak_accuracy",
+    "auc_accuracy": "area under the held-out accuracy curve divided by its length in steps (trapezoid over "
+                    "evaluations): the mean accuracy over training, which rewards learning early",
     "final_reward": "mean training reward over the last 10% of steps (sampled responses, T = sampler.temperature)",
     "mean_mismatch_k3": "mean over steps of the per-token k3 estimate of KL(mu || pi_old) on the training batch",
     "peak_reward": "peak of the training reward smoothed over 20 steps",
@@ -64,11 +66,14 @@ def collapse(trained: pd.DataFrame, fraction: float = COLLAPSE_FRACTION, window:
 def _accuracies(ev: pd.DataFrame) -> dict:
     """Base, final and peak held-out accuracy of one run (NaN when it ran without evaluation)."""
     if ev.empty:
-        return dict.fromkeys(("base_accuracy", "final_accuracy", "peak_accuracy", "peak_step"), float("nan"))
+        return dict.fromkeys(("base_accuracy", "final_accuracy", "peak_accuracy", "peak_step", "auc_accuracy"),
+                             float("nan"))
     peak = ev.loc[ev.eval_greedy_accuracy.idxmax()]
-    return {"base_accuracy": float(ev.eval_greedy_accuracy.iloc[0]),
-            "final_accuracy": float(ev.eval_greedy_accuracy.iloc[-1]),
-            "peak_accuracy": float(peak.eval_greedy_accuracy), "peak_step": int(peak.step)}
+    steps, accuracy = ev.step.to_numpy(float), ev.eval_greedy_accuracy.to_numpy(float)
+    span = steps[-1] - steps[0]
+    auc = float(np.trapezoid(accuracy, steps) / span) if span > 0 else float(accuracy[-1])
+    return {"base_accuracy": float(accuracy[0]), "final_accuracy": float(accuracy[-1]),
+            "peak_accuracy": float(peak.eval_greedy_accuracy), "peak_step": int(peak.step), "auc_accuracy": auc}
 
 
 def summarize_runs(metrics: pd.DataFrame) -> pd.DataFrame:
