@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 export JAX_COMPILATION_CACHE_DIR ?= $(CURDIR)/.jax_cache
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS ?= 1
 
-.PHONY: quickstart test notebooks bench clean
+.PHONY: quickstart test notebooks docs bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ test: $(STAMP)
 notebooks: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py $(if $(TIMSIM_NOTEBOOK_TOY),--toy)
 
+# The documentation site into site/ (strict: a broken link or reference fails).
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict
+
 bench: $(STAMP)
 	$(BIN)/timsim bench
 
 clean:
-	rm -rf $(VENV) .jax_cache runs
+	rm -rf $(VENV) .jax_cache runs site

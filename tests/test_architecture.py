@@ -158,8 +158,8 @@ print("ok")
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_the_readme_catalogue_is_read_from_the_registries():
+def test_the_docs_catalogue_is_read_from_the_registries():
     from timsim.catalogue import block
 
-    assert block() in (PACKAGE.parent / "README.md").read_text(), \
-        "README's catalogue is out of date: run `python -m timsim.catalogue README.md`"
+    assert block() in (PACKAGE.parent / "docs" / "catalogue.md").read_text(), \
+        "docs/catalogue.md is out of date: run `python -m timsim.catalogue docs/catalogue.md`"

@@ -1,0 +1,133 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Corrections against mode: what does a correction buy once the switch to recompute is taken out?
+#
+# In bypass mode (π_old = the sampler's log-probs) the PPO ratio π_θ/μ already carries the
+# mismatch r_corr = π_old/μ. A weighting correction (TIS, MIS, ...) then has two readings:
+# **replace** the ratio's denominator with the learner's π_old so the weight replaces r_corr
+# (verl's decoupled mode, which is *recompute plus the weight*), or **multiply** the weight onto
+# π_θ/μ, counting the mismatch twice. timsim used to do "replace" silently, which made every
+# earlier "weighting recovers, rejection does not" a comparison of modes (issue 22a).
+#
+# Study S1 (`configs/sweeps/s1_correction_vs_mode.yaml`): the quickstart task (5-token
+# responses), persistent (context-keyed) Gaussian logit noise calibrated at the base model to
+# 0.1 and 0.3 nats per response, eight named arms, 300 steps, **10 paired seeds** against one
+# zero-mismatch twin. Every cell's `ratio_denominator` (pi_old or mu) comes from the manifest,
+# so the mode each arm really trained in is on every row.
+
+# %%
+# %matplotlib inline
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from IPython.display import display
+from matplotlib.figure import Figure
+
+import timsim
+from timsim import plots
+from timsim.summary import paired_ci, paired_differences
+
+ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
+FIGURES = ROOT / "docs" / "figures"
+DATA = ROOT / "docs" / "results" / "data" / "s1-correction-vs-mode"
+pd.set_option("display.precision", 3)
+
+s1 = timsim.load(DATA)
+manifest = json.loads((DATA / "manifest.json").read_text())
+print("regenerate with:", manifest["export"]["command"])
+cells = pd.DataFrame([{"cell": cell, "arm": cell.split(",kl=")[0] if ",kl=" in cell else cell,
+                       "level": float(cell.split(",kl=")[1]) if ",kl=" in cell else 0.0,
+                       "ratio_denominator": info.get("ratio_denominator")} for cell, info in manifest["cells"].items()])
+cells
+
+# %% [markdown]
+# ## Every arm against the zero-mismatch twin
+#
+# Final held-out greedy accuracy and the area under the accuracy curve (mean accuracy over
+# training), each minus the zero twin's on the same seed, mean ± 95% paired CI over 10 seeds.
+
+# %%
+def paired(metric: str, cell: str, reference: str) -> tuple[float, float]:
+    return paired_ci(paired_differences(s1.summary, cell, metric, reference), 0.95)
+
+
+rows = []
+for c in cells[cells.cell != "zero"].itertuples():
+    final, final_ci = paired("final_accuracy", c.cell, "zero")
+    auc, auc_ci = paired("auc_accuracy", c.cell, "zero")
+    trained = s1.metrics[(s1.metrics.cell_id == c.cell) & (s1.metrics.step > 0)]
+    rows.append({"arm": c.arm, "level (nats/response)": c.level, "ratio denominator": c.ratio_denominator,
+                 "final − zero": final, "±": final_ci, "AUC − zero": auc, "± ": auc_ci,
+                 "rejected tokens": trained.rejected_token_frac.mean(),
+                 "probe cos (bypass)": trained.probe_bypass_cos.mean()})
+table = pd.DataFrame(rows)
+display(table)
+
+fig = Figure(figsize=(11, 5), layout="constrained")
+axes = fig.subplots(1, 2, sharey=True)
+for ax, (level, part) in zip(axes, table.groupby("level (nats/response)")):
+    part = part.iloc[::-1]
+    y = np.arange(len(part))
+    for i, denominator in enumerate(["pi_old", "mu"]):
+        sel = (part["ratio denominator"] == denominator).to_numpy()
+        ax.errorbar(part["final − zero"][sel], y[sel], xerr=part["±"][sel], fmt="o", capsize=3,
+                    label=f"ratio against {denominator}", **plots.style(i + 4))
+    ax.axvline(0, color="gray", lw=0.8)
+    ax.set_yticks(y, part.arm)
+    ax.set_title(f"{level:g} nats per response")
+    ax.set_xlabel("final accuracy − zero twin (paired, 95% CI)")
+axes[0].legend(fontsize=8)
+fig.savefig(FIGURES / "s1_correction_vs_mode.png", dpi=110)
+fig
+
+# %% [markdown]
+# ## The contrasts that separate the correction from the mode
+#
+# Paired by seed within a level:
+# - **bypass+tis-replace − recompute**: what TIS adds to recompute when it is reached through
+#   bypass (the old confounded arm against the mode it really ran in);
+# - **recompute+tis − recompute**: TIS on top of recompute, stated honestly;
+# - **bypass+tis-multiply − bypass**: what multiplying the weight onto the bypass ratio does;
+# - **recompute − bypass**: the switch of mode alone.
+
+# %%
+contrasts = [("bypass+tis-replace", "recompute"), ("recompute+tis", "recompute"), ("bypass+tis-multiply", "bypass"),
+             ("recompute", "bypass"), ("bypass+dual_clip", "bypass"), ("bypass+seq_mask", "bypass"),
+             ("recompute+mis", "recompute")]
+out = []
+for level in sorted(cells.level[cells.level > 0].unique()):
+    for arm, reference in contrasts:
+        cell, ref = f"{arm},kl={level:g}", f"{reference},kl={level:g}"
+        final, final_ci = paired("final_accuracy", cell, ref)
+        auc, auc_ci = paired("auc_accuracy", cell, ref)
+        out.append({"level": level, "contrast": f"{arm} − {reference}", "final": final, "±": final_ci,
+                    "AUC": auc, "± ": auc_ci, "seeds": len(paired_differences(s1.summary, cell, "final_accuracy", ref))})
+pd.DataFrame(out)
+
+# %% [markdown]
+# ## Over training: the corrections' effective sample size and the mismatch
+#
+# `corr_ess` is the normalised effective sample size of the correction weights (1: no
+# reweighting); `is_ess` that of r_corr itself. Rolling means over 20 steps, 95% CI bands.
+
+# %%
+fig = Figure(figsize=(11, 4), layout="constrained")
+left, right = fig.subplots(1, 2)
+level = cells.level.max()
+shown = [f"{arm},kl={level:g}" for arm in ("recompute+tis", "bypass+tis-replace", "bypass+tis-multiply",
+                                            "recompute+mis")]
+plots.curves(s1.metrics[s1.metrics.step > 0], "corr_ess", cells=shown, smooth=20, runs=False, ax=left)
+plots.curves(s1.metrics[s1.metrics.step > 0], "is_ess", cells=[f"bypass,kl={level:g}", f"recompute,kl={level:g}"],
+             smooth=20, runs=False, ax=right)
+fig
