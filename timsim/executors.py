@@ -12,6 +12,7 @@ in flight: rerunning the same command resumes every group from its last finished
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -55,6 +56,10 @@ def run_on_ray(groups: dict[str, list], root: Path, log: Callable[[str], None] =
     if not groups:
         return
     if not ray.is_initialized():
+        if address is None and not os.environ.get("RAY_ADDRESS"):
+            # A local instance: Ray starts its workers at niceness 15, so beside any other busy
+            # process a study's groups would crawl (CI under load took minutes per group).
+            os.environ.setdefault("RAY_worker_niceness", "0")
         ray.init(address=address, num_cpus=None if address else num_cpus, include_dashboard=False,
                  log_to_driver=True, configure_logging=False)
     task = ray.remote(num_cpus=cpus_per_task, num_gpus=gpus_per_task, max_retries=0)(_run_group_task)
