@@ -96,12 +96,7 @@ quickstart.by_cell()
 # its 95% Student-t interval, thin lines the individual runs.
 
 # %%
-from matplotlib.figure import Figure  # noqa: E402
-
-fig = Figure(figsize=(11, 4), layout="constrained")
-left, right = fig.subplots(1, 2)
-plots.curves(quickstart.metrics, "eval_greedy_accuracy", ax=left)
-plots.curves(quickstart.metrics, "reward_mean", smooth=10, runs=False, ax=right)
+fig = plots.learning_curves(quickstart.metrics)
 if not TOY:
     fig.savefig(FIGURES / "quickstart_curves.png", dpi=110)
 fig

@@ -27,7 +27,6 @@
 import os
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from IPython.display import display
 from matplotlib.figure import Figure
@@ -35,6 +34,7 @@ from matplotlib.figure import Figure
 import timsim
 from timsim import plots
 from timsim.config import SMOKE
+from timsim.summary import ci_half_width
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 TOY = os.environ.get("TIMSIM_NOTEBOOK_TOY") == "1"
@@ -88,7 +88,7 @@ shown = ["recompute", "bypass", "recompute+token_tis", "recompute+cis", "bypass+
          "recompute+score_centering", "bypass*token_tis (double count)"]
 summary = (oracle[oracle.estimator.isin(shown) & (oracle.scale > 0)]
            .groupby(["mode", "estimator", "scale"]).rel_bias
-           .agg(mean="mean", ci=lambda v: plots.mean_and_ci(pd.DataFrame([v.to_numpy()]))[1].iloc[0])
+           .agg(mean="mean", ci=ci_half_width)
            .reset_index())
 fig = Figure(figsize=(11, 4), layout="constrained")
 axes = fig.subplots(1, 2, sharey=True)

@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from IPython.display import display
 from matplotlib.figure import Figure
 
 import timsim

@@ -15,8 +15,8 @@ PACKAGE = Path(timsim.__file__).parent
 # Bottom to top: data flows tasks -> model/numerics -> sampler -> learner -> runs -> store-backed
 # runs -> executors -> experiments -> API -> CLI. A new module must be placed here on purpose.
 LAYERS = [
-    {"registry", "config_types", "keys", "faults", "numerics", "determinism", "kl", "metrics", "plots", "theory"},
-    {"tasks", "grpo", "corrections", "noise", "sources", "diagnostics", "summary", "store"},
+    {"registry", "config_types", "keys", "faults", "numerics", "determinism", "kl", "metrics", "theory"},
+    {"tasks", "grpo", "corrections", "noise", "sources", "diagnostics", "summary", "plots", "store"},
     {"config_mismatch", "config", "hyper", "catalogue"},
     {"model", "rollout"},
     {"sampler"},

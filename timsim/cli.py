@@ -216,10 +216,6 @@ def _report(args, console) -> int:
 def _export(args, console) -> int:
     import timsim
 
-    if args.every < 1:
-        from timsim.config import ConfigError
-
-        raise ConfigError(f"--every takes a positive number of steps, got {args.every}.")
     dest = timsim.export(args.path, args.dest, args.regenerate, args.every)
     console.print(f"exported {args.path} -> {dest} (reload with timsim.load({str(dest)!r}))")
     return 0

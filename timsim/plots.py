@@ -18,9 +18,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
-from scipy import stats
 
 from timsim.metrics import METRICS
+from timsim.summary import ci_half_width
 
 # Okabe & Ito (2008), "Color Universal Design": black first for the reference cell.
 OKABE_ITO = ("#000000", "#E69F00", "#56B4E9", "#009E73", "#0072B2", "#D55E00", "#CC79A7", "#F0E442")
@@ -46,10 +46,8 @@ def _axes(ax: Axes | None, size=(6, 4)) -> tuple[Figure, Axes]:
 
 
 def mean_and_ci(wide: pd.DataFrame, confidence: float = 0.95) -> tuple[pd.Series, pd.Series]:
-    """Row-wise mean over runs (columns) and the two-sided Student-t CI half-width (NaN below 2)."""
-    n = wide.notna().sum(axis=1)
-    t = pd.Series(stats.t.ppf(0.5 + confidence / 2, np.maximum(n - 1, 1)), index=wide.index)
-    return wide.mean(axis=1), (t * wide.std(axis=1, ddof=1) / np.sqrt(n)).where(n >= 2)
+    """Row-wise mean over runs (columns) and its CI half-width (`timsim.summary.ci_half_width`)."""
+    return wide.mean(axis=1), wide.apply(lambda row: ci_half_width(row.dropna(), confidence), axis=1)
 
 
 def curves(metrics: pd.DataFrame, metric: str = "eval_greedy_accuracy", cells=None, smooth: int = 1,
@@ -110,18 +108,23 @@ def dose_response(table: pd.DataFrame, x: str, y: str, yerr: str | None = None, 
     return fig
 
 
-def plot_curves(metrics: pd.DataFrame, path: str | Path, smooth: int = 10) -> Path:
-    """The two panels `timsim train/sweep` save beside the results: held-out greedy accuracy
-    and the (smoothed) training reward against step, mean ± CI over seeds per cell."""
+def learning_curves(metrics: pd.DataFrame, smooth: int = 10) -> Figure:
+    """Two panels: held-out greedy accuracy and the training reward (rolling mean over `smooth`
+    steps) against step, mean ± CI over seeds per cell, individual runs thin on the left."""
     fig = Figure(figsize=(11, 4), layout="constrained")
     left, right = fig.subplots(1, 2)
     curves(metrics, "eval_greedy_accuracy", ax=left)
-    curves(metrics, "reward_mean", smooth=smooth, ax=right)
+    curves(metrics, "reward_mean", smooth=smooth, runs=False, ax=right)
     for ax in (left, right):
         ax.set_ylim(-0.02, 1.02)
     right.get_legend().remove()
+    return fig
+
+
+def plot_curves(metrics: pd.DataFrame, path: str | Path, smooth: int = 10) -> Path:
+    """`learning_curves`, saved beside the results by `timsim train/sweep`."""
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    learning_curves(metrics, smooth).savefig(path, dpi=120)
     return path
 
 

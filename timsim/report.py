@@ -14,15 +14,11 @@ from timsim.config import Config
 from timsim.finder import margin_words
 from timsim.plots import plot_curves
 from timsim.store import load
-from timsim.summary import SUMMARY_METRICS, by_cell
+from timsim.summary import SUMMARY_METRICS, by_cell, format_ci
 from timsim.sweep_spec import estimate_seconds
 
 HEADERS = {"final_accuracy": "final acc", "peak_accuracy": "peak acc", "peak_step": "peak step",
            "final_reward": "final reward", "mean_mismatch_k3": "mean k3", "collapsed": "collapsed"}
-
-
-def _fmt(mean: float, ci: float) -> str:
-    return f"{mean:.3g}" if math.isnan(ci) else f"{mean:.3g} ± {ci:.2g}"
 
 
 def print_summary(summary: pd.DataFrame, console: Console) -> None:
@@ -40,7 +36,7 @@ def print_summary(summary: pd.DataFrame, console: Console) -> None:
     base = summary.groupby("cell_id", sort=False).base_accuracy.first()
     for _, row in cells.iterrows():
         table.add_row(str(row.cell_id), str(row.n), f"{base[row.cell_id]:.3g}",
-                      *(_fmt(row[m], row[f"{m}_ci95"]) for m in SUMMARY_METRICS))
+                      *(format_ci(row[m], row[f"{m}_ci95"]) for m in SUMMARY_METRICS))
     console.print(table)
 
 
@@ -55,8 +51,8 @@ def print_paired(table: pd.DataFrame, against: list[str], console: Console) -> N
     for r in table.to_dict("records"):
         collapsed = f"{r['collapse_rate']:.2f}" + ("" if pd.isna(r["first_collapse_step"]) else
                                                    f" (step {r['first_collapse_step']:.0f})")
-        out.add_row(r["cell"], str(r["seeds"]), _fmt(r["final_accuracy"], r["final_accuracy_ci"]),
-                    *[("-" if r["cell"] == ref else _fmt(r[f"minus_{ref}"], r[f"minus_{ref}_ci"])) for ref in against],
+        out.add_row(r["cell"], str(r["seeds"]), format_ci(r["final_accuracy"], r["final_accuracy_ci"]),
+                    *[("-" if r["cell"] == ref else format_ci(r[f"minus_{ref}"], r[f"minus_{ref}_ci"])) for ref in against],
                     collapsed, num(r["kl_sampler_learner"]), num(r["seq_kl"]), num(r["ratio_out_band_frac"]),
                     num(r["rejected_token_frac"]), num(r["probe_bypass_cos"]))
     console.print(out)
@@ -235,9 +231,9 @@ def print_dose_response(table: pd.DataFrame, record: dict, top_level: float, roo
     for r in table.itertuples():
         arm = [record["correction"] if r.arm == "corrected" else r.arm] if arms else []
         out.add_row(*arm, f"{r.level:.3g}", f"{r.scale:.3g}", f"{r.token_kl_base:.3g}", f"{r.seq_kl_base:.3g}",
-                    f"{r.mean_k3_training:.3g}", _fmt(r.final_accuracy, r.final_accuracy_ci),
-                    _fmt(r.peak_accuracy, r.peak_accuracy_ci), f"{r.collapse_rate:.2f}",
-                    _fmt(r.paired_diff, r.paired_diff_ci), "-" if math.isnan(r.gain_lost) or not r.level else
+                    f"{r.mean_k3_training:.3g}", format_ci(r.final_accuracy, r.final_accuracy_ci),
+                    format_ci(r.peak_accuracy, r.peak_accuracy_ci), f"{r.collapse_rate:.2f}",
+                    format_ci(r.paired_diff, r.paired_diff_ci), "-" if math.isnan(r.gain_lost) or not r.level else
                     f"{-r.gain_lost:+.0%}", "yes" if r.degrades else "no",
                     "-" if math.isnan(r.first_significant_step) else f"{r.first_significant_step:g}")
     console.print(out)

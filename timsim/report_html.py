@@ -17,7 +17,7 @@ from matplotlib.figure import Figure
 
 from timsim import plots
 from timsim.store import load
-from timsim.summary import SUMMARY_METRICS, by_cell, paired_table
+from timsim.summary import SUMMARY_METRICS, by_cell, format_ci, paired_table
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}
@@ -31,16 +31,12 @@ def _png(fig: Figure) -> str:
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
 
 
-def _ci(mean: float, ci: float) -> str:
-    return f"{mean:.3g}" if pd.isna(ci) else f"{mean:.3g} ± {ci:.2g}"
-
-
 def summary_frame(summary: pd.DataFrame) -> pd.DataFrame:
     """Per cell: n and each summary metric as 'mean ± 95% CI' over seeds."""
     cells = by_cell(summary)
     out = pd.DataFrame({"cell": cells.cell_id, "n": cells.n})
     for m in SUMMARY_METRICS:
-        out[m] = [_ci(a, b) for a, b in zip(cells[m], cells[f"{m}_ci95"])]
+        out[m] = [format_ci(a, b) for a, b in zip(cells[m], cells[f"{m}_ci95"])]
     return out
 
 
@@ -73,11 +69,7 @@ def write_report(path: str | Path, out: str | Path | None = None, against: str |
              f"<p>{summary.cell_id.nunique()} cells, {len(summary)} runs, {int(metrics.step.max())} steps. "
              "Accuracy is held-out greedy accuracy; ± is a 95% Student-t interval over seeds.</p>",
              "<h2>Summary per cell</h2>", summary_frame(summary).to_html(index=False, escape=True)]
-    fig = Figure(figsize=(11, 4), layout="constrained")
-    left, right = fig.subplots(1, 2)
-    plots.curves(metrics, "eval_greedy_accuracy", ax=left)
-    plots.curves(metrics, "reward_mean", smooth=10, ax=right, runs=False)
-    parts += ["<h2>Learning curves</h2>", _png(fig)]
+    parts += ["<h2>Learning curves</h2>", _png(plots.learning_curves(metrics))]
     if "kl_sampler_learner" in metrics and metrics.kl_sampler_learner.gt(0).any():
         fig = plots.curves(metrics[metrics.step > 0], "kl_sampler_learner", smooth=10, runs=False)
         fig.axes[0].set_yscale("log")

@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from timsim import faults
+from timsim.config_types import ConfigError
 
 SCHEMA_VERSION = 1
 
@@ -229,6 +230,8 @@ def export(root: str | Path, dest: str | Path, command: str, every: int = 1) -> 
     results and how they were thinned), the resolved config, the summary as is, and the
     metrics as one float32 zstd Parquet part, keeping every `every`-th step and every step
     with an evaluation or a probe. `timsim.load(dest)` reads it like the original."""
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"--every takes a positive number of steps (every= in timsim.export), got {every!r}.")
     root, dest = Path(root), Path(dest)
     metrics, summary = load(root)
     if every > 1:

@@ -41,6 +41,12 @@ def ci_half_width(values, confidence: float = 0.95) -> float:
     return float(stats.t.ppf(0.5 + confidence / 2, values.size - 1) * values.std(ddof=1) / math.sqrt(values.size))
 
 
+def format_ci(mean: float, ci: float) -> str:
+    """'mean ± ci' to 3 and 2 significant digits ('mean' alone when the CI is NaN): the one
+    format of an interval in timsim's tables and reports."""
+    return f"{mean:.3g}" if math.isnan(ci) else f"{mean:.3g} ± {ci:.2g}"
+
+
 def collapse(trained: pd.DataFrame, fraction: float = COLLAPSE_FRACTION, window: int = COLLAPSE_WINDOW) -> dict:
     """Peak of the smoothed reward (rolling mean over `window` steps) and its step; the collapse
     step: the first step after the peak whose smoothed reward is below `fraction` of the peak,
