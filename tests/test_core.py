@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from flax import nnx
 
-from timsim.config import load_config
-from timsim.model import init_model
+from timsim.config import load_config, static_view
+from timsim.model import init_model, response_forward
 from timsim.rollout import learner_logprobs, sample
 import timsim
 from timsim import hyper
@@ -18,7 +18,7 @@ from timsim.plan import Cell, stack_hyperparams
 from timsim.runner import load_trained_params
 from timsim.store import Store, load
 from timsim.tasks import EOS, PAD, VOCAB_SIZE
-from timsim.step import init_state, make_chunk, place
+from timsim.step import init_state, make_chunk, make_step, place
 
 
 def test_sampler_shapes_eos_and_padding(tiny_cfg, tiny_base):
@@ -66,6 +66,43 @@ def test_padding_does_not_leak_into_learner_logprobs(tiny_cfg, tiny_base):
     a = learner_logprobs(model, prompts, out.responses, out.mask, 1.0)[0]
     b = learner_logprobs(model, prompts, garbage, out.mask, 1.0)[0]
     assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_group_runs_its_prompt_once(tiny_cfg, tiny_base):
+    """GRPO's samples of a prompt share it: with `group`, the teacher-forced forward and the
+    sampler's prefill run each prompt once, and compute what running it per response does (to
+    float rounding: other shapes)."""
+    graphdef, params, _ = tiny_base
+    model = nnx.merge(graphdef, params)
+    prompts = jnp.repeat(tiny_cfg.task.build().sample(jax.random.key(8), 8), 4, axis=0)
+    responses = jax.random.randint(jax.random.key(9), (32, 6), 0, VOCAB_SIZE)
+    full, shared = (response_forward(model, prompts, responses, group=g)[0] for g in (1, 4))
+    assert shared.shape == full.shape == (32, 6, VOCAB_SIZE)
+    np.testing.assert_allclose(shared, full, atol=1e-5)
+    per_row, per_group = (sample(model, prompts, jax.random.key(10), 1.0, 6, greedy=True, group=g) for g in (1, 4))
+    assert np.array_equal(per_row.responses, per_group.responses)
+    np.testing.assert_allclose(per_group.logp_decode, per_row.logp_decode, atol=1e-5)
+
+
+@pytest.mark.parametrize("extra", [[], ["grpo.old_logprobs=bypass", "perturbation.logit_noise.family=gaussian",
+                                        "perturbation.logit_noise.scale=0.5", "correction.kinds=[token_tis]"]])
+def test_one_forward_for_pi_old_and_the_update_is_the_two_forwards(tiny_overrides, tiny_base, extra):
+    """With one minibatch the learner's forward that reports pi_old is the first update's own
+    (its vjp carries the gradient): one step computes what a separate pi_old forward does, to
+    float rounding, from the same sampled batch."""
+    cfg = load_config(None, tiny_overrides + extra)
+    graphdef, params, _ = tiny_base
+    hp = hyper.of(cfg)
+    state = init_state(params, hp)
+    outs = [jax.jit(make_step(static_view(cfg), cfg.task.build(), graphdef, share_forward=share))(state, hp, params)
+            for share in (True, False)]
+    (shared_state, shared), (separate_state, separate) = outs
+    assert np.array_equal(shared["reward_mean"], separate["reward_mean"])  # the same sampled batch
+    for name in separate:
+        np.testing.assert_allclose(shared[name], separate[name], rtol=2e-4, atol=1e-6, err_msg=name)
+    for a, b in zip(jax.tree.leaves(shared_state.params), jax.tree.leaves(separate_state.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert float(shared["update_norm"]) > 0
 
 
 def train_metrics(cfg, base, n_chunks: int = 1):

@@ -34,7 +34,10 @@ def test_top_k_of_the_whole_vocabulary_is_bit_identical_to_zero_mismatch(tiny_ov
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=top_k",
                                               f"perturbation.logit_noise.top_k={VOCAB_SIZE}"])
     _, metrics = train_metrics(cfg, tiny_base)
-    assert_same_training(zero_run, metrics)
+    # the entropies of both distributions come from another fusion of the same arithmetic
+    # than the zero run's (a different program): equal to float32 rounding; the tokens, the
+    # rewards, every delta and the update bit for bit
+    assert_same_training(zero_run, metrics, rounding=("entropy_sampler", "entropy_learner"))
 
 
 @pytest.mark.parametrize("family", ["top_k"])  # top_p: the same identities, exactly, in tests/test_theory.py

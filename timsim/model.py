@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Callable, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -129,6 +130,22 @@ class Block(nnx.Module):
         out, experts, balance = self._mlp(x_NSD, nm, jnp.arange(s), layer, routing)
         return x_NSD + out, k, v, experts, balance
 
+    def forward_shared_prefix(self, x_BPD, x_NTD, group: int, nm: Numerics = FP32):
+        """Causal forward of N = B * group sequences whose first P positions are their group's
+        (dense MLP): the prefix runs once per group, each suffix attends to its group's prefix
+        keys and values and to its own. Returns the updated (prefix, suffix)."""
+        p, t = x_BPD.shape[1], x_NTD.shape[1]
+        q_prefix, k_prefix, v_prefix = self._heads(x_BPD, nm)
+        q_suffix, k_suffix, v_suffix = self._heads(x_NTD, nm)
+        x_BPD = x_BPD + self._attend(q_prefix, k_prefix, v_prefix, jnp.tril(jnp.ones((p, p), bool)), nm)
+        k_NHSK = jnp.concatenate([jnp.repeat(k_prefix, group, axis=0), k_suffix], axis=2)
+        v_NHSK = jnp.concatenate([jnp.repeat(v_prefix, group, axis=0), v_suffix], axis=2)
+        allowed_TS = jnp.concatenate([jnp.ones((t, p), bool), jnp.tril(jnp.ones((t, t), bool))], axis=1)
+        x_NTD = x_NTD + self._attend(q_suffix, k_NHSK, v_NHSK, allowed_TS, nm)
+        x_BPD = x_BPD + self._mlp(x_BPD, nm, jnp.arange(p), 0, None)[0]
+        x_NTD = x_NTD + self._mlp(x_NTD, nm, p + jnp.arange(t), 0, None)[0]
+        return x_BPD, x_NTD
+
     def decode(self, x_N1D, pos, k_cache_NHSK, v_cache_NHSK, nm: Numerics = FP32, layer: int = 0,
                routing: Routing | None = None):
         q, k, v = self._heads(x_N1D, nm)
@@ -165,6 +182,18 @@ class Transformer(nnx.Module):
             routes.append(experts)
             balance = balance + layer_balance
         return self._logits(x, nm), (tuple(routes) if self.cfg.experts else None), balance
+
+    def response_logits_shared_prefix(self, prompts_BP, responses_NT, group: int, nm: Numerics = FP32):
+        """Teacher-forced logits [N, T, V] of each response after its prompt, for N = B * group
+        responses whose group shares one prompt (rows g * group ... g * group + group - 1): every
+        prompt position runs once per group instead of once per response (dense MLP only)."""
+        p, t = prompts_BP.shape[1], responses_NT.shape[1]
+        x_prefix = self._embed(prompts_BP, jnp.arange(p), nm)
+        x_suffix = self._embed(responses_NT[:, :-1], p + jnp.arange(t - 1), nm)
+        for block in self.blocks:
+            x_prefix, x_suffix = block.forward_shared_prefix(x_prefix, x_suffix, group, nm)
+        first = jnp.repeat(self._logits(x_prefix[:, -1:], nm), group, axis=0)  # predicts response token 0
+        return jnp.concatenate([first, self._logits(x_suffix, nm)], axis=1)
 
     def _logits(self, x, nm):
         return nm.round(dense(self.head, nm.round(self.ln_final(x), "activations"), nm), "logits")
@@ -212,9 +241,15 @@ def response_logits(model: Transformer, prompts_NP: jax.Array, responses_NT: jax
 
 
 def response_forward(model: Transformer, prompts_NP: jax.Array, responses_NT: jax.Array, nm: Numerics = FP32,
-                     routing: Routing | None = None):
+                     routing: Routing | None = None, group: int = 1):
     """`response_logits`, the experts chosen at every position of prompt + response (per layer
-    [N, P + T - 1, k], None for a dense model) and the load-balancing loss."""
+    [N, P + T - 1, k], None for a dense model) and the load-balancing loss. `group`: rows come
+    in groups of this many with one prompt (GRPO's samples of a prompt); a dense model then
+    runs each prompt once (`Transformer.response_logits_shared_prefix`)."""
+    if group > 1 and not model.cfg.experts:
+        chex.assert_equal(prompts_NP.shape[0] % group, 0)
+        logits = model.response_logits_shared_prefix(prompts_NP[::group], responses_NT, group, nm)
+        return logits, None, jnp.zeros(())
     tokens = jnp.concatenate([prompts_NP, responses_NT], axis=1)[:, :-1]
     logits, routes, balance = model.forward(tokens, nm, routing)
     return logits[:, prompts_NP.shape[1] - 1 :], routes, balance

@@ -57,8 +57,9 @@ def make_probe(cfg: Config, task: Task, graphdef) -> Callable:
     twin = sampler.twin()
     collect, collect_twin = make_collect(cfg, task, sampler), make_collect(cfg, task, twin)
     no_correction = cfg.correction.without_corrections()
-    losses = {mode: (make_loss(cfg, graphdef, sampler.spec, recompute_first=mode == "recompute"),
-                     make_loss(cfg, graphdef, twin.spec, recompute_first=mode == "recompute")) for mode in MODES}
+    group = cfg.grpo.group_size  # full batches: whole groups
+    losses = {mode: (make_loss(cfg, graphdef, sampler.spec, mode == "recompute", group),
+                     make_loss(cfg, graphdef, twin.spec, mode == "recompute", group)) for mode in MODES}
 
     def gradients(loss_fn, batch, params, ref_params, hp) -> list:
         """Gradients of the full loss and of its A > 0 and A < 0 parts (with the full loss's

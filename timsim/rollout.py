@@ -28,13 +28,18 @@ class Rollout(NamedTuple):
 
 def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperature,
            response_len: int, greedy: bool = False, logits_fn: Callable | None = None,
-           nm: Numerics = FP32, routing: Routing | None = None) -> Rollout:
+           nm: Numerics = FP32, routing: Routing | None = None, group: int = 1) -> Rollout:
     """Sample `response_len` tokens after each prompt; `greedy` takes the argmax instead.
     `logits_fn(logits_NV, t, context_hash_N)` is the sampler's perturbation of response
     position t's logits (the hash identifies prompt + response so far), `nm` the numerics of
-    its forward, `routing` its router perturbation (mixture of experts)."""
+    its forward, `routing` its router perturbation (mixture of experts). `group`: rows share
+    their prompt in groups of this many; a dense model then prefills each prompt once."""
     n, p = prompts_NP.shape
-    cache = model.prefill(prompts_NP[:, :-1], p + response_len, nm, routing)
+    if group > 1 and not model.cfg.experts:
+        cache = model.prefill(prompts_NP[::group, :-1], p + response_len, nm, routing)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, group, axis=0), cache)
+    else:
+        cache = model.prefill(prompts_NP[:, :-1], p + response_len, nm, routing)
 
     def generate(carry, t):
         cache, token, done, context = carry
@@ -78,12 +83,13 @@ def prefix_hashes(prompts_NP: jax.Array, responses_NT: jax.Array) -> jax.Array:
 
 
 def learner_logprobs(model: Transformer, prompts_NP, responses_NT, mask_NT, temperature, nm: Numerics = FP32,
-                     transform: Callable | None = None, routing: Routing | None = None):
+                     transform: Callable | None = None, routing: Routing | None = None, group: int = 1):
     """The learner's per-token log-probs of given responses (teacher forcing), 0 on padding,
     the full log-softmax [N, T, V] (for entropies and exact divergences) and the
     load-balancing loss (0 for a dense model). `transform`: a logit transform the learner
-    applies (the consistent fix for a one-sided sampler one); `routing`: replayed experts."""
-    logits, _, balance = response_forward(model, prompts_NP, responses_NT, nm, routing)
+    applies (the consistent fix for a one-sided sampler one); `routing`: replayed experts;
+    `group`: rows share their prompt in groups of this many (`model.response_forward`)."""
+    logits, _, balance = response_forward(model, prompts_NP, responses_NT, nm, routing, group)
     if transform is not None:
         logits = transform(logits)
     logp, logp_all = token_logprobs(logits, responses_NT, temperature)

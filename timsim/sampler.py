@@ -143,22 +143,20 @@ def decode_logits_fn(spec: SamplerSpec, noise_key: jax.Array, knobs: dict) -> Ca
     return lambda logits, t, hashes: spec.noise_fn(jax.random.fold_in(noise_key, t), logits, knobs)
 
 
-def teacher_forced_pair(spec: SamplerSpec, model, sampler, prompts_NP, responses_NT, routing: Routing | None,
-                        replay: str = "none"):
-    """Teacher-forced forwards of both sides over the sampled responses: (learner logits,
-    learner's experts, sampler logits before its logit noise, sampler's experts); experts are
-    per layer [N, P + T - 1, k], None for a dense model. The sampler runs its own forward only
-    when it differs (other weights, numerics or routing); else both are the learner's.
-    `replay="r3"`: the learner's forward uses the experts the sampler chose (R3)."""
-    logits_sampler = routes_sampler = None
-    if spec.separate_forward:
-        logits_sampler, routes_sampler, _ = response_forward(sampler, prompts_NP, responses_NT, spec.sampler_nm,
-                                                             routing)
-    learner_routing = Routing(replay=routes_sampler) if replay == "r3" and routes_sampler is not None else None
-    logits, routes, _ = response_forward(model, prompts_NP, responses_NT, spec.learner_nm, learner_routing)
-    if logits_sampler is None:
-        logits_sampler, routes_sampler = logits, routes
-    return logits, routes, logits_sampler, routes_sampler
+def sampler_forward(spec: SamplerSpec, sampler, prompts_NP, responses_NT, routing: Routing | None, group: int = 1):
+    """The sampler's own teacher-forced forward over its responses, when it differs from the
+    learner's (other weights, numerics or routing): (logits before its logit noise, experts per
+    layer [N, P + T - 1, k] or None for a dense model); (None, None) when it is the learner's.
+    `group`: rows share their prompt in groups of this many (`model.response_forward`)."""
+    if not spec.separate_forward:
+        return None, None
+    logits, routes, _ = response_forward(sampler, prompts_NP, responses_NT, spec.sampler_nm, routing, group)
+    return logits, routes
+
+
+def learner_routing(routes_sampler: tuple | None, replay: str) -> Routing | None:
+    """`replay="r3"`: the learner's forward uses the experts the sampler chose (R3)."""
+    return Routing(replay=routes_sampler) if replay == "r3" and routes_sampler is not None else None
 
 
 def report_logits(spec: SamplerSpec, sampler_logits_NTV, prompts_NP, responses_NT, noise_key: jax.Array,
@@ -230,28 +228,43 @@ class Sampler:
         return self.spec.noise_fn is None and not self.spec.separate_forward
 
     def generate(self, params, learner_model, prompts_NP, keys: SamplerKeys, hp,
-                 greedy: bool = False) -> tuple[Rollout, Any, Routing | None]:
+                 greedy: bool = False, group: int = 1) -> tuple[Rollout, Any, Routing | None]:
         """Sample responses with the sampler's weights, numerics, router and logit noise:
-        (rollout, the sampler's model, its routing perturbation)."""
+        (rollout, the sampler's model, its routing perturbation). `group`: rows share their
+        prompt in groups of this many (`rollout.sample`)."""
         knobs = noise_knobs(hp)
         model = sampler_model(self.spec, self.graphdef, params, learner_model, keys.weight, hp)
         routing = sampler_routing(self.spec, keys.router, hp)
         rollout = sample(model, prompts_NP, keys.sample, hp.sampler.temperature, self.response_len, greedy=greedy,
                          logits_fn=decode_logits_fn(self.spec, keys.noise, knobs), nm=self.spec.sampler_nm,
-                         routing=routing)
+                         routing=routing, group=group)
         return rollout, model, routing
 
     def report(self, learner_model, sampler_model_, prompts_NP, responses_NT, routing: Routing | None,
                noise_key: jax.Array, hp) -> Report:
         """Teacher-forced log-probs of both sides at the sampled responses. The zero-mismatch
         sampler reports the learner's own, bit for bit."""
+        logits_sampler, routes_sampler = sampler_forward(self.spec, sampler_model_, prompts_NP, responses_NT, routing)
+        logits, routes, _ = response_forward(learner_model, prompts_NP, responses_NT, self.spec.learner_nm,
+                                             learner_routing(routes_sampler, self.routing_replay))
+        return self.report_from_logits(logits, routes, logits_sampler, routes_sampler, prompts_NP, responses_NT,
+                                       noise_key, hp)
+
+    def report_from_logits(self, logits_NTV, routes, logits_sampler_NTV, routes_sampler, prompts_NP, responses_NT,
+                           noise_key: jax.Array, hp) -> Report:
+        """`report` from forwards already run: the learner's teacher-forced logits (and experts)
+        and the sampler's own (None when it has no separate forward: then it starts from the
+        learner's)."""
         knobs, temperature = noise_knobs(hp), hp.sampler.temperature
-        logits, routes, logits_sampler, routes_sampler = teacher_forced_pair(
-            self.spec, learner_model, sampler_model_, prompts_NP, responses_NT, routing, self.routing_replay)
-        logp_learner, logp_all_learner = token_logprobs(learner_transform(self.spec, knobs)(logits), responses_NT,
-                                                        temperature)
+        if logits_sampler_NTV is None:
+            logits_sampler_NTV, routes_sampler = logits_NTV, routes
+        logits_learner = learner_transform(self.spec, knobs)(logits_NTV)
         if self.is_learner:
+            logp_learner, logp_all_learner = token_logprobs(logits_learner, responses_NT, temperature)
             return Report(logp_learner, logp_all_learner, logp_learner, logp_all_learner, routes, routes_sampler)
-        logits_sampler = report_logits(self.spec, logits_sampler, prompts_NP, responses_NT, noise_key, knobs)
-        logp_sampler, logp_all_sampler = token_logprobs(logits_sampler, responses_NT, temperature)
-        return Report(logp_learner, logp_all_learner, logp_sampler, logp_all_sampler, routes, routes_sampler)
+        logits_sampler = report_logits(self.spec, logits_sampler_NTV, prompts_NP, responses_NT, noise_key, knobs)
+        # both sides through one log-softmax: equal logits give equal log-probs bit for bit,
+        # however XLA fuses the program (a no-op perturbation then reports delta == 0 exactly)
+        logp_2NT, logp_all_2NTV = token_logprobs(jnp.stack([logits_learner, logits_sampler]),
+                                                 jnp.stack([responses_NT, responses_NT]), temperature)
+        return Report(logp_2NT[0], logp_all_2NTV[0], logp_2NT[1], logp_all_2NTV[1], routes, routes_sampler)

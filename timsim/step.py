@@ -22,10 +22,10 @@ from timsim.config import Config
 from timsim.corrections import apply_corrections, centered_score_logp, correction_metrics, make_inputs
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics, routing_metrics
-from timsim.model import Routing
+from timsim.model import Routing, response_forward, token_logprobs
 from timsim.rollout import learner_logprobs
-from timsim.sampler import (Sampler, SamplerKeys, SamplerSpec, learner_transform, noise_key_for, noise_knobs,
-                            weight_noise_key)
+from timsim.sampler import (Sampler, SamplerKeys, SamplerSpec, learner_routing, learner_transform, noise_key_for,
+                            noise_knobs, sampler_forward, weight_noise_key)
 from timsim.tasks import Task, eval_prompts
 
 class RunState(NamedTuple):
@@ -57,29 +57,84 @@ class Collected(NamedTuple):
     routes_sampler: tuple | None
 
 
-def make_collect(cfg: Config, task: Task, sampler: Sampler) -> Callable:
-    """`collect(old_params, hp, step) -> Collected`: sample a batch with `sampler` from the policy
-    `old_params`. Every draw is keyed by (seed, purpose, step), so two samplers (a config's
-    and its zero-mismatch twin) see the same prompts and the same random numbers."""
-    g = cfg.grpo
-    n_prompts, group = g.prompts_per_step, g.group_size
+class Generated(NamedTuple):
+    """One step's rollouts before the learner's forward: the sampler's side only."""
 
-    def collect(old_params, hp, step) -> Collected:
+    prompts_N: jax.Array  # [N, P] each prompt repeated group-size times
+    responses_NT: jax.Array
+    mask_NT: jax.Array
+    logp_decode_NT: jax.Array
+    logits_sampler_NTV: jax.Array | None  # the sampler's own teacher-forced forward (None: the learner's)
+    routes_sampler: tuple | None
+    noise_key: jax.Array
+
+
+def make_generate(cfg: Config, task: Task, sampler: Sampler) -> Callable:
+    """`generate(old_params, hp, step) -> Generated`: sample a batch with `sampler` from the policy
+    `old_params` and run the sampler's own teacher-forced forward if it has one. Every draw is
+    keyed by (seed, purpose, step), so two samplers (a config's and its zero-mismatch twin) see
+    the same prompts and the same random numbers."""
+    g = cfg.grpo
+
+    def generate(old_params, hp, step) -> Generated:
         seed = hp.seed.astype(jnp.int32)
         model = nnx.merge(sampler.graphdef, old_params)
-        prompts = task.sample(step_key(seed, "prompts", step), n_prompts, "train")
-        prompts_N = jnp.repeat(prompts, group, axis=0)
+        prompts = task.sample(step_key(seed, "prompts", step), g.prompts_per_step, "train")
+        prompts_N = jnp.repeat(prompts, g.group_size, axis=0)
         keys = SamplerKeys(sample=step_key(seed, "sample", step), noise=noise_key_for(sampler.spec, seed, step),
                            weight=weight_noise_key(sampler.spec, seed, step),
                            router=step_key(seed, "router_noise", step))
-        rollout, sampler_model, routing = sampler.generate(old_params, model, prompts_N, keys, hp)
-        responses, mask = rollout.responses, rollout.mask
-        chex.assert_shape([responses, mask], (n_prompts * group, cfg.response_len))
-        r = sampler.report(model, sampler_model, prompts_N, responses, routing, keys.noise, hp)
-        reward = task.reward(prompts_N, responses, cfg.task.partial_credit)
-        return Collected(prompts_N, responses, mask, r.logp_learner_NT * mask, r.logp_sampler_NT * mask,
-                         r.logp_all_learner_NTV, r.logp_all_sampler_NTV, rollout.logp_decode, reward,
-                         grpo.advantages(reward, group, g.advantage), r.routes_learner, r.routes_sampler)
+        rollout, sampler_model, routing = sampler.generate(old_params, model, prompts_N, keys, hp, group=g.group_size)
+        chex.assert_shape([rollout.responses, rollout.mask], (g.prompts_per_step * g.group_size, cfg.response_len))
+        logits_sampler, routes_sampler = sampler_forward(sampler.spec, sampler_model, prompts_N, rollout.responses,
+                                                         routing, g.group_size)
+        return Generated(prompts_N, rollout.responses, rollout.mask, rollout.logp_decode, logits_sampler,
+                         routes_sampler, keys.noise)
+
+    return generate
+
+
+def make_learner_forward(sampler: Sampler, group: int) -> Callable:
+    """`forward(params, generated) -> ((logits [N, T, V], balance), experts)`: the learner's clean
+    teacher-forced forward over the sampled responses (under R3 replaying the sampler's experts),
+    each prompt run once per `group` of its samples."""
+
+    def forward(params, gen: Generated):
+        model = nnx.merge(sampler.graphdef, params)
+        logits, routes, balance = response_forward(model, gen.prompts_N, gen.responses_NT, sampler.spec.learner_nm,
+                                                   learner_routing(gen.routes_sampler, sampler.routing_replay), group)
+        return (logits, balance), routes
+
+    return forward
+
+
+def make_finish(cfg: Config, task: Task, sampler: Sampler) -> Callable:
+    """`finish(generated, learner_logits, learner_routes, hp) -> Collected`: both sides' reports,
+    rewards and advantages, from forwards already run."""
+    g = cfg.grpo
+
+    def finish(gen: Generated, logits_NTV, routes, hp) -> Collected:
+        r = sampler.report_from_logits(logits_NTV, routes, gen.logits_sampler_NTV, gen.routes_sampler, gen.prompts_N,
+                                       gen.responses_NT, gen.noise_key, hp)
+        mask = gen.mask_NT
+        reward = task.reward(gen.prompts_N, gen.responses_NT, cfg.task.partial_credit)
+        return Collected(gen.prompts_N, gen.responses_NT, mask, r.logp_learner_NT * mask, r.logp_sampler_NT * mask,
+                         r.logp_all_learner_NTV, r.logp_all_sampler_NTV, gen.logp_decode_NT, reward,
+                         grpo.advantages(reward, g.group_size, g.advantage), r.routes_learner, r.routes_sampler)
+
+    return finish
+
+
+def make_collect(cfg: Config, task: Task, sampler: Sampler) -> Callable:
+    """`collect(old_params, hp, step) -> Collected`: sample a batch (`make_generate`) and report
+    both sides' log-probs of it, with the learner's own forward at `old_params`."""
+    generate, forward, finish = (make_generate(cfg, task, sampler), make_learner_forward(sampler, cfg.grpo.group_size),
+                                 make_finish(cfg, task, sampler))
+
+    def collect(old_params, hp, step) -> Collected:
+        gen = generate(old_params, hp, step)
+        (logits, _), routes = forward(old_params, gen)
+        return finish(gen, logits, routes, hp)
 
     return collect
 
@@ -146,19 +201,18 @@ def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | Non
     return objective
 
 
-def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -> Callable:
-    """`loss(params, ref_params, batch: LearnerBatch, hp, first_update) -> (loss, aux)`: the
-    learner's forward, `make_objective`, the load-balancing loss and the reference KL."""
+def make_loss_of_forward(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool, group: int = 1) -> Callable:
+    """`loss(logits_NTV, balance, ref_params, batch, hp, first_update) -> (loss, aux)` from the
+    learner's forward already run: `make_objective`, the load-balancing loss and the reference KL.
+    `group`: the batch's rows share their prompt in groups of this many (1: no assumption)."""
     g = cfg.grpo
     objective = make_objective(cfg, recompute_first)
 
-    def loss_fn(params, ref_params, batch: LearnerBatch, hp, first_update):
-        model = nnx.merge(graphdef, params)
+    def loss_of_forward(logits_NTV, balance, ref_params, batch: LearnerBatch, hp, first_update):
         temperature = hp.sampler.temperature
         transform = learner_transform(spec, noise_knobs(hp))
-        routing = None if batch.replay is None else Routing(replay=batch.replay)
-        logp, logp_all, balance = learner_logprobs(model, batch.prompts_N, batch.responses_NT, batch.mask_NT,
-                                                   temperature, spec.learner_nm, transform, routing)
+        logp, logp_all = token_logprobs(transform(logits_NTV), batch.responses_NT, temperature)
+        logp = logp * batch.mask_NT
         loss, clipped, ratio, entropy_NT, logp = objective(logp, logp_all, batch, hp, first_update)
         mask = batch.keep_NT
         if cfg.model.experts:
@@ -166,8 +220,10 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
         kl_ref = jnp.zeros(())
         if g.kl_ref != "none":
             ref = nnx.merge(graphdef, ref_params)
+            routing = None if batch.replay is None else Routing(replay=batch.replay)
             logp_ref = jax.lax.stop_gradient(learner_logprobs(ref, batch.prompts_N, batch.responses_NT, mask,
-                                                              temperature, spec.learner_nm, transform, routing)[0])
+                                                              temperature, spec.learner_nm, transform, routing,
+                                                              group)[0])
             kl_NT = grpo.kl_to_reference(logp, logp_ref, g.kl_ref)
             kl_ref = grpo.masked_mean(kl_NT, mask)
             loss = loss + hp.grpo.kl_coef * grpo.aggregate(kl_NT, mask, g.loss_agg)
@@ -175,13 +231,31 @@ def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool) -
                "kl_ref": kl_ref, "ratio_dev_max": jnp.abs((ratio - 1.0) * mask).max()}
         return loss, aux
 
+    return loss_of_forward
+
+
+def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool, group: int = 1) -> Callable:
+    """`loss(params, ref_params, batch: LearnerBatch, hp, first_update) -> (loss, aux)`: the
+    learner's forward (replaying `batch.replay`'s experts) and `make_loss_of_forward`. `group`:
+    the batch's rows share their prompt in groups of this many (1: no assumption)."""
+    loss_of_forward = make_loss_of_forward(cfg, graphdef, spec, recompute_first, group)
+
+    def loss_fn(params, ref_params, batch: LearnerBatch, hp, first_update):
+        model = nnx.merge(graphdef, params)
+        routing = None if batch.replay is None else Routing(replay=batch.replay)
+        logits, _, balance = response_forward(model, batch.prompts_N, batch.responses_NT, spec.learner_nm, routing,
+                                              group)
+        return loss_of_forward(logits, balance, ref_params, batch, hp, first_update)
+
     return loss_fn
 
 
-def make_step(cfg: Config, task: Task, graphdef) -> Callable:
+def make_step(cfg: Config, task: Task, graphdef, share_forward: bool = True) -> Callable:
     """Build `step(state, hp, ref_params) -> (state, metrics)` for one run.
 
-    `cfg` must be a static view: traced fields are read from `hp` only."""
+    `cfg` must be a static view: traced fields are read from `hp` only. `share_forward=False`
+    runs the learner's forward for pi_old apart from the loss's even where they could be one
+    (the reference the tests hold the shared one to)."""
     g = cfg.grpo
     n_mb = g.minibatches
     n = g.prompts_per_step * g.group_size
@@ -189,31 +263,28 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
     spec = sampler.spec
     corr = cfg.correction
     lag = cfg.perturbation.lag_steps
-    collect = make_collect(cfg, task, sampler)
-    grad_fn = jax.value_and_grad(make_loss(cfg, graphdef, spec, g.old_logprobs == "recompute" and not lag),
-                                 has_aux=True)
+    recompute_first = g.old_logprobs == "recompute" and not lag
+    # a minibatch of whole groups runs each prompt once (minibatches are contiguous rows)
+    group = g.group_size if (n // n_mb) % g.group_size == 0 else 1
+    grad_fn = jax.value_and_grad(make_loss(cfg, graphdef, spec, recompute_first, group), has_aux=True)
+    # One forward for pi_old and the first update: with one minibatch and no lag the first
+    # update runs at theta == theta_old on the whole batch, so the learner's forward that
+    # reports pi_old is the loss's own; it runs once, and its vjp carries the gradient.
+    # A sampler with a forward of its own (weights, numerics, router) keeps a separate learner
+    # forward for pi_old, fused as its own is: at zero strength the two then agree bit for bit.
+    shared_forward = share_forward and n_mb == 1 and not lag and not spec.separate_forward
+    generate, learner_forward, finish = (make_generate(cfg, task, sampler), make_learner_forward(sampler, g.group_size),
+                                         make_finish(cfg, task, sampler))
+    loss_of_forward_grad = jax.value_and_grad(make_loss_of_forward(cfg, graphdef, spec, recompute_first, group),
+                                              argnums=(0, 1), has_aux=True)
 
     def step(state: RunState, hp: hyper.Hyper, ref_params) -> tuple[RunState, dict]:
         # With async lag the sampler runs (and recompute uses) the weights of `lag` updates ago:
         # delta then measures numerics only and the PPO ratio measures staleness (DESIGN §8.2).
         old_params = state.params if not lag else jax.tree.map(lambda b: b[state.step % lag], state.lagged)
-
-        # COLLECT and REPORT: the sampler generates a batch and reports log mu of it; the learner's
-        # teacher-forced forward gives pi_old (`Sampler.generate`, `Sampler.report`).
-        c = collect(old_params, hp, state.step)
-
-        # CORRECT: the ratio's denominator (recompute: pi_old, bypass: mu) and the corrections'
-        # weights and masks, computed once from stopped quantities.
-        batch = learner_batch(c, hp, g.old_logprobs, corr)
-        any_kept = batch.keep_NT.sum() > 0  # a batch with every token rejected skips its update (counted)
-        batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
         tx = grpo.make_optimizer(hp.grpo)
 
-        # UPDATE: epochs x minibatches optimizer steps on the policy loss.
-        def update(carry, i):
-            params, opt_state = carry
-            mb = jax.tree.map(lambda x: x[i % n_mb], batch_mb)
-            (loss, aux), grads = grad_fn(params, ref_params, mb, hp, i == 0)
+        def apply(params, opt_state, loss, grads, aux):
             grad_norm = optax.tree.norm(grads)
             updates, new_opt_state = tx.update(grads, opt_state, params)
             # a non-finite loss or gradient leaves this run's weights untouched (and is counted);
@@ -223,8 +294,40 @@ def make_step(cfg: Config, task: Task, graphdef) -> Callable:
                                              (optax.apply_updates(params, updates), new_opt_state), (params, opt_state))
             return (params, opt_state), {"loss": loss, "grad_norm": grad_norm, "nonfinite_update": 1.0 - finite, **aux}
 
-        (params, opt_state), per_update = jax.lax.scan(
-            update, (state.params, state.opt_state), jnp.arange(g.epochs * n_mb))
+        # COLLECT and REPORT: the sampler generates a batch and reports log mu of it; the learner's
+        # teacher-forced forward gives pi_old (`Sampler.generate`, `Sampler.report_from_logits`).
+        gen = generate(old_params, hp, state.step)
+        forward = functools.partial(learner_forward, gen=gen)
+        if shared_forward:
+            (logits, balance), forward_vjp, routes = jax.vjp(forward, state.params, has_aux=True)
+        else:
+            (logits, _), routes = forward(old_params)
+        c = finish(gen, logits, routes, hp)
+
+        # CORRECT: the ratio's denominator (recompute: pi_old, bypass: mu) and the corrections'
+        # weights and masks, computed once from stopped quantities.
+        batch = learner_batch(c, hp, g.old_logprobs, corr)
+        any_kept = batch.keep_NT.sum() > 0  # a batch with every token rejected skips its update (counted)
+        batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
+
+        # UPDATE: epochs x minibatches optimizer steps on the policy loss.
+        def update(carry, i):
+            params, opt_state = carry
+            mb = jax.tree.map(lambda x: x[i % n_mb], batch_mb)
+            (loss, aux), grads = grad_fn(params, ref_params, mb, hp, i == 0)
+            return apply(params, opt_state, loss, grads, aux)
+
+        carry, first = (state.params, state.opt_state), 0
+        per_update = []
+        if shared_forward:
+            (loss, aux), (grad_logits, grad_balance) = loss_of_forward_grad(logits, balance, ref_params, batch, hp, True)
+            carry, metrics = apply(*carry, loss, forward_vjp((grad_logits, grad_balance))[0], aux)
+            per_update, first = [jax.tree.map(lambda x: x[None], metrics)], 1
+        if first < g.epochs * n_mb:
+            carry, later = jax.lax.scan(update, carry, jnp.arange(first, g.epochs * n_mb))
+            per_update.append(later)
+        (params, opt_state) = carry
+        per_update = jax.tree.map(lambda *xs: jnp.concatenate(xs), *per_update)
         if corr.kinds:
             params, opt_state = jax.tree.map(lambda new, old: jnp.where(any_kept, new, old),
                                              (params, opt_state), (state.params, state.opt_state))
