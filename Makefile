@@ -29,7 +29,13 @@ notebooks: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
-bench: $(STAMP)
+# timsim's step against a hand-written PyTorch step, A B A B; installs torch (the bench extra) on first use.
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(BIN)/timsim bench
 
 clean:

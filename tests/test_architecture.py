@@ -24,7 +24,7 @@ LAYERS = [
     {"plan", "loop"},
     {"runner"},
     {"executors"},
-    {"sweep_spec", "finder", "study", "profile", "bench", "predictions", "report_html"},
+    {"sweep_spec", "finder", "study", "profile", "bench", "bench_torch", "predictions", "report_html"},
     {"api", "report"},
     {"cli", "__init__"},
 ]

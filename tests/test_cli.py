@@ -134,3 +134,25 @@ def test_every_command_has_a_handler():
 
     sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(COMMANDS)
+
+
+BENCH_TOY = ["model.d_model=16", "model.d_mlp=32", "model.max_len=8", "task.n_digits=3", "grpo.prompts_per_step=4",
+             "grpo.group_size=2", "run.chunk_steps=2", "run.steps=2"]
+
+
+def test_bench_json_reports_the_step_and_a_missing_reference_is_a_clear_error(capsys):
+    """`timsim bench --json` at a toy shape: one JSON object with the step times and the
+    compile time; an interpreter that cannot start is named in a one-paragraph error."""
+    import json
+
+    assert main(["bench", "--json", "--runs", "1", "--rounds", "2", "--reference-python", "/no/such/python",
+                 *BENCH_TOY]) == 2
+    out = capsys.readouterr().out
+    assert "--reference-python '/no/such/python' cannot be started" in out and "Traceback" not in out
+    assert main(["bench", "--json", "--runs", "1", "--rounds", "2", *BENCH_TOY]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert results["shape"]["response_len"] == 4 and results["shape"]["d_model"] == 16
+    assert len(results["timsim_step_s"]) == 2 and all(s > 0 for s in results["timsim_step_s"])
+    assert results["compile_s"] > 0 and results["sampler_s"] > 0
+    assert ("paired" in results) == ("torch" in results)
+    assert main(["bench", "--rounds", "0"]) == 2

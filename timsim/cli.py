@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 HELP = """\
@@ -118,9 +119,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("catalogue", help="list every noise family, correction, loss, advantage, aggregation, KL "
                    "estimator and task, with its knobs")
 
-    bench = sub.add_parser("bench", help="time one GRPO step (standard shape: 32 prompts x 8 samples x 16 tokens)")
+    bench = sub.add_parser("bench", help="time one GRPO step (standard shape: 32 prompts x 8 samples x 16 tokens), "
+                           "alternating with a hand-written PyTorch step when torch is installed")
     bench.add_argument("overrides", nargs="*")
-    bench.add_argument("--runs", type=int, default=4, help="runs on the run axis for the vmap/map comparison")
+    bench.add_argument("--runs", type=int, default=4, help="runs on the run axis for the vmap/map comparison "
+                       "(1: skip it)")
+    bench.add_argument("--rounds", type=int, default=7, help="A B rounds against the PyTorch reference")
+    bench.add_argument("--reference-python", default=None, help="interpreter with torch for the reference "
+                       "(default: this one, if it has torch)")
+    bench.add_argument("--threads", type=int, default=2, help="the PyTorch reference's intra-op threads")
+    bench.add_argument("--json", action="store_true", help="print the results as one JSON object only")
 
     prof = sub.add_parser("profile", help="fit an engine profile from paired sampler/trainer log-probs (Parquet/CSV)")
     prof.add_argument("pairs", nargs="?", help="file with columns logp_sampler, logp_trainer[, position]")
@@ -251,9 +259,20 @@ def _train(args, console) -> int:
 
 
 def _bench(args, console) -> int:
-    from timsim.bench import bench
+    from timsim.bench import ReferenceUnavailable, bench
 
-    bench(args.overrides, args.runs, console)
+    for name in ("runs", "rounds", "threads"):
+        if getattr(args, name) < 1:
+            console.print(f"[red]--{name} must be at least 1, got {getattr(args, name)}[/red]")
+            return 2
+    try:
+        results = bench(args.overrides, args.runs, console, rounds=args.rounds, reference=args.reference_python,
+                        threads=args.threads, quiet=args.json)
+    except ReferenceUnavailable as err:
+        console.print(f"[bold red]error:[/] {err}", highlight=False)
+        return 2
+    if args.json:
+        print(json.dumps(results))
     return 0
 
 
