@@ -145,10 +145,11 @@ def test_bench_json_reports_the_step_and_a_missing_reference_is_a_clear_error(ca
     compile time; an interpreter that cannot start is named in a one-paragraph error."""
     import json
 
-    assert main(["bench", "--json", "--runs", "1", "--rounds", "2", "--reference-python", "/no/such/python",
-                 *BENCH_TOY]) == 2
+    assert main(["bench", "--json", "--reference-python", "/no/such/python"]) == 2  # fails before compiling
     out = capsys.readouterr().out
     assert "--reference-python '/no/such/python' cannot be started" in out and "Traceback" not in out
+    assert main(["bench", "--reference-python", "/no/such/python", *BENCH_TOY]) == 2
+    assert "runs the standard shape only" in capsys.readouterr().out
     assert main(["bench", "--json", "--runs", "1", "--rounds", "2", *BENCH_TOY]) == 0
     results = json.loads(capsys.readouterr().out)
     assert results["shape"]["response_len"] == 4 and results["shape"]["d_model"] == 16

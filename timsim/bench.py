@@ -177,6 +177,9 @@ def bench(user_overrides: list[str], runs: int, console: Console, rounds: int = 
         f"{cfg.grpo.prompts_per_step} prompts x {cfg.grpo.group_size} samples x {cfg.response_len} "
         f"response tokens, d_model {cfg.model.d_model}, {cfg.model.n_layers} layers")
 
+    if reference and user_overrides:
+        raise ReferenceUnavailable("the PyTorch reference runs the standard shape only: drop the key=value overrides "
+                                   f"({' '.join(user_overrides)}) or --reference-python")
     python = reference_python(reference)
     if python and user_overrides:
         say("[yellow]PyTorch reference skipped: it runs the standard shape only, and overrides were given[/yellow]")
