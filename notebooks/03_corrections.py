@@ -82,7 +82,7 @@ for ax, (level, part) in zip(axes, table.groupby("level (nats/response)")):
     for i, denominator in enumerate(["pi_old", "mu"]):
         sel = (part["ratio denominator"] == denominator).to_numpy()
         ax.errorbar(part["final − zero"][sel], y[sel], xerr=part["±"][sel], fmt="o", capsize=3,
-                    label=f"ratio against {denominator}", **plots.style(i + 4))
+                    label=f"ratio against {denominator}", color=plots.style(i + 4)["color"])
     ax.axvline(0, color="gray", lw=0.8)
     ax.set_yticks(y, part.arm)
     ax.set_title(f"{level:g} nats per response")
@@ -131,3 +131,15 @@ plots.curves(s1.metrics[s1.metrics.step > 0], "corr_ess", cells=shown, smooth=20
 plots.curves(s1.metrics[s1.metrics.step > 0], "is_ess", cells=[f"bypass,kl={level:g}", f"recompute,kl={level:g}"],
              smooth=20, runs=False, ax=right)
 fig
+
+# %% [markdown]
+# ## What S1 says (the tables above, 10 paired seeds)
+#
+# - **The mode recovers**: recompute − bypass is +0.07 (0.1 nats) and +0.13 (0.3 nats) of final
+#   accuracy, nearly all of the bypass loss at 0.1 and four fifths of it at 0.3.
+# - **Token TIS adds nothing measurable on top of recompute** (−0.017 ± 0.017, −0.003 ± 0.023),
+#   and the old "bypass + TIS" is recompute + TIS, indistinguishable from plain recompute: the
+#   earlier "weighting recovers, rejection does not" was the mode.
+# - **Multiplying the weight onto the bypass ratio hurts** (−0.09, −0.10 against plain bypass).
+# - Dual-clip and sequence masking do not rescue bypass; MIS on recompute is neutral to
+#   slightly harmful. `docs/results/s1-correction-vs-mode-cpu.md` has the scope and caveats.
