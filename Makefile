@@ -18,8 +18,11 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/timsim sweep configs/sweeps/quickstart.yaml
 
+# Four workers on two cores: a worker's Python (tracing, pandas, subprocess start-up) overlaps
+# another's XLA compile, and beside a busy neighbour the suite keeps a fair share of the CPU.
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(BIN)/python -m pytest -n 2 --durations=15 tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25 tests
 
 # Every notebook, executed with a real kernel at full size (TIMSIM_NOTEBOOK_TOY=1 for toy size, as CI does).
 notebooks: $(STAMP)
