@@ -183,6 +183,11 @@ class Transformer(nnx.Module):
             balance = balance + layer_balance
         return self._logits(x, nm), (tuple(routes) if self.cfg.experts else None), balance
 
+    def shares_prompts(self, group: int) -> bool:
+        """Whether rows in groups of `group` with one prompt run it once: a dense model only (a
+        mixture of experts' router noise differs per row)."""
+        return group > 1 and not self.cfg.experts
+
     def response_logits_shared_prefix(self, prompts_BP, responses_NT, group: int, nm: Numerics = FP32):
         """Teacher-forced logits [N, T, V] of each response after its prompt, for N = B * group
         responses whose group shares one prompt (rows g * group ... g * group + group - 1): every
@@ -246,7 +251,7 @@ def response_forward(model: Transformer, prompts_NP: jax.Array, responses_NT: ja
     [N, P + T - 1, k], None for a dense model) and the load-balancing loss. `group`: rows come
     in groups of this many with one prompt (GRPO's samples of a prompt); a dense model then
     runs each prompt once (`Transformer.response_logits_shared_prefix`)."""
-    if group > 1 and not model.cfg.experts:
+    if model.shares_prompts(group):
         chex.assert_equal(prompts_NP.shape[0] % group, 0)
         logits = model.response_logits_shared_prefix(prompts_NP[::group], responses_NT, group, nm)
         return logits, None, jnp.zeros(())

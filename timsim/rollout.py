@@ -35,11 +35,10 @@ def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperatur
     its forward, `routing` its router perturbation (mixture of experts). `group`: rows share
     their prompt in groups of this many; a dense model then prefills each prompt once."""
     n, p = prompts_NP.shape
-    if group > 1 and not model.cfg.experts:
-        cache = model.prefill(prompts_NP[::group, :-1], p + response_len, nm, routing)
+    shared = model.shares_prompts(group)
+    cache = model.prefill(prompts_NP[::group if shared else 1, :-1], p + response_len, nm, routing)
+    if shared:
         cache = jax.tree.map(lambda x: jnp.repeat(x, group, axis=0), cache)
-    else:
-        cache = model.prefill(prompts_NP[:, :-1], p + response_len, nm, routing)
 
     def generate(carry, t):
         cache, token, done, context = carry

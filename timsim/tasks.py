@@ -77,6 +77,11 @@ def _value_of(digits: jax.Array) -> jax.Array:
     return (digits * powers).sum(-1)
 
 
+def _then_eq(digits: jax.Array) -> jax.Array:
+    """Digit rows [n, k] followed by `=`: [n, k + 1]."""
+    return jnp.concatenate([digits, jnp.full((digits.shape[0], 1), EQ, jnp.int32)], 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class Task:
     """Base class: a fixed-shape prompt generator and an exact verifier."""
@@ -149,7 +154,7 @@ class Reverse(Task):
     answer_len = property(lambda self: self.n_digits)
 
     def encode(self, digits):
-        return jnp.concatenate([digits, jnp.full((digits.shape[0], 1), EQ, jnp.int32)], 1)
+        return _then_eq(digits)
 
     def solve(self, prompts):
         return prompts[:, : self.n_digits][:, ::-1]
@@ -273,7 +278,7 @@ class Recurrence(Task):
     answer_len = property(lambda self: self.n_digits)
 
     def encode(self, digits):
-        return jnp.concatenate([digits, jnp.full((digits.shape[0], 1), EQ, jnp.int32)], 1)
+        return _then_eq(digits)
 
     def solve(self, prompts):
         def next_digit(window, _):
