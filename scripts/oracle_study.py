@@ -107,7 +107,8 @@ def finite_group_gap(out: str, batches: int = 400) -> None:
     import jax.numpy as jnp
 
     from timsim.sampler import Sampler
-    from timsim.step import learner_batch, make_collect, make_loss
+    from timsim.collect import make_collect
+    from timsim.step import learner_batch, make_loss
 
     timsim.setup()
     rows = []

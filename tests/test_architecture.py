@@ -20,6 +20,7 @@ LAYERS = [
     {"config_mismatch", "config", "hyper", "catalogue"},
     {"model", "rollout"},
     {"sampler"},
+    {"collect"},
     {"step", "probes", "calibration", "base", "exact"},
     {"plan", "loop"},
     {"runner"},

@@ -9,7 +9,8 @@ import pytest
 from timsim import hyper
 from timsim.config import ConfigError, load_config
 from timsim.corrections import CORRECTIONS, apply_corrections, make_inputs
-from timsim.step import Collected, learner_batch
+from timsim.collect import Collected
+from timsim.step import learner_batch
 from test_core import assert_same_training, train_metrics
 
 KNOBS = hyper.of(load_config()).correction  # the default thresholds

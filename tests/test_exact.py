@@ -11,7 +11,8 @@ import timsim
 from timsim import exact, hyper
 from timsim.config import ConfigError, load_config
 from timsim.sampler import Sampler
-from timsim.step import learner_batch, make_collect, make_loss
+from timsim.collect import make_collect
+from timsim.step import learner_batch, make_loss
 
 ENUMERABLE = ["task.name=modmul", "task.n_digits=1", "task.modulus=7", "task.eval_prompts=64",
               "model.d_model=32", "model.n_layers=1", "model.n_heads=2", "model.d_mlp=64", "model.max_len=8",

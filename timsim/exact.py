@@ -55,7 +55,8 @@ from timsim.rollout import learner_logprobs
 from timsim.sampler import (Sampler, learner_transform, noise_key_for, noise_knobs, sampler_model, sampler_routing,
                             weight_noise_key)
 from timsim.sources import SOURCES
-from timsim.step import Collected, LearnerBatch, learner_batch, make_objective
+from timsim.collect import Collected
+from timsim.step import LearnerBatch, learner_batch, make_objective
 from timsim.tasks import EOS, PAD, VOCAB_SIZE, Task, project_to_split
 
 MAX_RESPONSES = 60_000  # enumerated responses per prompt (15^4 + ... = 54,241 at 4 tokens)

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 from timsim.config import Config
 from timsim.sampler import Sampler
 from timsim.tasks import Task
-from timsim.step import batch_over_runs, learner_batch, make_collect, make_loss, resolve_batching, trace_once
+from timsim.collect import make_collect
+from timsim.step import batch_over_runs, learner_batch, make_loss, resolve_batching, trace_once
 
 MODES = ("recompute", "bypass")
 PROBE_METRICS = tuple(f"probe_{mode}_{name}" for mode in MODES
