@@ -68,11 +68,14 @@ def test_bad_sweep_files_fail_before_compute(tmp_path, spec, words):
         assert word in str(err.value)
 
 
-def test_a_run_alone_matches_its_batched_self_and_reuses_compiled_programs(tiny_overrides, tiny_base, tmp_path):
+def test_a_run_alone_matches_its_batched_self_and_reuses_compiled_programs(tiny_overrides, tiny_base, tmp_path,
+                                                                           monkeypatch):
     """A cell run alone has another run-axis width than in a two-cell program, so bits are not
     promised (DESIGN §8.2; the same-width property is in test_faults): the first step, before
     any token can flip, agrees to float precision. A second one-run group with the same static
-    config reuses the first one's compiled programs."""
+    config reuses the first one's compiled programs. The program cache starts empty here: one
+    left full by earlier tests in this worker would be cleared mid-test (MAX_PROGRAMS)."""
+    monkeypatch.setattr(loop, "_PROGRAMS", {})
     cfgs = [load_config(None, tiny_overrides + ["run.batching=map", "run.seeds=[0]", "run.steps=5", f"grpo.lr={lr}"])
             for lr in (1e-3, 3e-3)]
     cells = [Cell(f"lr{i}", cfg) for i, cfg in enumerate(cfgs)]
