@@ -21,8 +21,12 @@ quickstart: $(STAMP)
 # Four workers on two cores: a worker's Python (tracing, pandas, subprocess start-up) overlaps
 # another's XLA compile, and beside a busy neighbour the suite keeps a fair share of the CPU.
 TEST_WORKERS ?= 4
+# Two sessions: most tests compile with XLA's older CPU fusion emitter (half the compile time);
+# the `bits` tests, which assert bit equality between two computations, run with the production
+# emitter, whose code for an op does not depend on the fusion it lands in (tests/conftest.py).
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25 tests
+	TIMSIM_TEST_FAST_EMITTER=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25 -m "not bits" tests
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=10 -m bits tests
 
 # Every notebook, executed with a real kernel at full size (TIMSIM_NOTEBOOK_TOY=1 for toy size, as CI does).
 notebooks: $(STAMP)

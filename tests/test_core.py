@@ -37,6 +37,7 @@ def test_sampler_shapes_eos_and_padding(tiny_cfg, tiny_base):
             assert row[n_live - 1] == EOS
 
 
+@pytest.mark.bits
 def test_greedy_sampling_ignores_the_key(tiny_cfg, tiny_base):
     graphdef, params, _ = tiny_base
     prompts = tiny_cfg.task.build().sample(jax.random.key(0), 32)
@@ -57,6 +58,7 @@ def test_decode_path_matches_learner_to_float_precision(tiny_cfg, tiny_base):
     np.testing.assert_allclose(out.logp_decode, logp, atol=1e-4)
 
 
+@pytest.mark.bits
 def test_padding_does_not_leak_into_learner_logprobs(tiny_cfg, tiny_base):
     graphdef, params, _ = tiny_base
     model = nnx.merge(graphdef, params)
@@ -68,6 +70,7 @@ def test_padding_does_not_leak_into_learner_logprobs(tiny_cfg, tiny_base):
     assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.bits
 def test_a_group_runs_its_prompt_once(tiny_cfg, tiny_base):
     """GRPO's samples of a prompt share it: with `group`, the teacher-forced forward and the
     sampler's prefill run each prompt once, and compute what running it per response does (to
@@ -86,6 +89,7 @@ def test_a_group_runs_its_prompt_once(tiny_cfg, tiny_base):
 
 @pytest.mark.parametrize("extra", [[], ["grpo.old_logprobs=bypass", "perturbation.logit_noise.family=gaussian",
                                         "perturbation.logit_noise.scale=0.5", "correction.kinds=[token_tis]"]])
+@pytest.mark.bits
 def test_one_forward_for_pi_old_and_the_update_is_the_two_forwards(tiny_overrides, tiny_base, extra):
     """With one minibatch the learner's forward that reports pi_old is the first update's own
     (its vjp carries the gradient): one step computes what a separate pi_old forward does, to
@@ -138,6 +142,7 @@ def assert_same_training(a: dict, b: dict, rounding: tuple[str, ...] = ()) -> No
 
 @pytest.mark.parametrize("extra", [
     [], ["grpo.minibatches=4", "grpo.epochs=2"], ["grpo.old_logprobs=bypass"], ["sampler.temperature=0.7"]])
+@pytest.mark.bits
 def test_zero_mismatch_is_exact_on_many_batches(tiny_overrides, tiny_base, extra):
     """max |delta| == 0.0 exactly at every step (each step is a fresh random batch), from the base
     model through training; in recompute mode the PPO ratio at the first update is exactly 1."""
@@ -154,6 +159,7 @@ def test_zero_mismatch_is_exact_on_many_batches(tiny_overrides, tiny_base, extra
     assert np.all(metrics["delta_floor_max"] < 1e-3)
 
 
+@pytest.mark.bits
 def test_zero_mismatch_exact_on_random_init(tiny_cfg):
     graphdef, params = nnx.split(init_model(tiny_cfg.model, VOCAB_SIZE, 7), nnx.Param)
     _, metrics = train_metrics(tiny_cfg, (graphdef, params))
@@ -219,6 +225,7 @@ def test_kl_to_reference_and_entropy_bonus_run(tiny_overrides, tiny_base):
     assert np.all(metrics["kl_ref"][:, -1] > 0.0), "after updates it has moved away from it"
 
 
+@pytest.mark.bits
 def test_async_lag_is_staleness_not_mismatch(tiny_overrides, tiny_base):
     """With lag the sampler runs old weights: delta stays exactly 0 (same numerics), while the
     PPO ratio at the first update departs from 1 once the weights have moved (step > lag)."""

@@ -134,6 +134,7 @@ def test_bad_corrections_name_the_field(override, field):
     ("bypass", ["token_tis"], "multiply", "mu"),  # the weight multiplies pi_theta / mu: mismatch counted twice
     ("recompute", ["token_tis"], "replace", "pi_old"),
 ])
+@pytest.mark.bits
 def test_the_ratio_denominator_follows_mode_and_bypass_weights(mode, kinds, bypass_weights, denominator):
     """The PPO ratio's denominator in the loss's batch is what `Config.ratio_denominator` (and so
     the manifest) says, and the correction's weight is the same whichever denominator is used."""
@@ -152,6 +153,7 @@ def test_the_ratio_denominator_follows_mode_and_bypass_weights(mode, kinds, bypa
         np.testing.assert_allclose(batch.weight_NT, np.minimum(np.exp(learner - sampler), 2.0), rtol=1e-6)
 
 
+@pytest.mark.bits
 def test_corrected_run_at_zero_mismatch_is_the_plain_run(tiny_overrides, tiny_base):
     """Every correction at once, bypass mode, zero mismatch: every weight is exactly 1 and no
     token is rejected at any step, so the run samples the same tokens and logs the same
@@ -167,6 +169,7 @@ def test_corrected_run_at_zero_mismatch_is_the_plain_run(tiny_overrides, tiny_ba
     assert np.all(corrected["rejected_token_frac"] == 0.0) and np.all(corrected["corr_weight_mean"] == 1.0)
 
 
+@pytest.mark.bits
 def test_a_step_that_rejects_every_token_is_skipped(tiny_overrides, tiny_base):
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=gaussian",
                                               "perturbation.logit_noise.scale=3", "correction.kinds=[geometric]",

@@ -21,6 +21,7 @@ def _run(tiny_overrides, moe_base, extra):
     return train_metrics(load_config(None, tiny_overrides + MOE + extra), moe_base)[1]
 
 
+@pytest.mark.bits
 def test_zero_mismatch_moe_is_exact_and_agrees_on_every_route(tiny_overrides, moe_base):
     m = _run(tiny_overrides, moe_base, [])
     assert np.all(m["delta_abs_max"] == 0.0)
@@ -28,6 +29,7 @@ def test_zero_mismatch_moe_is_exact_and_agrees_on_every_route(tiny_overrides, mo
     assert np.all(np.isfinite(m["loss"]))
 
 
+@pytest.mark.bits
 def test_zero_router_noise_flips_nothing_and_r3_is_then_the_identity(tiny_overrides, moe_base):
     plain = _run(tiny_overrides, moe_base, NOISE + ["perturbation.router_noise.scale=0"])
     replayed = _run(tiny_overrides, moe_base, NOISE + ["perturbation.router_noise.scale=0",

@@ -57,6 +57,7 @@ def test_same_numerics_on_both_sides_is_no_mismatch(tiny_overrides, tiny_base):
     assert _kl(both, tiny_overrides, tiny_base) == 0.0
 
 
+@pytest.mark.bits
 def test_weight_noise_creates_mismatch_and_scale_zero_does_not(tiny_overrides, tiny_base):
     noisy = _kl(["perturbation.weight_noise.family=gaussian", "perturbation.weight_noise.scale=0.05"],
                 tiny_overrides, tiny_base)

@@ -30,6 +30,7 @@ def test_every_family_is_covered():
     assert set(FAMILY_KNOBS) == set(LOGIT_NOISE.names(scaled=True))
 
 
+@pytest.mark.bits
 def test_top_k_of_the_whole_vocabulary_is_bit_identical_to_zero_mismatch(tiny_overrides, tiny_base, zero_run):
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=top_k",
                                               f"perturbation.logit_noise.top_k={VOCAB_SIZE}"])
@@ -65,6 +66,7 @@ def _sampled(cfg, base, scales):
     return [jax.device_get(measure(base[1], hyperparams(cfg, scale))) for scale in scales]
 
 
+@pytest.mark.bits
 def test_scale_zero_gaussian_noise_trains_bit_identically_to_zero_mismatch(tiny_overrides, tiny_base, zero_run):
     """The whole run, for one family: a scale of 0 adds an exact zero, so every metric of every
     step matches the zero-mismatch run's (the other families: at the sampler, below)."""
@@ -86,6 +88,7 @@ SCALED_SAMPLERS = {**{family: [f"perturbation.logit_noise.family={family}"] + kn
                                            f"perturbation.logit_noise.mode={mode}"] for mode in ("context", "state")}}
 
 
+@pytest.mark.bits
 @pytest.mark.parametrize("name", sorted(SCALED_SAMPLERS))
 def test_every_scaled_sampler_is_the_learner_at_scale_zero_and_samples_its_reported_mu(tiny_overrides, tiny_base,
                                                                                        zero_sampled, name):
@@ -103,6 +106,7 @@ def test_every_scaled_sampler_is_the_learner_at_scale_zero_and_samples_its_repor
     assert float(noisy["delta_floor_max"]) < 1e-4
 
 
+@pytest.mark.bits
 def test_common_random_numbers_across_scales(tiny_overrides, tiny_base):
     """Same seed, different noise scales: same prompts and sampling uniforms, so a negligible
     scale samples exactly the tokens of the zero-scale run at the first step."""
@@ -116,6 +120,7 @@ def test_common_random_numbers_across_scales(tiny_overrides, tiny_base):
     assert not np.array_equal(out[0.0]["kl_sampler_learner"], out[1.0]["kl_sampler_learner"])
 
 
+@pytest.mark.bits
 def test_teacher_forced_noise_matches_per_position_draws():
     key = jax.random.key(0)
     logits = jax.random.normal(jax.random.key(1), (3, 5, 16))
@@ -245,6 +250,7 @@ def test_advantage_skew_and_is_weights_hand_computed():
     assert m["is_ess"] == pytest.approx(4.5**2 / (4 * 6.25), rel=1e-6)
 
 
+@pytest.mark.bits
 def test_zero_mismatch_skew_metrics_are_neutral(zero_run):
     assert np.all(zero_run["contrib_pos"] == 0.0) and np.all(zero_run["contrib_neg"] == 0.0)
     assert np.all(zero_run["is_ess"] == 1.0) and np.all(zero_run["is_weight_mean"] == 1.0)
@@ -328,6 +334,7 @@ def test_a_perturbation_that_breaks_the_numbers_is_reported_not_raised(tiny_over
     assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state.params))
 
 
+@pytest.mark.bits
 def test_finite_runs_report_no_nonfinite_tokens(zero_run):
     assert np.all(zero_run["nonfinite_frac"] == 0.0)
 
@@ -346,6 +353,7 @@ def test_delta_quantiles_by_bin_hand_computed():
     assert table.loc[("position", "[2, 4)"), "max"] == pytest.approx(0.3)
 
 
+@pytest.mark.bits
 def test_report_only_noise_keeps_the_clean_samples(tiny_overrides, tiny_base, zero_run):
     """Report-only noise: the tokens are the zero-mismatch run's (same reward and accuracy at
     the first step, same common random numbers), only the reported log mu differs."""
@@ -426,6 +434,7 @@ def test_learner_too_needs_a_deterministic_transform():
         load_config(None, ["perturbation.logit_noise.family=temperature", "perturbation.logit_noise.temperature=0"])
 
 
+@pytest.mark.bits
 def test_consistent_temperature_trains_without_mismatch(tiny_overrides, tiny_base):
     cfg = load_config(None, tiny_overrides + ["perturbation.logit_noise.family=temperature",
                                               "perturbation.logit_noise.temperature=0.7",

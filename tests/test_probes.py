@@ -20,6 +20,7 @@ def _probe(cfg, tiny_base):
 
 @pytest.mark.parametrize("extra", [[], ["perturbation.logit_noise.family=gaussian", "perturbation.logit_noise.scale=0"],
                                    ["correction.kinds=[token_tis,seq_mask]"]])
+@pytest.mark.bits
 def test_probe_difference_is_exactly_zero_at_zero_mismatch(tiny_overrides, tiny_base, extra):
     """DESIGN §8.1: assert the difference of the two update vectors is exactly zero."""
     out = _probe(load_config(None, tiny_overrides + extra), tiny_base)

@@ -171,6 +171,7 @@ def test_dirichlet_noise_does_not_flatten_and_gaussian_does(tiny_overrides, tiny
     assert flattened.measured - 1.0 > 10 * flattened.se  # the Gaussian's flattening is real
 
 
+@pytest.mark.bits
 def test_zero_mismatch_is_exact_and_every_other_row_says_why_it_does_not_apply(tiny_overrides, tiny_base):
     cfg = load_config(None, tiny_overrides)
     measured = predictions.measure_batch(cfg, tiny_base[0], tiny_base[1], n_prompts=16)
