@@ -44,6 +44,21 @@ def test_grid_zip_seeds_and_named_cells_expand(tmp_path):
     assert len(plan.groups()) == 2 * 2
 
 
+def test_swept_values_are_recorded_as_the_config_holds_them(tmp_path):
+    """YAML 1.1 reads `1.0e6` as a string; the cfg.* column holds the validated 1e6, so cells
+    with written-out and plain floats share one numeric column (a sweep once failed to write its
+    summary on a column mixing '1.0e6' with floats)."""
+    path = tmp_path / "s.yaml"
+    path.write_text("cells:\n  wide: {grpo.clip_eps_high: 1.0e6, correction.kinds: [token_tis]}\n"
+                    "  plain: {grpo.clip_eps_high: 0.3}\n")
+    wide, plain = load_plan(path).cells
+    assert wide.swept["grpo.clip_eps_high"] == 1e6 and isinstance(wide.swept["grpo.clip_eps_high"], float)
+    assert wide.swept["correction.kinds"] == ["token_tis"]  # non-scalars stay as written
+    column = pd.DataFrame([{f"cfg.{k}": v for k, v in c.swept.items() if k.startswith("grpo.")} for c in (wide, plain)])
+    atomic_write_parquet(tmp_path / "t.parquet", column)
+    assert read_parquet(tmp_path / "t.parquet")["cfg.grpo.clip_eps_high"].tolist() == [1e6, 0.3]
+
+
 def test_base_file_inline_config_and_overrides(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump({"grpo": {"lr": 1e-3}, "run": {"steps": 40}}))
     path = _write(tmp_path, {"base": "base.yaml", "config": {"run": {"chunk_steps": 20}}, "name": "x"})

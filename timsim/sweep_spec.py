@@ -182,9 +182,19 @@ def load_plan(path: str | Path | dict, overrides: list[str] | None = None) -> Pl
         if cid in ids:
             raise ConfigError(f"Invalid sweep: two cells have the id {cid!r}; give named cells distinct names.")
         ids.add(cid)
-        cells.append(Cell(cid, cfg, {**fixed, **assignment}))
+        cells.append(Cell(cid, cfg, {key: _as_validated(cfg, key, value) for key, value in {**fixed, **assignment}.items()}))
     sweep_hash = hashlib.sha256(json.dumps(base, sort_keys=True, default=str).encode()).hexdigest()[:12]
     return Plan(name=name, cells=cells, sweep_hash=sweep_hash, executor=spec.executor, ray=spec.ray)
+
+
+def _as_validated(cfg: Config, key: str, raw):
+    """A swept value as the config holds it, for the results' cfg.* columns: YAML 1.1 reads
+    `1.0e6` as a string that validation turns into 1e6, and a column mixing the string with
+    other cells' floats cannot be written to Parquet. Non-scalar values stay as written."""
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part, None)
+    return value if isinstance(value, (bool, int, float, str)) else raw
 
 
 def estimate_seconds(cfg: Config, n_runs: int) -> float:
