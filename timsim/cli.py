@@ -115,7 +115,10 @@ def _parser() -> argparse.ArgumentParser:
     oracle.add_argument("--prompts", type=int, default=128, help="most likely training prompts enumerated")
     oracle.add_argument("--only", default=None, help="comma-separated estimators (default: all)")
 
-    sub.add_parser("metrics", help="list every metric with its formula")
+    metrics = sub.add_parser("metrics", help="list every metric with its formula")
+    metrics.add_argument("--as", dest="framework", default=None, metavar="FRAMEWORK",
+                         help="instead, each dashboard metric of FRAMEWORK (verl, trl) as a timsim metric; "
+                              "timsim.metrics.framework_view renames a run's columns")
     sub.add_parser("catalogue", help="list every noise family, correction, loss, advantage, aggregation, KL "
                    "estimator and task, with its knobs")
 
@@ -190,9 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _metrics(args, console) -> int:
-    from timsim.metrics import describe
+    from timsim.metrics import describe, describe_framework
 
-    console.print(describe(), highlight=False)
+    console.print(describe() if args.framework is None else describe_framework(args.framework), highlight=False)
     return 0
 
 

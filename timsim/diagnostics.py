@@ -25,6 +25,8 @@ def mismatch_metrics(logp_all_learner_NTV, logp_all_sampler_NTV, tokens_NT, mask
     seq_delta = delta.sum(-1)
     lengths = jnp.maximum(mask_NT.sum(-1), 1.0)
     log_ppl_diff_N = seq_delta / lengths  # log PPL_mu - log PPL_pi of each response
+    log_ppl_learner_N = -(logp_old * mask_NT).sum(-1) / lengths
+    log_ppl_sampler_N = -(logp_sampler * mask_NT).sum(-1) / lengths
     kl_NT = (p_sampler * log_diff).sum(-1) * mask_NT
     entropy = lambda p, logp: -(p * logp).sum(-1)  # noqa: E731
     abs_delta = jnp.where(mask_NT > 0, jnp.abs(delta), jnp.nan)
@@ -51,6 +53,12 @@ def mismatch_metrics(logp_all_learner_NTV, logp_all_sampler_NTV, tokens_NT, mask
         "entropy_learner": masked_mean(entropy(p_learner, logp_all_learner_NTV), mask_NT),
         "log_ppl_diff": log_ppl_diff_N.mean(),
         "ppl_ratio": jnp.exp(log_ppl_diff_N).mean(),
+        "ppl_ratio_learner": jnp.exp(-log_ppl_diff_N).mean(),
+        "log_ppl_abs_diff": jnp.abs(log_ppl_diff_N).mean(),
+        "log_ppl_learner": log_ppl_learner_N.mean(),
+        "log_ppl_sampler": log_ppl_sampler_N.mean(),
+        "ppl_learner": jnp.exp(log_ppl_learner_N).mean(),
+        "ppl_sampler": jnp.exp(log_ppl_sampler_N).mean(),
         "seq_kl": kl_NT.sum(-1).mean(),
         "seq_delta_var": seq_delta.var(),
         "seq_k3_sum": (ratio - 1.0 - delta).sum(-1).mean(),

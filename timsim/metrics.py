@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from timsim.config_types import ConfigError
 from timsim.registry import Registry
 
 
@@ -53,6 +54,13 @@ _CATALOGUE = [
     Metric("entropy_learner", "learner (pi_old) entropy per response token, before the update", "nats"),
     Metric("log_ppl_diff", "mean over responses of log PPL_mu - log PPL_pi = mean_t delta_t of the response", "nats"),
     Metric("ppl_ratio", "mean over responses of PPL_mu / PPL_pi = exp(mean_t delta_t)"),
+    Metric("ppl_ratio_learner", "mean over responses of PPL_pi / PPL_mu = exp(-mean_t delta_t) (not 1 / ppl_ratio: "
+           "the mean is over responses)"),
+    Metric("log_ppl_abs_diff", "mean over responses of |log PPL_mu - log PPL_pi|", "nats"),
+    Metric("log_ppl_learner", "mean over responses of log PPL_pi = -mean_t log pi_old(y_t)", "nats"),
+    Metric("log_ppl_sampler", "mean over responses of log PPL_mu = -mean_t log mu(y_t)", "nats"),
+    Metric("ppl_learner", "mean over responses of PPL_pi = exp(-mean_t log pi_old(y_t))"),
+    Metric("ppl_sampler", "mean over responses of PPL_mu = exp(-mean_t log mu(y_t))"),
     Metric("seq_kl", "mean over responses of sum_t KL_t(mu || pi_old), exact per position (per-response mismatch)",
            "nats"),
     Metric("seq_delta_var", "variance over responses of the sequence log-ratio sum_t delta_t", "nats^2"),
@@ -115,6 +123,72 @@ _CATALOGUE += [
 METRICS: Registry[Metric] = Registry("metric", "metrics")
 for _metric in _CATALOGUE:
     METRICS.add(_metric.name, _metric)
+
+
+@dataclasses.dataclass(frozen=True)
+class Alias:
+    """A framework's dashboard metric as a timsim metric: `scale` * METRICS[`source`], and
+    where the two differ in meaning (clamping, truncation), `note` says so."""
+    source: str
+    scale: float = 1.0
+    note: str = ""
+
+
+# Dashboard names of real frameworks, so a simulated run reads like a real one. verl: the
+# `rollout_corr/*` off-policy metrics of `rollout_corr_helper.compute_offpolicy_metrics` and its
+# IS statistics; TRL: the `sampling/*` metrics GRPOTrainer logs with vLLM importance sampling.
+# Both compare the trainer's log-probs (pi_old) with the rollout engine's (mu) at the sampled
+# tokens, as delta = log pi_old - log mu does here.
+FRAMEWORKS: dict[str, dict[str, Alias]] = {
+    "verl": {
+        "rollout_corr/kl": Alias("mismatch_k1"),
+        "rollout_corr/k3_kl": Alias("mismatch_k3", note="timsim clamps delta to +-20 first; verl does not"),
+        "rollout_corr/log_ppl_diff": Alias("log_ppl_diff", -1.0, "verl's sign: log PPL_pi - log PPL_mu"),
+        "rollout_corr/log_ppl_abs_diff": Alias("log_ppl_abs_diff"),
+        "rollout_corr/ppl_ratio": Alias("ppl_ratio_learner", note="verl's ratio is PPL_pi / PPL_mu, timsim's "
+                                        "ppl_ratio its per-response reciprocal"),
+        "rollout_corr/training_ppl": Alias("ppl_learner"),
+        "rollout_corr/training_log_ppl": Alias("log_ppl_learner"),
+        "rollout_corr/rollout_ppl": Alias("ppl_sampler"),
+        "rollout_corr/rollout_log_ppl": Alias("log_ppl_sampler"),
+        "rollout_corr/chi2_token": Alias("chi2_token"),
+        "rollout_corr/chi2_seq": Alias("chi2_seq", note="timsim clamps 2 sum_t delta to +-20, verl clamps sum_t delta "
+                                       "to +-20 and then doubles: equal while |sum_t delta| < 10"),
+    },
+    "trl": {
+        "sampling/sampling_logp_difference/mean": Alias("delta_abs_mean"),
+        "sampling/sampling_logp_difference/max": Alias("delta_abs_max"),
+        "sampling/importance_sampling_ratio/min": Alias("is_weight_min", note="TRL logs the ratio after its "
+                                                        "truncation at vllm_importance_sampling_cap; timsim's is "
+                                                        "before any correction"),
+        "sampling/importance_sampling_ratio/mean": Alias("is_weight_mean", note="before truncation (see min)"),
+        "sampling/importance_sampling_ratio/max": Alias("is_weight_max", note="before truncation (see min)"),
+    },
+}
+
+
+def framework_view(metrics, framework: str):
+    """A run's metrics (`timsim.load(...).metrics` or `Result.metrics`) under a framework's
+    dashboard names: the identifying columns and one column per alias of `FRAMEWORKS[framework]`."""
+    if framework not in FRAMEWORKS:
+        raise ConfigError(f"Unknown framework {framework!r} (`--as` / framework_view); accepted: "
+                          f"{', '.join(sorted(FRAMEWORKS))}.")
+    ids = [c for c in ("cell_id", "run_idx", "seed", "step") if c in metrics.columns]
+    view = metrics[ids].copy()
+    for name, alias in FRAMEWORKS[framework].items():
+        view[name] = alias.scale * metrics[alias.source]
+    return view
+
+
+def describe_framework(framework: str) -> str:
+    """A Markdown table of a framework's aliases (for `timsim metrics --as FRAMEWORK`)."""
+    if framework not in FRAMEWORKS:
+        raise ConfigError(f"Unknown framework {framework!r} (`--as` / framework_view); accepted: "
+                          f"{', '.join(sorted(FRAMEWORKS))}.")
+    rows = [f"| {framework} | timsim | note |", "|---|---|---|"]
+    rows += [f"| `{name}` | {'-' if a.scale == -1 else ''}`{a.source}` | {a.note} |"
+             for name, a in FRAMEWORKS[framework].items()]
+    return "\n".join(rows)
 
 
 def describe() -> str:
