@@ -122,6 +122,10 @@ def train_metrics(cfg, base, n_chunks: int = 1):
 
 
 FLOOR_METRICS = ("delta_floor_max",)  # decode path vs learner: ~1e-6 by construction
+# one side's absolute log-probs (not their difference delta, exactly 0 at zero mismatch): as
+# computed in another program their last bit follows that program's fusion
+SIDE_METRICS = ("entropy_sampler", "entropy_learner", "log_ppl_learner", "log_ppl_sampler", "ppl_learner",
+                "ppl_sampler")
 
 
 def assert_same_training(a: dict, b: dict, rounding: tuple[str, ...] = ()) -> None:

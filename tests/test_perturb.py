@@ -13,7 +13,7 @@ from timsim.config import ConfigError, load_config
 from timsim.diagnostics import mismatch_metrics
 from timsim.noise import LOGIT_NOISE, perturb_teacher_forced
 from timsim.tasks import VOCAB_SIZE
-from test_core import assert_same_training, train_metrics
+from test_core import SIDE_METRICS, assert_same_training, train_metrics
 
 EXAMPLE_PROFILE = Path(__file__).parent.parent / "examples" / "engine_pairs.profile.json"
 FAMILY_KNOBS = {"gaussian": [], "student_t": ["perturbation.logit_noise.nu=3"],
@@ -38,7 +38,7 @@ def test_top_k_of_the_whole_vocabulary_is_bit_identical_to_zero_mismatch(tiny_ov
     # the entropies of both distributions come from another fusion of the same arithmetic
     # than the zero run's (a different program): equal to float32 rounding; the tokens, the
     # rewards, every delta and the update bit for bit
-    assert_same_training(zero_run, metrics, rounding=("entropy_sampler", "entropy_learner"))
+    assert_same_training(zero_run, metrics, rounding=SIDE_METRICS)
 
 
 @pytest.mark.parametrize("family", ["top_k"])  # top_p: the same identities, exactly, in tests/test_theory.py
