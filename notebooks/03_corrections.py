@@ -36,7 +36,7 @@ from matplotlib.figure import Figure
 
 import timsim
 from timsim import plots
-from timsim.summary import paired_ci, paired_differences
+from timsim.summary import paired_contrast, paired_differences
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 FIGURES = ROOT / "docs" / "figures"
@@ -58,14 +58,10 @@ cells
 # training), each minus the zero twin's on the same seed, mean ± 95% paired CI over 10 seeds.
 
 # %%
-def paired(metric: str, cell: str, reference: str) -> tuple[float, float]:
-    return paired_ci(paired_differences(s1.summary, cell, metric, reference), 0.95)
-
-
 rows = []
 for c in cells[cells.cell != "zero"].itertuples():
-    final, final_ci = paired("final_accuracy", c.cell, "zero")
-    auc, auc_ci = paired("auc_accuracy", c.cell, "zero")
+    final, final_ci = paired_contrast(s1.summary, c.cell, "zero", "final_accuracy")
+    auc, auc_ci = paired_contrast(s1.summary, c.cell, "zero", "auc_accuracy")
     trained = s1.metrics[(s1.metrics.cell_id == c.cell) & (s1.metrics.step > 0)]
     rows.append({"arm": c.arm, "level (nats/response)": c.level, "ratio denominator": c.ratio_denominator,
                  "final − zero": final, "±": final_ci, "AUC − zero": auc, "± ": auc_ci,
@@ -109,8 +105,8 @@ out = []
 for level in sorted(cells.level[cells.level > 0].unique()):
     for arm, reference in contrasts:
         cell, ref = f"{arm},kl={level:g}", f"{reference},kl={level:g}"
-        final, final_ci = paired("final_accuracy", cell, ref)
-        auc, auc_ci = paired("auc_accuracy", cell, ref)
+        final, final_ci = paired_contrast(s1.summary, cell, ref, "final_accuracy")
+        auc, auc_ci = paired_contrast(s1.summary, cell, ref, "auc_accuracy")
         out.append({"level": level, "contrast": f"{arm} − {reference}", "final": final, "±": final_ci,
                     "AUC": auc, "± ": auc_ci, "seeds": len(paired_differences(s1.summary, cell, "final_accuracy", ref))})
 pd.DataFrame(out)

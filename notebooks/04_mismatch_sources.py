@@ -29,7 +29,7 @@ import tempfile
 from pathlib import Path
 
 import pandas as pd
-from IPython.display import display
+from IPython.display import Image, display
 from matplotlib.figure import Figure
 
 import timsim
@@ -103,7 +103,6 @@ with tempfile.TemporaryDirectory() as tmp:
     cfg = load_config(CONFIG, BASE)
     graphdef, params, _ = get_base(cfg, announce=lambda _msg: None)
     achieved = profile.achieved(cfg, str(profile_path), graphdef, params)
-    from IPython.display import Image
     display(Image(filename=str(fit_png)))
 achieved
 

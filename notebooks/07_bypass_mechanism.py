@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 
 import timsim
 from timsim import plots
-from timsim.summary import paired_ci, paired_differences
+from timsim.summary import paired_contrast
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 FIGURES = ROOT / "docs" / "figures"
@@ -44,10 +44,6 @@ s3 = timsim.load(DATA)
 print("regenerate with:", json.loads((DATA / "manifest.json").read_text())["export"]["command"])
 trained = s3.metrics[s3.metrics.step > 0]
 TWIN = {"eps=0.2,pps=8": "zero,pps=8", "eps=0.2,pps=128": "zero,pps=128"}  # the rest: "zero"
-
-
-def paired(cell: str, reference: str, metric: str = "final_accuracy") -> tuple[float, float]:
-    return paired_ci(paired_differences(s3.summary, cell, metric, reference), 0.95)
 
 
 # %% [markdown]
@@ -64,8 +60,8 @@ for cell in s3.summary.cell_id.unique():
     if cell.startswith("zero"):
         continue
     twin = TWIN.get(cell, "zero")
-    final, final_ci = paired(cell, twin)
-    auc, auc_ci = paired(cell, twin, "auc_accuracy")
+    final, final_ci = paired_contrast(s3.summary, cell, twin)
+    auc, auc_ci = paired_contrast(s3.summary, cell, twin, "auc_accuracy")
     part = trained[trained.cell_id == cell]
     rows.append({"arm": cell, "twin": twin, "final − twin": final, "±": final_ci, "AUC − twin": auc, "± ": auc_ci,
                  "clip_frac": part.clip_frac.mean(), "clip_drop_pos": part.clip_drop_pos_frac.mean(),
@@ -84,8 +80,8 @@ contrasts = [("no-clip", "eps=0.2", "removing the clip"), ("eps=0.3", "eps=0.1",
              ("cispo", "recompute", "CISPO in bypass against recompute"), ("reinforce", "recompute", "no ratio at all")]
 out = []
 for cell, reference, reading in contrasts:
-    final, final_ci = paired(cell, reference)
-    auc, auc_ci = paired(cell, reference, "auc_accuracy")
+    final, final_ci = paired_contrast(s3.summary, cell, reference)
+    auc, auc_ci = paired_contrast(s3.summary, cell, reference, "auc_accuracy")
     out.append({"contrast": f"{cell} − {reference}", "reading": reading, "final": final, "±": final_ci,
                 "AUC": auc, "± ": auc_ci})
 display(pd.DataFrame(out))

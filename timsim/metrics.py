@@ -167,27 +167,28 @@ FRAMEWORKS: dict[str, dict[str, Alias]] = {
 }
 
 
-def framework_view(metrics, framework: str):
-    """A run's metrics (`timsim.load(...).metrics` or `Result.metrics`) under a framework's
-    dashboard names: the identifying columns and one column per alias of `FRAMEWORKS[framework]`."""
+def _aliases(framework: str) -> dict[str, Alias]:
     if framework not in FRAMEWORKS:
         raise ConfigError(f"Unknown framework {framework!r} (`--as` / framework_view); accepted: "
                           f"{', '.join(sorted(FRAMEWORKS))}.")
+    return FRAMEWORKS[framework]
+
+
+def framework_view(metrics, framework: str):
+    """A run's metrics (`timsim.load(...).metrics` or `Result.metrics`) under a framework's
+    dashboard names: the identifying columns and one column per alias of `FRAMEWORKS[framework]`."""
     ids = [c for c in ("cell_id", "run_idx", "seed", "step") if c in metrics.columns]
     view = metrics[ids].copy()
-    for name, alias in FRAMEWORKS[framework].items():
+    for name, alias in _aliases(framework).items():
         view[name] = alias.scale * metrics[alias.source]
     return view
 
 
 def describe_framework(framework: str) -> str:
     """A Markdown table of a framework's aliases (for `timsim metrics --as FRAMEWORK`)."""
-    if framework not in FRAMEWORKS:
-        raise ConfigError(f"Unknown framework {framework!r} (`--as` / framework_view); accepted: "
-                          f"{', '.join(sorted(FRAMEWORKS))}.")
     rows = [f"| {framework} | timsim | note |", "|---|---|---|"]
     rows += [f"| `{name}` | {'-' if a.scale == -1 else ''}`{a.source}` | {a.note} |"
-             for name, a in FRAMEWORKS[framework].items()]
+             for name, a in _aliases(framework).items()]
     return "\n".join(rows)
 
 

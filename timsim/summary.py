@@ -132,6 +132,12 @@ def paired_differences(summary: pd.DataFrame, cell_id: str, column: str = "final
     return (runs.loc[common] - twin.loc[common]).to_numpy(float)
 
 
+def paired_contrast(summary: pd.DataFrame, cell_id: str, reference: str = "zero", column: str = "final_accuracy",
+                    confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and CI half-width of `cell_id` minus `reference`, paired by seed."""
+    return paired_ci(paired_differences(summary, cell_id, column, reference), confidence)
+
+
 def paired_table(metrics: pd.DataFrame, summary: pd.DataFrame, against: list[str],
                  confidence: float = 0.95) -> pd.DataFrame:
     """Per cell: final held-out accuracy, its paired difference (same seeds) against each
@@ -148,8 +154,8 @@ def paired_table(metrics: pd.DataFrame, summary: pd.DataFrame, against: list[str
         acc, acc_ci = paired_ci(runs.final_accuracy.to_numpy(), confidence)
         row = {"cell": cell, "seeds": len(runs), "final_accuracy": acc, "final_accuracy_ci": acc_ci}
         for ref in against:
-            row[f"minus_{ref}"], row[f"minus_{ref}_ci"] = (0.0, 0.0) if cell == ref else paired_ci(
-                paired_differences(summary, cell, "final_accuracy", ref), confidence)
+            row[f"minus_{ref}"], row[f"minus_{ref}_ci"] = (0.0, 0.0) if cell == ref else paired_contrast(
+                summary, cell, ref, "final_accuracy", confidence)
         row["collapse_rate"] = float(runs.collapsed.mean())
         row["first_collapse_step"] = float(runs.collapse_step.min())
         trained = metrics[(metrics.cell_id == cell) & (metrics.step > 0)]

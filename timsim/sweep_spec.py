@@ -33,7 +33,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from timsim.config import Config, ConfigError, check_name, config_from_dict, parse_overrides, set_dotted, static_hash
+from timsim.config import (Config, ConfigError, check_name, config_from_dict, get_dotted, parse_overrides, set_dotted,
+                           static_hash)
 from timsim.plan import Cell
 
 
@@ -191,9 +192,7 @@ def _as_validated(cfg: Config, key: str, raw):
     """A swept value as the config holds it, for the results' cfg.* columns: YAML 1.1 reads
     `1.0e6` as a string that validation turns into 1e6, and a column mixing the string with
     other cells' floats cannot be written to Parquet. Non-scalar values stay as written."""
-    value = cfg
-    for part in key.split("."):
-        value = getattr(value, part, None)
+    value = get_dotted(cfg, key)
     return value if isinstance(value, (bool, int, float, str)) else raw
 
 
