@@ -33,6 +33,20 @@ def test_base_key_depends_on_what_determines_the_weights(tiny_overrides):
     assert key == base_key(load_config(None, tiny_overrides + ["grpo.lr=1e-2", "run.seeds=[5]"]))
     assert key != base_key(load_config(None, tiny_overrides + ["pretrain.seed=1"]))
     assert key != base_key(load_config(None, tiny_overrides + ["model.d_mlp=32"]))
+    assert key == base_key(load_config(None, tiny_overrides + ["pretrain.stop_on=greedy"]))  # the default
+    assert key != base_key(load_config(None, tiny_overrides + ["pretrain.stop_on=sampled"]))
+
+
+def test_pretraining_can_stop_on_the_sampled_accuracy(tiny_overrides):
+    """`pretrain.stop_on=sampled` stops at the first evaluation whose T = 1 accuracy (the reward
+    rate GRPO starts from) reaches the target, however far greedy accuracy has gone."""
+    from timsim.base import pretrain
+
+    seen = []
+    cfg = load_config(None, tiny_overrides + ["pretrain.stop_on=sampled", "pretrain.target_accuracy=0.05"])
+    _, info = pretrain(cfg, progress=seen.append)
+    assert info["reached_target"] and info["sampled_accuracy"] >= 0.05
+    assert all(s["sampled_accuracy"] < 0.05 for s in seen[:-1]) and seen[-1]["steps"] == info["steps"]
 
 
 def test_other_shape_gives_a_clear_error(tiny_overrides, tiny_cfg, tiny_base):

@@ -40,7 +40,9 @@ def base_key(cfg: Config) -> str:
              # MoE fields only when used: dense bases keep the keys they had before MoE existed
              "model": cfg.model.model_dump(exclude=set() if cfg.model.experts else
                                            {"experts", "expert_top_k", "balance_coef"}),
-             "pretrain": cfg.pretrain.model_dump(exclude={"cache_dir"})}
+             # stop_on only when not the default: greedy-stopped bases keep the keys they had before it
+             "pretrain": cfg.pretrain.model_dump(exclude={"cache_dir"} | ({"stop_on"} if cfg.pretrain.stop_on == "greedy"
+                                                                         else set()))}
     digest = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:12]
     return f"{cfg.task.name}-{digest}"
 
@@ -99,8 +101,9 @@ def make_accuracy(cfg: Config, task: Task, graphdef) -> Callable:
 
 
 def pretrain(cfg: Config, progress: Callable[[dict], None] = lambda info: None) -> tuple[nnx.State, dict]:
-    """Supervised warm start until greedy held-out accuracy reaches `pretrain.target_accuracy`
-    (checked every `pretrain.eval_every` steps) or `pretrain.max_steps`."""
+    """Supervised warm start until the held-out accuracy named by `pretrain.stop_on` (greedy or
+    sampled) reaches `pretrain.target_accuracy` (checked every `pretrain.eval_every` steps) or
+    `pretrain.max_steps`."""
     p = cfg.pretrain
     task = cfg.task.build()
     graphdef, params = nnx.split(init_model(cfg.model, VOCAB_SIZE, p.seed), nnx.Param)
@@ -111,14 +114,15 @@ def pretrain(cfg: Config, progress: Callable[[dict], None] = lambda info: None) 
     key = jax.random.key(p.seed)
     steps, loss, start = 0, float("nan"), time.perf_counter()
     greedy, sampled = (float(a) for a in accuracy(params))
-    while greedy < p.target_accuracy and steps < p.max_steps:
+    reached = lambda: (greedy if p.stop_on == "greedy" else sampled) >= p.target_accuracy  # noqa: E731
+    while not reached() and steps < p.max_steps:
         params, opt_state, loss = chunk(params, opt_state, key, steps)
         steps += p.eval_every
         greedy, sampled = (float(a) for a in accuracy(params))
-        progress({"steps": steps, "loss": float(loss), "greedy_accuracy": greedy})
+        progress({"steps": steps, "loss": float(loss), "greedy_accuracy": greedy, "sampled_accuracy": sampled})
     info = {"base_key": base_key(cfg), "steps": steps, "final_loss": float(loss),
             "greedy_accuracy": greedy, "sampled_accuracy": sampled,
-            "reached_target": greedy >= p.target_accuracy, "seconds": round(time.perf_counter() - start, 1),
+            "reached_target": reached(), "seconds": round(time.perf_counter() - start, 1),
             "config": {"task": cfg.task.model_dump(), "model": cfg.model.model_dump(),
                        "pretrain": cfg.pretrain.model_dump()}}
     return params, info
@@ -191,7 +195,8 @@ def get_base(cfg: Config, progress: Callable[[dict], None] = lambda info: None,
             params, info = pretrain(cfg, progress)
             save_base(path, params, info)
             if not info["reached_target"]:
-                announce(f"warning: pretraining stopped at pretrain.max_steps={cfg.pretrain.max_steps} with greedy "
-                         f"accuracy {info['greedy_accuracy']:.2f} < pretrain.target_accuracy "
+                stop_on = cfg.pretrain.stop_on
+                announce(f"warning: pretraining stopped at pretrain.max_steps={cfg.pretrain.max_steps} with {stop_on} "
+                         f"accuracy {info[stop_on + '_accuracy']:.2f} < pretrain.target_accuracy "
                          f"{cfg.pretrain.target_accuracy}")
         return load_base(cfg, path)

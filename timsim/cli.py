@@ -311,8 +311,8 @@ def _base(args, console):
     from timsim.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    progress = lambda i: console.log(f"step {i['steps']}: loss {i['loss']:.3f}, greedy held-out accuracy "  # noqa: E731
-                                     f"{i['greedy_accuracy']:.2f}")
+    progress = lambda i: console.log(f"step {i['steps']}: loss {i['loss']:.3f}, held-out accuracy greedy "  # noqa: E731
+                                     f"{i['greedy_accuracy']:.2f}, sampled {i['sampled_accuracy']:.2f}")
     return (cfg, *get_base(cfg, progress=progress, announce=console.print))
 
 

@@ -82,7 +82,10 @@ class ModelConfig(_Section):
 class PretrainConfig(_Section):
     """Supervised warm start on (prompt, answer) pairs until partial competence."""
 
-    target_accuracy: float = Field(0.3, gt=0.0, le=1.0, description="stop at this greedy held-out accuracy")
+    target_accuracy: float = Field(0.3, gt=0.0, le=1.0, description="stop at this held-out accuracy (of `stop_on`)")
+    stop_on: Literal["greedy", "sampled"] = Field("greedy", description=(
+        "which held-out exact-match accuracy meets target_accuracy: greedy decoding, or sampling at T = 1 "
+        "(the reward rate GRPO starts from; use it to start bases of different lengths at the same reward)"))
     max_steps: int = Field(4000, ge=1)
     eval_every: int = Field(25, ge=1)
     batch_size: int = Field(128, ge=1)

@@ -69,7 +69,8 @@ def run_group(gid: str, cells: list[Cell], store: Store, log: Callable[[str], No
     cfg = cells[0].cfg
     graphdef, base_params, base_info = base_lib.get_base(
         cfg, progress=lambda i: log(f"  pretrain step {i['steps']}: loss {i['loss']:.3f}, "
-                                    f"greedy held-out accuracy {i['greedy_accuracy']:.2f}"),
+                                    f"held-out accuracy greedy {i['greedy_accuracy']:.2f}, "
+                                    f"sampled {i['sampled_accuracy']:.2f}"),
         announce=log)
     log(f"base {base_info['base_key']}: greedy held-out accuracy {base_info['greedy_accuracy']:.2f}, "
         f"sampled {base_info['sampled_accuracy']:.2f} ({base_info['steps']} supervised steps)")
