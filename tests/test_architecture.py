@@ -16,7 +16,7 @@ PACKAGE = Path(timsim.__file__).parent
 # runs -> executors -> experiments -> API -> CLI. A new module must be placed here on purpose.
 LAYERS = [
     {"registry", "config_types", "keys", "faults", "numerics", "determinism", "kl", "metrics", "theory"},
-    {"tasks", "grpo", "corrections", "noise", "sources", "diagnostics", "summary", "plots", "store"},
+    {"tasks", "grpo", "corrections", "noise", "sources", "diagnostics", "summary", "plots", "store", "presets"},
     {"config_mismatch", "config", "hyper", "catalogue"},
     {"model", "rollout"},
     {"sampler"},

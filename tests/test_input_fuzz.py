@@ -101,7 +101,9 @@ def _yaml(value) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
-def _inert_candidates(value):
+def _inert_candidates(value, annotation=None):
+    if typing.get_origin(annotation) is typing.Literal:  # every other accepted value
+        return [v for v in typing.get_args(annotation) if v != value]
     if isinstance(value, bool):
         return [not value]
     if isinstance(value, (int, float)):
@@ -119,13 +121,13 @@ def _inert_overrides() -> list[list[str]]:
     other than the default)."""
     out = []
     default = Config()
-    for key, _ in _leaves(Config):
+    for key, field in _leaves(Config):
         *path, leaf = key.split(".")
         section = default
         for part in path:
             section = getattr(section, part)
         if leaf in section.inert_fields():
-            out.append([f"{key}={_yaml(v)}" for v in _inert_candidates(getattr(section, leaf))])
+            out.append([f"{key}={_yaml(v)}" for v in _inert_candidates(getattr(section, leaf), field.annotation)])
     return out
 
 

@@ -11,6 +11,7 @@ from timsim.corrections import CORRECTIONS
 from timsim.grpo import ADVANTAGES, AGGREGATIONS, LOSSES
 from timsim.kl import KL_ESTIMATORS
 from timsim.noise import LOGIT_NOISE
+from timsim.presets import PRESETS, describe as describe_presets
 from timsim.registry import Registry
 from timsim.sources import ROUTER_NOISE, WEIGHT_NOISE
 from timsim.tasks import TASKS
@@ -41,6 +42,12 @@ def markdown() -> str:
                 row += " " + (", ".join(f"`{k}`" for k in entry.knobs) or "-") + " |"
             parts.append(row)
         parts.append("")
+    parts.append(f"**{PRESETS.kind}** (`{PRESETS.field}`; `timsim.presets` says where each framework's meaning differs "
+                 "from timsim's defaults)\n")
+    parts.append("| name | what it is | reproduces | sets | thresholds (overridable) |\n|---|---|---|---|---|")
+    for row in describe_presets():
+        cells = [f"`{row['preset']}`", row["what"], row["framework"], row["sets"], row["thresholds (overridable)"] or "-"]
+        parts.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(parts).rstrip() + "\n"
 
 

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from timsim import presets
 from timsim import tasks as tasks_lib
 from timsim.grpo import ADVANTAGES, AGGREGATIONS, LOSSES
 from timsim.kl import KL_ESTIMATORS
@@ -176,6 +177,12 @@ class Config(_Section):
     grpo: GRPOConfig = GRPOConfig()
     correction: CorrectionConfig = CorrectionConfig()
     run: RunConfig = RunConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _expand_preset(cls, raw: Any) -> Any:
+        """`correction.preset` fills in a framework's mode, loss and corrections (`timsim.presets`)."""
+        return presets.expand(raw) if isinstance(raw, dict) else raw
 
     @model_validator(mode="after")
     def _consistent(self):

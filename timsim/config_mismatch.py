@@ -274,6 +274,15 @@ class CorrectionConfig(_Section):
         "experts the sampler chose, in the learner's old log-probs and every update"))
     score_centering: bool = Field(False, description="subtract the sampler's expected score from every token's")
     batch_normalize: bool = Field(False, description="divide the kept weights by their batch mean")
+    batch_normalize_over: Literal["tokens", "responses"] = Field("tokens", description=(
+        "batch_normalize: the mean over kept tokens, or over responses with one weight each (the mean of its kept "
+        "tokens; verl's normalisation of sequence-level weights)"))
+    rejected: Literal["drop", "zero"] = Field("drop", description=(
+        "tokens a correction rejects: drop leaves them out of the loss and its denominator; zero keeps them in the "
+        "denominator with weight 0 (TRL's masks, verl's IcePop), so rejection also shrinks the kept tokens' share"))
+    preset: str | None = Field(None, description=(
+        "a framework's correction default (timsim.presets, e.g. verl/decoupled_token_is, trl/sequence_mask): sets "
+        "the mode, loss and corrections with that framework's meaning; thresholds may be overridden"))
     bypass_weights: Literal["replace", "multiply"] = Field("replace", description=(
         "grpo.old_logprobs=bypass with a weighting correction: replace puts the learner's pi_old in the PPO ratio, "
         "so the weight replaces r_corr (verl's decoupled mode: recompute plus the weight); multiply keeps "
@@ -288,6 +297,12 @@ class CorrectionConfig(_Section):
             inert[knob] = f"{listed}; only {' and '.join(readers)} {'reads' if len(readers) == 1 else 'read'} it"
         if not self.kinds:
             inert["batch_normalize"] = "correction.kinds is empty (there are no weights to normalise)"
+        if not self.batch_normalize:
+            inert["batch_normalize_over"] = "correction.batch_normalize is off"
+        if not any(CORRECTIONS.entry(kind).rejects for kind in self.kinds):
+            rejecting = ", ".join(CORRECTIONS.names(rejects=True))
+            inert["rejected"] = (f"{listed}{', and none of them rejects' if self.kinds else ''}: only these corrections "
+                                 f"reject tokens: {rejecting}")
         return inert
 
     @property
@@ -302,7 +317,8 @@ class CorrectionConfig(_Section):
 
     def without_corrections(self) -> "CorrectionConfig":
         """This section with every weight, mask and score correction off (thresholds kept)."""
-        return self.model_copy(update={"kinds": [], "score_centering": False, "batch_normalize": False})
+        return self.model_copy(update={"kinds": [], "score_centering": False, "batch_normalize": False,
+                                       "batch_normalize_over": "tokens", "rejected": "drop", "preset": None})
 
     @field_validator("kinds")
     @classmethod

@@ -36,7 +36,9 @@ from timsim.registry import Registry
 # knobs: the `correction.*` fields a kind reads (the config rejects a threshold no listed kind uses);
 # static: those among them that select code (passed as keyword arguments, not traced);
 # weighting: it produces weights, not only masks (in bypass mode the weight replaces r_corr).
-CORRECTIONS: Registry[Callable] = Registry("correction", "correction.kinds", knobs=(), static=(), weighting=False)
+# rejects: it can reject tokens (produces a mask, not only ones).
+CORRECTIONS: Registry[Callable] = Registry("correction", "correction.kinds", knobs=(), static=(), weighting=False,
+                                           rejects=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,35 +90,41 @@ def seq_tis(x, k):
     return _per_response(x, jnp.minimum(_seq_ratio(x), k.tis_cap)), _ones(x)
 
 
-@CORRECTIONS.register(knobs=("mis_low", "mis_high"), weighting=True)
+@CORRECTIONS.register(knobs=("mis_low", "mis_high"), weighting=True, rejects=True)
 def token_mis(x, k):
     """Masked IS per token (IcePop): w_t = r_corr,t, kept only if lo <= r_corr,t <= hi."""
     keep = (x.ratio_NT >= k.mis_low) & (x.ratio_NT <= k.mis_high)
     return x.ratio_NT, keep.astype(jnp.float32)
 
 
-@CORRECTIONS.register(knobs=("seq_low", "seq_high"))
+@CORRECTIONS.register(knobs=("mis_low", "mis_high"), rejects=True)
+def token_mask(x, k):
+    """Token rejection (verl's token_k1): keep a token only if lo <= r_corr,t <= hi (no weight)."""
+    return _ones(x), ((x.ratio_NT >= k.mis_low) & (x.ratio_NT <= k.mis_high)).astype(jnp.float32)
+
+
+@CORRECTIONS.register(knobs=("seq_low", "seq_high"), rejects=True)
 def seq_mask(x, k):
     """Sequence rejection: keep a response only if lo <= prod_t r_corr,t <= hi (no weight)."""
     ratio = _seq_ratio(x)
     return _ones(x), _per_response(x, ((ratio >= k.seq_low) & (ratio <= k.seq_high)).astype(jnp.float32))
 
 
-@CORRECTIONS.register(knobs=("seq_low", "seq_high"), weighting=True)
+@CORRECTIONS.register(knobs=("seq_low", "seq_high"), weighting=True, rejects=True)
 def seq_mis(x, k):
     """Sequence MIS: the sequence mask times the weight prod_t r_corr,t."""
     weight, keep = seq_mask(x, k)
     return weight * _per_response(x, _seq_ratio(x)), keep
 
 
-@CORRECTIONS.register(knobs=("geo_low", "geo_high"))
+@CORRECTIONS.register(knobs=("geo_low", "geo_high"), rejects=True)
 def geometric(x, k):
     """Geometric rejection (length-invariant): keep if lo <= exp(mean_t delta_t) <= hi."""
     geo = jnp.exp(x.seq_delta_N / x.lengths_N)
     return _ones(x), _per_response(x, ((geo >= k.geo_low) & (geo <= k.geo_high)).astype(jnp.float32))
 
 
-@CORRECTIONS.register(knobs=("kl_estimator", "kl_aggregate", "kl_threshold"), static=("kl_estimator", "kl_aggregate"))
+@CORRECTIONS.register(knobs=("kl_estimator", "kl_aggregate", "kl_threshold"), static=("kl_estimator", "kl_aggregate"), rejects=True)
 def kl_rejection(x, k, kl_estimator: str = "k3", kl_aggregate: str = "mean"):
     """Trust-region mask: reject a response whose per-token KL estimate, aggregated by sum,
     mean or max over its tokens, exceeds the threshold."""
@@ -130,14 +138,14 @@ def kl_rejection(x, k, kl_estimator: str = "k3", kl_aggregate: str = "mean"):
     return _ones(x), _per_response(x, (per_seq <= k.kl_threshold).astype(jnp.float32))
 
 
-@CORRECTIONS.register(knobs=("veto_threshold",))
+@CORRECTIONS.register(knobs=("veto_threshold",), rejects=True)
 def veto(x, k):
     """Reject a response if any of its tokens has r_corr below the veto threshold."""
     low = jnp.where(x.mask_NT > 0, x.ratio_NT, jnp.inf).min(-1)
     return _ones(x), _per_response(x, (low >= k.veto_threshold).astype(jnp.float32))
 
 
-@CORRECTIONS.register(knobs=("offpolicy_threshold",))
+@CORRECTIONS.register(knobs=("offpolicy_threshold",), rejects=True)
 def offpolicy_mask(x, k):
     """DeepSeek-V3.2 off-policy sequence mask: drop a response with A < 0 whose mean
     log(mu / pi) exceeds the threshold. pi is pi_old here (the step's start; at the first
@@ -190,9 +198,12 @@ def centered_score_logp(logp_NT, logp_all_NTV, mu_NTV):
 
 
 def apply_corrections(kinds: tuple[str, ...], x: CorrectionInputs, knobs: dict, kl_estimator: str = "k3",
-                      kl_aggregate: str = "mean", batch_normalize: bool = False) -> tuple[jax.Array, jax.Array]:
+                      kl_aggregate: str = "mean", batch_normalize: bool = False,
+                      normalize_over: str = "tokens") -> tuple[jax.Array, jax.Array]:
     """Compose `kinds`: (weight_NT, keep_NT); padding is never kept. With `batch_normalize`
-    the kept weights are divided by their mean (w <- w / mean(w))."""
+    the kept weights are divided by their mean (w <- w / mean(w)): over kept tokens
+    (`normalize_over="tokens"`), or over responses, each response counting once with the mean
+    weight of its kept tokens (`"responses"`, verl's normalisation of sequence-level weights)."""
     weight, keep = _ones(x), x.mask_NT
     static = {"kl_estimator": kl_estimator, "kl_aggregate": kl_aggregate}
     for kind in kinds:
@@ -200,7 +211,13 @@ def apply_corrections(kinds: tuple[str, ...], x: CorrectionInputs, knobs: dict, 
         w, m = entry.value(x, knobs, **{name: static[name] for name in entry.static})
         weight, keep = weight * w, keep * m
     if batch_normalize:
-        weight = weight / jnp.maximum((weight * keep).sum() / jnp.maximum(keep.sum(), 1.0), 1e-30)
+        if normalize_over == "tokens":
+            mean = (weight * keep).sum() / jnp.maximum(keep.sum(), 1.0)
+        else:
+            kept_N = keep.sum(-1)
+            response_mean_N = (weight * keep).sum(-1) / jnp.maximum(kept_N, 1.0)
+            mean = (response_mean_N * (kept_N > 0)).sum() / jnp.maximum((kept_N > 0).sum(), 1.0)
+        weight = weight / jnp.maximum(mean, 1e-30)
     return jax.lax.stop_gradient(weight), jax.lax.stop_gradient(keep)
 
 

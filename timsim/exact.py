@@ -159,6 +159,19 @@ class Oracle:
         return self.run(*args)
 
 
+def population_weight_mean(weight_NT, kept_NT, prob_N, over: str = "tokens"):
+    """The population limit of `correction.batch_normalize`'s mean: over kept tokens, or over
+    responses with at least one kept token (each the mean weight of its kept tokens), every
+    response counted with its probability `prob_N`."""
+    if over == "tokens":
+        kept = prob_N[:, None] * kept_NT
+        return (kept * weight_NT).sum() / jnp.maximum(kept.sum(), 1e-30)
+    n_kept_N = kept_NT.sum(-1)
+    response_mean_N = (weight_NT * kept_NT).sum(-1) / jnp.maximum(n_kept_N, 1.0)
+    counted_N = prob_N * (n_kept_N > 0)
+    return (counted_N * response_mean_N).sum() / jnp.maximum(counted_N.sum(), 1e-30)
+
+
 def make_oracle(cfg: Config, graphdef, max_prompts: int = 128, only: tuple[str, ...] | None = None,
                 variance: bool = True) -> Oracle:
     """`oracle(params, sampler_params, hp, step, draw, second_moments=True) -> dict` for one noise
@@ -215,9 +228,9 @@ def make_oracle(cfg: Config, graphdef, max_prompts: int = 128, only: tuple[str, 
         batch = learner_batch(collected, hp, est.mode, corr)
         weight_N = flat(weight_BM)
         if cfg.correction.batch_normalize and est.kinds:  # the population mean of the kept weights
-            kept = weight_N[:, None] * batch.keep_NT
             batch = batch._replace(weight_NT=batch.weight_NT / jnp.maximum(
-                (kept * batch.weight_NT).sum() / jnp.maximum(kept.sum(), 1e-30), 1e-30))
+                population_weight_mean(batch.weight_NT, batch.kept_NT, weight_N,
+                                       cfg.correction.batch_normalize_over), 1e-30))
         coeff, normaliser = aggregation(batch.keep_NT, weight_N)
         objective = make_objective(cfg, est.mode == "recompute",
                                    lambda per_token, _mask: (coeff * per_token).sum() / normaliser.sum())

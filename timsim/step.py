@@ -49,27 +49,32 @@ class LearnerBatch(NamedTuple):
     logp_old_NT: jax.Array  # the PPO ratio's denominator: pi_old (recompute) or mu (bypass)
     adv_N: jax.Array
     weight_NT: jax.Array  # correction weights, never differentiated (1 without corrections)
-    keep_NT: jax.Array  # tokens the corrections keep (the loss's mask and denominator)
+    keep_NT: jax.Array  # the loss's mask and denominator: the kept tokens, or every response token (rejected=zero)
     mu_NTV: jax.Array | None  # the sampler's full distribution, for score centering (else None)
     replay: tuple | None = None  # experts the loss's forward replays (R2: pi_old's, R3: the sampler's)
+    kept_NT: jax.Array | None = None  # the tokens the corrections keep (keep_NT unless rejected=zero)
 
 
 def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> LearnerBatch:
-    """Apply the mode (recompute: pi_old = the learner's; bypass: mu) and the corrections."""
+    """Apply the mode (recompute: pi_old = the learner's; bypass: mu) and the corrections.
+    `correction.rejected=zero` keeps rejected tokens in the loss's denominator with weight 0."""
     logp_old = c.logp_learner_NT if old_logprobs == "recompute" else c.logp_sampler_NT
-    weight, keep = jnp.ones_like(c.mask_NT), c.mask_NT
+    weight, kept = jnp.ones_like(c.mask_NT), c.mask_NT
     if corr.kinds:
-        weight, keep = apply_corrections(tuple(corr.kinds),
+        weight, kept = apply_corrections(tuple(corr.kinds),
                                          make_inputs(c.logp_learner_NT, c.logp_sampler_NT, c.mask_NT, c.adv_N),
                                          hp.correction, corr.kl_estimator, corr.kl_aggregate,
-                                         corr.batch_normalize)
+                                         corr.batch_normalize, corr.batch_normalize_over)
         if old_logprobs == "bypass" and corr.weighting and corr.bypass_weights == "replace":
             logp_old = c.logp_learner_NT  # the weight replaces r_corr instead of multiplying it (decoupled)
+    keep = kept
+    if corr.rejected == "zero":
+        weight, keep = weight * kept, c.mask_NT
     mu = jax.lax.stop_gradient(jnp.exp(c.logp_all_sampler_NTV)) if corr.score_centering else None
     # R2 and R3 both replay the routes of the old policy's forward: under R3 that forward
     # already replayed the sampler's experts (`teacher_forced_pair`)
     replay = c.routes_learner if corr.routing_replay != "none" else None
-    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu, replay)
+    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu, replay, kept)
 
 
 def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | None = None) -> Callable:
@@ -251,7 +256,7 @@ def make_step(cfg: Config, task: Task, graphdef, share_forward: bool = True) -> 
                                                mask),
             "delta_floor_max": jnp.abs(c.logp_decode_NT - c.logp_sampler_NT).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
-            **correction_metrics(batch.weight_NT, batch.keep_NT, mask, any_kept),
+            **correction_metrics(batch.weight_NT, batch.kept_NT, mask, any_kept),
             **routing_metrics(c.routes_sampler, c.routes_learner, mask),
             **per_update,
         }
