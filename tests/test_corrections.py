@@ -132,6 +132,7 @@ def test_bad_corrections_name_the_field(override, field):
     ("bypass", ["seq_mask"], "replace", "mu"),  # a mask changes no ratio
     ("bypass", ["token_tis"], "replace", "pi_old"),  # verl's decoupled mode: recompute plus the weight
     ("bypass", ["token_tis"], "multiply", "mu"),  # the weight multiplies pi_theta / mu: mismatch counted twice
+    ("bypass", ["token_tis"], "current", "mu"),  # verl's bypass: the weight of pi_theta / mu, recomputed per minibatch
     ("recompute", ["token_tis"], "replace", "pi_old"),
 ])
 @pytest.mark.bits

@@ -146,3 +146,39 @@ def test_knobs_that_select_nothing_are_errors_and_sequence_normalisation_counts_
                           None, None, jnp.asarray([1.0, -1.0]), None, None)
     batch = learner_batch(collected, hyper.of(cfg), "recompute", cfg.correction)
     np.testing.assert_allclose(np.asarray(batch.weight_NT)[mask > 0], np.array([2.0] * 4 + [0.5]) / 1.25, rtol=1e-6)
+
+
+def test_verl_bypass_recomputes_weights_and_masks_from_the_current_policy():
+    """With `bypass_weights=current` (verl's bypass presets) a later minibatch's weights and masks
+    come from pi_theta / mu at that minibatch, not from pi_old / mu at the step's start."""
+    learner, sampler, mask, adv, _ = _batch()
+    moved = learner + np.random.default_rng(1).normal(scale=0.05, size=learner.shape).astype(np.float32)  # theta != theta_old
+    d_now = (moved.astype(np.float64) - sampler) * mask
+    collected = Collected(None, None, jnp.asarray(mask), jnp.asarray(learner), jnp.asarray(sampler), None, None,
+                          None, None, jnp.asarray(adv), None, None)
+    logp_all = jnp.zeros((N, T, 3))
+    cfg = load_config(None, ["correction.preset=verl/bypass_pg_is"])
+    hp = hyper.of(cfg)
+    batch = learner_batch(collected, hp, "bypass", cfg.correction)
+    loss = float(make_objective(cfg, recompute_first=False)(jnp.asarray(moved), logp_all, batch, hp, False)[0])
+    weight = _per_response(np.minimum(np.exp(d_now.sum(-1)), 2.0))
+    np.testing.assert_allclose(loss, -(adv[:, None] * moved * weight * mask).sum() / mask.sum(), rtol=1e-5)
+
+    cfg = load_config(None, ["correction.preset=verl/bypass_ppo_clip_geo_rs", "correction.geo_low=0.99",
+                             "correction.geo_high=1.01"])
+    batch = learner_batch(collected, hyper.of(cfg), "bypass", cfg.correction)
+    objective = make_objective(cfg, recompute_first=False)
+    kept_now = _per_response(np.abs(d_now.sum(-1) / mask.sum(-1)) <= np.log(1.01)) * mask
+    assert (kept_now != np.asarray(batch.kept_NT)).any(), "moving theta must change the mask"
+    ratio = np.exp(d_now)
+    per_token = -np.minimum(ratio * adv[:, None], np.clip(ratio, 0.8, 1.2) * adv[:, None])
+    loss = float(objective(jnp.asarray(moved), logp_all, batch, hyper.of(cfg), False)[0])
+    np.testing.assert_allclose(loss, (per_token * kept_now).sum() / kept_now.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("overrides", [["correction.bypass_weights=current"],
+                                       ["correction.bypass_weights=current", "grpo.old_logprobs=bypass"],
+                                       ["correction.bypass_weights=current", "correction.kinds=[geometric]"]])
+def test_current_bypass_weights_without_bypass_and_a_correction_are_refused(overrides):
+    with pytest.raises(ConfigError, match="`correction.bypass_weights`: 'current' has no effect"):
+        load_config(None, overrides)

@@ -210,11 +210,15 @@ class Config(_Section):
             field = ("correction.routing_replay" if self.correction.routing_replay != "none"
                      else "perturbation.router_noise.family")
             raise ValueError(f"{field} needs a mixture-of-experts policy: set model.experts (e.g. 4)")
-        if self.correction.bypass_weights != "replace" and not (self.grpo.old_logprobs == "bypass"
-                                                                and self.correction.weighting):
-            raise ValueError(f"correction.bypass_weights={self.correction.bypass_weights!r} has no effect: it acts only "
-                             "with grpo.old_logprobs=bypass and a weighting correction in correction.kinds "
+        bypass_weights = self.correction.bypass_weights
+        if bypass_weights == "multiply" and not (self.grpo.old_logprobs == "bypass" and self.correction.weighting):
+            raise ValueError(f"{FIELD_MARK}correction.bypass_weights{FIELD_MARK}{bypass_weights!r} has no effect: it "
+                             "acts only with grpo.old_logprobs=bypass and a weighting correction in correction.kinds "
                              f"({', '.join(CORRECTIONS.names(weighting=True))}); got grpo.old_logprobs="
+                             f"{self.grpo.old_logprobs!r} and correction.kinds={self.correction.kinds}")
+        if bypass_weights == "current" and not (self.grpo.old_logprobs == "bypass" and self.correction.kinds):
+            raise ValueError(f"{FIELD_MARK}correction.bypass_weights{FIELD_MARK}{bypass_weights!r} has no effect: it "
+                             "acts only with grpo.old_logprobs=bypass and a correction in correction.kinds; got grpo.old_logprobs="
                              f"{self.grpo.old_logprobs!r} and correction.kinds={self.correction.kinds}")
         if self.run.oracle_every % self.run.chunk_steps:
             raise ValueError(f"run.oracle_every ({self.run.oracle_every}) must be 0 or a multiple of run.chunk_steps "

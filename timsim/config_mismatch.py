@@ -283,10 +283,12 @@ class CorrectionConfig(_Section):
     preset: str | None = Field(None, description=(
         "a framework's correction default (timsim.presets, e.g. verl/decoupled_token_is, trl/sequence_mask): sets "
         "the mode, loss and corrections with that framework's meaning; thresholds may be overridden"))
-    bypass_weights: Literal["replace", "multiply"] = Field("replace", description=(
+    bypass_weights: Literal["replace", "multiply", "current"] = Field("replace", description=(
         "grpo.old_logprobs=bypass with a weighting correction: replace puts the learner's pi_old in the PPO ratio, "
         "so the weight replaces r_corr (verl's decoupled mode: recompute plus the weight); multiply keeps "
-        "pi_theta / mu and multiplies the weight onto it, counting the mismatch twice"))
+        "pi_theta / mu and multiplies the weight onto it, counting the mismatch twice; current (verl's bypass, any "
+        "correction) keeps pi_theta / mu and recomputes weights and masks from the current policy pi_theta "
+        "(detached) at every minibatch"))
 
     def inert_fields(self) -> dict[str, str]:
         used = {knob for kind in self.kinds for knob in CORRECTIONS.entry(kind).knobs}

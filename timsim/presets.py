@@ -18,9 +18,8 @@ Where timsim's defaults mean something else than the framework's, the preset say
   (`drop`, timsim's default).
 - TRL's masks are one-sided (reject r > cap): the lower bound is set below the ±20 clamp.
 - per-minibatch weights: in bypass verl recomputes its weights and masks from the current
-  policy at every minibatch; timsim computes them once per step from pi_old. With one epoch
-  and one minibatch (timsim's default, and REINFORCE's only setting) the two are the same
-  policy at the only update, equal to float rounding; with more, they differ.
+  policy at every minibatch (`correction.bypass_weights=current`); timsim's other bypass
+  settings compute them once per step from pi_old.
 - clamping: timsim clamps each token's log-ratio to ±20 before a sequence sums them, verl
   clamps the sum; the two differ only for a token with |delta| > 20.
 """
@@ -52,6 +51,8 @@ def _add(name: str, doc: str, source: str, structure: dict[str, Any], knobs: dic
 def _verl(name: str, doc: str, mode: str, kinds: list[str], knobs: dict[str, Any] | None = None,
           loss: str = "ppo", extra: dict[str, Any] | None = None, source: str | None = None) -> None:
     structure = {"grpo.old_logprobs": mode, "grpo.loss": loss, "correction.kinds": kinds, **(extra or {})}
+    if mode == "bypass" and kinds:  # verl's bypass: weights and masks of pi_theta / mu at every minibatch
+        structure["correction.bypass_weights"] = "current"
     _add(f"verl/{name}", doc, source or f"{_VERL}.{name}()", structure, knobs)
 
 

@@ -59,22 +59,34 @@ def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> Lea
     """Apply the mode (recompute: pi_old = the learner's; bypass: mu) and the corrections.
     `correction.rejected=zero` keeps rejected tokens in the loss's denominator with weight 0."""
     logp_old = c.logp_learner_NT if old_logprobs == "recompute" else c.logp_sampler_NT
-    weight, kept = jnp.ones_like(c.mask_NT), c.mask_NT
-    if corr.kinds:
-        weight, kept = apply_corrections(tuple(corr.kinds),
-                                         make_inputs(c.logp_learner_NT, c.logp_sampler_NT, c.mask_NT, c.adv_N),
-                                         hp.correction, corr.kl_estimator, corr.kl_aggregate,
-                                         corr.batch_normalize, corr.batch_normalize_over)
-        if old_logprobs == "bypass" and corr.weighting and corr.bypass_weights == "replace":
-            logp_old = c.logp_learner_NT  # the weight replaces r_corr instead of multiplying it (decoupled)
-    keep = kept
-    if corr.rejected == "zero":
-        weight, keep = weight * kept, c.mask_NT
+    if old_logprobs == "bypass" and corr.weighting and corr.bypass_weights == "replace":
+        logp_old = c.logp_learner_NT  # the weight replaces r_corr instead of multiplying it (decoupled)
+    verdict = _corrected(c.mask_NT, c.logp_learner_NT, c.logp_sampler_NT, c.adv_N, hp, corr)
     mu = jax.lax.stop_gradient(jnp.exp(c.logp_all_sampler_NTV)) if corr.score_centering else None
     # R2 and R3 both replay the routes of the old policy's forward: under R3 that forward
     # already replayed the sampler's experts (`teacher_forced_pair`)
     replay = c.routes_learner if corr.routing_replay != "none" else None
-    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu, replay, kept)
+    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, verdict.weight_NT,
+                        verdict.keep_NT, mu, replay, verdict.kept_NT)
+
+
+class _Verdict(NamedTuple):
+    weight_NT: jax.Array
+    keep_NT: jax.Array
+    kept_NT: jax.Array
+
+
+def _corrected(mask_NT, logp_learner_NT, logp_sampler_NT, adv_N, hp, corr) -> _Verdict:
+    """The corrections' weights and masks from the learner's and the sampler's log-probs, and
+    the loss's mask (with `correction.rejected=zero` every response token, rejected ones at weight 0)."""
+    weight, kept = jnp.ones_like(mask_NT), mask_NT
+    if corr.kinds:
+        weight, kept = apply_corrections(tuple(corr.kinds), make_inputs(logp_learner_NT, logp_sampler_NT, mask_NT, adv_N),
+                                         hp.correction, corr.kl_estimator, corr.kl_aggregate,
+                                         corr.batch_normalize, corr.batch_normalize_over)
+    if corr.rejected == "zero":
+        return _Verdict(weight * kept, mask_NT, kept)
+    return _Verdict(weight, kept, kept)
 
 
 def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | None = None) -> Callable:
@@ -90,10 +102,16 @@ def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | Non
     g = cfg.grpo
     aggregate = aggregate or (lambda per_token, mask: grpo.aggregate(per_token, mask, g.loss_agg))
 
+    corr = cfg.correction
+    current_weights = cfg.grpo.old_logprobs == "bypass" and corr.bypass_weights == "current" and bool(corr.kinds)
+
     def objective(logp, logp_all, batch: LearnerBatch, hp, first_update):
         logp_old = batch.logp_old_NT
         if recompute_first:
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
+        if current_weights:  # verl's bypass: weights and masks of pi_theta / mu at this minibatch
+            batch = batch._replace(**_corrected(batch.mask_NT, jax.lax.stop_gradient(logp), batch.logp_old_NT,
+                                                batch.adv_N, hp, corr)._asdict())
         if batch.mu_NTV is not None:
             logp = centered_score_logp(logp, logp_all, batch.mu_NTV) * batch.mask_NT
         mask = batch.keep_NT
