@@ -12,7 +12,7 @@ import pytest
 
 from timsim.config import ConfigError, load_config
 from timsim.finder import FinderSettings, critical_shift, degrades, find_critical
-from timsim.summary import paired_ci
+from timsim.summary import crossing_level, crossing_with_ci, paired_ci
 
 
 def synthetic(threshold: float, seeds: int = 8, noise: float = 0.01, calls: list | None = None):
@@ -35,6 +35,29 @@ def test_paired_ci_matches_the_t_interval():
     assert half == pytest.approx(2.776 * diffs.std(ddof=1) / math.sqrt(5), rel=1e-3)
     assert degrades(diffs, 0.05, 0.95) and not degrades(diffs, 0.15, 0.95)
     assert not degrades(np.array([-0.3, 0.3, -0.3, 0.3, -0.31]), 0.0, 0.95)  # not significant
+
+
+def test_crossing_level_interpolates_in_log_level():
+    levels = [0.01, 0.02, 0.04, 0.08]
+    # -0.02 at 0.02, -0.08 at 0.04: -0.05 is half way in log, at 0.02 * sqrt(2)
+    assert np.isclose(crossing_level(levels, [0.0, -0.02, -0.08, -0.2], 0.05), 0.02 * np.sqrt(2))
+    assert np.isnan(crossing_level(levels, [0.0, -0.01, -0.02, -0.049], 0.05))
+    assert crossing_level(levels, [-0.06, -0.1, -0.2, -0.3], 0.05) == 0.01  # at most the first level
+    assert np.isclose(crossing_level(levels, [0.0, -0.06, 0.0, -0.2], 0.05), crossing_level(levels[:2], [0.0, -0.06], 0.05))
+
+
+def test_crossing_ci_brackets_the_crossing_and_tightens_with_seeds():
+    levels = np.array([0.005, 0.01, 0.02, 0.04, 0.08])
+    truth = -0.05 * levels / 0.02  # crosses -0.05 at exactly 0.02
+    rng = np.random.default_rng(3)
+    wide, narrow = (crossing_with_ci(levels, truth[:, None] + rng.normal(scale=0.02, size=(5, n)), 0.05)
+                    for n in (10, 200))
+    for ci in (wide, narrow):
+        assert ci["low"] <= ci["level"] <= ci["high"] and ci["low"] < 0.02 < ci["high"]
+    assert narrow["high"] / narrow["low"] < wide["high"] / wide["low"]
+    never = crossing_with_ci(levels, np.zeros((5, 10)) + rng.normal(scale=0.001, size=(5, 10)), 0.05)
+    assert np.isnan(never["level"]) and never["not_crossed"] == 1.0
+
 
 
 @pytest.mark.parametrize("threshold", [3e-3, 2e-2])

@@ -138,6 +138,40 @@ def paired_contrast(summary: pd.DataFrame, cell_id: str, reference: str = "zero"
     return paired_ci(paired_differences(summary, cell_id, column, reference), confidence)
 
 
+def crossing_level(levels, mean_diffs, margin: float) -> float:
+    """The mismatch level at which a dose-response curve (mean paired difference against the
+    twin at each of the increasing `levels`) first falls below -`margin`, interpolated linearly
+    in log(level) between the grid points around the crossing. NaN when it never does; the
+    first level when it is already below there (read as "at most")."""
+    levels, mean_diffs = np.asarray(levels, float), np.asarray(mean_diffs, float)
+    below = np.flatnonzero(mean_diffs < -margin)
+    if below.size == 0:
+        return math.nan
+    i = int(below[0])
+    if i == 0:
+        return float(levels[0])
+    (x0, x1), (y0, y1) = np.log(levels[i - 1:i + 1]), mean_diffs[i - 1:i + 1]
+    return float(np.exp(x0 + (x1 - x0) * (-margin - y0) / (y1 - y0)))
+
+
+def crossing_with_ci(levels, diffs_LS, margin: float, confidence: float = 0.95, n_boot: int = 2000,
+                     seed: int = 0) -> dict:
+    """`crossing_level` of the mean over seeds of paired differences `diffs_LS` [level, seed],
+    with a percentile bootstrap over seeds (each resample draws seeds with replacement and
+    keeps every level of a seed together, so the pairing survives). `not_crossed` is the
+    fraction of resamples that never cross; the CI is over those that do."""
+    diffs_LS = np.asarray(diffs_LS, float)
+    rng = np.random.default_rng(seed)
+    n_seeds = diffs_LS.shape[1]
+    boot = np.array([crossing_level(levels, diffs_LS[:, rng.integers(0, n_seeds, n_seeds)].mean(1), margin)
+                     for _ in range(n_boot)])
+    finite = boot[np.isfinite(boot)]
+    tail = (1.0 - confidence) / 2
+    low, high = (np.quantile(finite, [tail, 1.0 - tail]) if finite.size else (math.nan, math.nan))
+    return {"level": crossing_level(levels, diffs_LS.mean(1), margin), "low": float(low), "high": float(high),
+            "not_crossed": float(1.0 - finite.size / n_boot), "boot": boot}
+
+
 def paired_table(metrics: pd.DataFrame, summary: pd.DataFrame, against: list[str],
                  confidence: float = 0.95) -> pd.DataFrame:
     """Per cell: final held-out accuracy, its paired difference (same seeds) against each
