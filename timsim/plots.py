@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from timsim.metrics import METRICS
 from timsim.summary import ci_half_width
@@ -101,6 +102,7 @@ def dose_response(table: pd.DataFrame, x: str, y: str, yerr: str | None = None, 
     ax.axhline(0.0, color="gray", lw=0.8)
     if logx:
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labelled decades only: minor labels overlap
     ax.set_xlabel(xlabel or label(x))
     ax.set_ylabel(ylabel or label(y))
     if by:
