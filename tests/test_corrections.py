@@ -150,8 +150,10 @@ def test_the_ratio_denominator_follows_mode_and_bypass_weights(mode, kinds, bypa
     batch = learner_batch(collected, hyper.of(cfg), mode, cfg.correction)
     expected = learner if denominator == "pi_old" else sampler
     assert np.array_equal(np.asarray(batch.logp_old_NT), np.asarray(expected))
-    if kinds == ["token_tis"]:
-        np.testing.assert_allclose(batch.weight_NT, np.minimum(np.exp(learner - sampler), 2.0), rtol=1e-6)
+    if kinds == ["token_tis"]:  # the verdict at pi_old; `current` recomputes it in the loss, per minibatch
+        np.testing.assert_allclose(batch.verdict.weight_NT, np.minimum(np.exp(learner - sampler), 2.0), rtol=1e-6)
+        loss_weight = np.ones((4, 3)) if bypass_weights == "current" else batch.verdict.weight_NT
+        np.testing.assert_array_equal(np.asarray(batch.weight_NT), loss_weight)
 
 
 @pytest.mark.bits

@@ -10,7 +10,7 @@ from timsim.collect import Collected
 from timsim.config import ConfigError, config_from_dict, load_config
 from timsim.corrections import CORRECTIONS
 from timsim.presets import PRESETS
-from timsim.step import learner_batch, make_objective
+from timsim.step import learner_batch, make_objective, refreshed_correction
 
 N, T = 24, 6
 ROW_SCALES = [1e-4, 3e-4, 1e-3, 1e-2, 0.1, 0.3, 0.7, 1.5]  # the size of delta, per response
@@ -83,12 +83,14 @@ def test_each_preset_reproduces_its_frameworks_weights_masks_and_denominator(nam
                           None, None, jnp.asarray(adv), None, None)
     batch = learner_batch(collected, hyper.of(cfg), cfg.grpo.old_logprobs, cfg.correction)
     weight, kept, denominator = _expected(name, d, mask)
+    verdict = batch.verdict  # at pi_old (verl's bypass presets recompute it in the loss: below)
     if any(CORRECTIONS.entry(kind).rejects for kind in cfg.correction.kinds):  # the batch tests both sides
-        assert 0 < np.asarray(batch.kept_NT).sum() < mask.sum()
+        assert 0 < np.asarray(verdict.kept_NT).sum() < mask.sum()
     if cfg.correction.rejected == "drop":
-        np.testing.assert_array_equal(np.asarray(batch.kept_NT), kept)
-    np.testing.assert_array_equal(np.asarray(batch.keep_NT), denominator)
-    np.testing.assert_allclose(np.asarray(batch.weight_NT) * np.asarray(batch.keep_NT), weight, rtol=2e-6, atol=1e-7)
+        np.testing.assert_array_equal(np.asarray(verdict.kept_NT), kept)
+    np.testing.assert_array_equal(np.asarray(verdict.keep_NT), denominator)
+    np.testing.assert_allclose(np.asarray(verdict.weight_NT) * np.asarray(verdict.keep_NT), weight, rtol=2e-6,
+                               atol=1e-7)
     # decoupled: the PPO ratio divides by the learner's pi_old; bypass without a weight: by mu
     expected_old = learner if cfg.ratio_denominator == "pi_old" else sampler
     np.testing.assert_array_equal(np.asarray(batch.logp_old_NT), expected_old)
@@ -160,16 +162,17 @@ def test_verl_bypass_recomputes_weights_and_masks_from_the_current_policy():
     cfg = load_config(None, ["correction.preset=verl/bypass_pg_is"])
     hp = hyper.of(cfg)
     batch = learner_batch(collected, hp, "bypass", cfg.correction)
-    loss = float(make_objective(cfg, recompute_first=False)(jnp.asarray(moved), logp_all, batch, hp, False)[0])
+    refresh = refreshed_correction("bypass", cfg.correction)
+    loss = float(make_objective(cfg, False, refresh=refresh)(jnp.asarray(moved), logp_all, batch, hp, False)[0])
     weight = _per_response(np.minimum(np.exp(d_now.sum(-1)), 2.0))
     np.testing.assert_allclose(loss, -(adv[:, None] * moved * weight * mask).sum() / mask.sum(), rtol=1e-5)
 
     cfg = load_config(None, ["correction.preset=verl/bypass_ppo_clip_geo_rs", "correction.geo_low=0.99",
                              "correction.geo_high=1.01"])
     batch = learner_batch(collected, hyper.of(cfg), "bypass", cfg.correction)
-    objective = make_objective(cfg, recompute_first=False)
+    objective = make_objective(cfg, False, refresh=refreshed_correction("bypass", cfg.correction))
     kept_now = _per_response(np.abs(d_now.sum(-1) / mask.sum(-1)) <= np.log(1.01)) * mask
-    assert (kept_now != np.asarray(batch.kept_NT)).any(), "moving theta must change the mask"
+    assert (kept_now != np.asarray(batch.verdict.kept_NT)).any(), "moving theta must change the mask"
     ratio = np.exp(d_now)
     per_token = -np.minimum(ratio * adv[:, None], np.clip(ratio, 0.8, 1.2) * adv[:, None])
     loss = float(objective(jnp.asarray(moved), logp_all, batch, hyper.of(cfg), False)[0])

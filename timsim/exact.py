@@ -224,12 +224,15 @@ def make_oracle(cfg: Config, graphdef, max_prompts: int = 128, only: tuple[str, 
                               None, None)
         corr = cfg.correction.model_copy(update={"kinds": list(est.kinds), "score_centering": est.score_centering,
                                                  "batch_normalize": False, "routing_replay": "none",
-                                                 "bypass_weights": est.bypass_weights})
+                                                 # at theta = theta_old verl's per-minibatch weights
+                                                 # (current) are pi_old's on the ratio pi_theta / mu
+                                                 "bypass_weights": ("multiply" if est.bypass_weights == "current"
+                                                                    else est.bypass_weights)})
         batch = learner_batch(collected, hp, est.mode, corr)
         weight_N = flat(weight_BM)
         if cfg.correction.batch_normalize and est.kinds:  # the population mean of the kept weights
             batch = batch._replace(weight_NT=batch.weight_NT / jnp.maximum(
-                population_weight_mean(batch.weight_NT, batch.kept_NT, weight_N,
+                population_weight_mean(batch.weight_NT, batch.verdict.kept_NT, weight_N,
                                        cfg.correction.batch_normalize_over), 1e-30))
         coeff, normaliser = aggregation(batch.keep_NT, weight_N)
         objective = make_objective(cfg, est.mode == "recompute",

@@ -26,7 +26,7 @@ from timsim.config import Config
 from timsim.sampler import Sampler
 from timsim.tasks import Task
 from timsim.collect import make_collect
-from timsim.step import batch_over_runs, learner_batch, make_loss, resolve_batching, trace_once
+from timsim.step import batch_over_runs, learner_batch, make_loss, refreshed_correction, resolve_batching, trace_once
 
 MODES = ("recompute", "bypass")
 PROBE_METRICS = tuple(f"probe_{mode}_{name}" for mode in MODES
@@ -59,7 +59,8 @@ def make_probe(cfg: Config, task: Task, graphdef) -> Callable:
     collect, collect_twin = make_collect(cfg, task, sampler), make_collect(cfg, task, twin)
     no_correction = cfg.correction.without_corrections()
     group = cfg.grpo.group_size  # full batches: whole groups
-    losses = {mode: (make_loss(cfg, graphdef, sampler.spec, mode == "recompute", group),
+    losses = {mode: (make_loss(cfg, graphdef, sampler.spec, mode == "recompute", group,
+                               refreshed_correction(mode, cfg.correction)),
                      make_loss(cfg, graphdef, twin.spec, mode == "recompute", group)) for mode in MODES}
 
     def gradients(loss_fn, batch, params, ref_params, hp) -> list:

@@ -52,7 +52,23 @@ class LearnerBatch(NamedTuple):
     keep_NT: jax.Array  # the loss's mask and denominator: the kept tokens, or every response token (rejected=zero)
     mu_NTV: jax.Array | None  # the sampler's full distribution, for score centering (else None)
     replay: tuple | None = None  # experts the loss's forward replays (R2: pi_old's, R3: the sampler's)
-    kept_NT: jax.Array | None = None  # the tokens the corrections keep (keep_NT unless rejected=zero)
+    verdict: "Verdict | None" = None  # the corrections' verdict at pi_old, for metrics and the skip
+
+
+class Verdict(NamedTuple):
+    """What the corrections decided on a batch: the weights and loss mask the loss uses, and the
+    tokens they keep (the loss mask too, unless `correction.rejected=zero` keeps rejected tokens
+    in the denominator at weight 0)."""
+
+    weight_NT: jax.Array
+    keep_NT: jax.Array
+    kept_NT: jax.Array
+
+
+def refreshed_correction(old_logprobs: str, corr):
+    """The correction to recompute from the current policy at every minibatch (verl's bypass,
+    `correction.bypass_weights=current`), or None when weights are computed once per step."""
+    return corr if old_logprobs == "bypass" and corr.bypass_weights == "current" and corr.kinds else None
 
 
 def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> LearnerBatch:
@@ -61,22 +77,18 @@ def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> Lea
     logp_old = c.logp_learner_NT if old_logprobs == "recompute" else c.logp_sampler_NT
     if old_logprobs == "bypass" and corr.weighting and corr.bypass_weights == "replace":
         logp_old = c.logp_learner_NT  # the weight replaces r_corr instead of multiplying it (decoupled)
-    verdict = _corrected(c.mask_NT, c.logp_learner_NT, c.logp_sampler_NT, c.adv_N, hp, corr)
+    verdict = correction_verdict(c.mask_NT, c.logp_learner_NT, c.logp_sampler_NT, c.adv_N, hp, corr)
+    # verl's bypass recomputes the verdict in the loss at every minibatch (`make_objective`)
+    weight, keep = ((jnp.ones_like(c.mask_NT), c.mask_NT) if refreshed_correction(old_logprobs, corr)
+                    else (verdict.weight_NT, verdict.keep_NT))
     mu = jax.lax.stop_gradient(jnp.exp(c.logp_all_sampler_NTV)) if corr.score_centering else None
     # R2 and R3 both replay the routes of the old policy's forward: under R3 that forward
     # already replayed the sampler's experts (`teacher_forced_pair`)
     replay = c.routes_learner if corr.routing_replay != "none" else None
-    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, verdict.weight_NT,
-                        verdict.keep_NT, mu, replay, verdict.kept_NT)
+    return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu, replay, verdict)
 
 
-class _Verdict(NamedTuple):
-    weight_NT: jax.Array
-    keep_NT: jax.Array
-    kept_NT: jax.Array
-
-
-def _corrected(mask_NT, logp_learner_NT, logp_sampler_NT, adv_N, hp, corr) -> _Verdict:
+def correction_verdict(mask_NT, logp_learner_NT, logp_sampler_NT, adv_N, hp, corr) -> Verdict:
     """The corrections' weights and masks from the learner's and the sampler's log-probs, and
     the loss's mask (with `correction.rejected=zero` every response token, rejected ones at weight 0)."""
     weight, kept = jnp.ones_like(mask_NT), mask_NT
@@ -85,11 +97,12 @@ def _corrected(mask_NT, logp_learner_NT, logp_sampler_NT, adv_N, hp, corr) -> _V
                                          hp.correction, corr.kl_estimator, corr.kl_aggregate,
                                          corr.batch_normalize, corr.batch_normalize_over)
     if corr.rejected == "zero":
-        return _Verdict(weight * kept, mask_NT, kept)
-    return _Verdict(weight, kept, kept)
+        return Verdict(weight * kept, mask_NT, kept)
+    return Verdict(weight, kept, kept)
 
 
-def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | None = None) -> Callable:
+def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | None = None,
+                   refresh=None) -> Callable:
     """`objective(logp_NT, logp_all_NTV, batch, hp, first_update) -> (loss, clipped_NT, ratio_NT,
     entropy_NT, logp_NT)`: the policy loss with its corrections and entropy bonus as a function of the
     learner's log-probs, before any term that needs another forward (load balance, reference KL).
@@ -98,20 +111,21 @@ def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | Non
 
     `recompute_first`: at the first update theta == theta_old, so pi_old is the loss's own
     forward. The forward-only recomputation differs from the forward inside value_and_grad by
-    float rounding (~1e-7: XLA fuses them differently), so that one is used: r_ppo == 1."""
+    float rounding (~1e-7: XLA fuses them differently), so that one is used: r_ppo == 1.
+    `refresh`: a correction to recompute from the current policy (detached) against the
+    sampler's log-probs at every minibatch, multiplied onto the batch's weights and mask
+    (`refreshed_correction`)."""
     g = cfg.grpo
     aggregate = aggregate or (lambda per_token, mask: grpo.aggregate(per_token, mask, g.loss_agg))
-
-    corr = cfg.correction
-    current_weights = cfg.grpo.old_logprobs == "bypass" and corr.bypass_weights == "current" and bool(corr.kinds)
 
     def objective(logp, logp_all, batch: LearnerBatch, hp, first_update):
         logp_old = batch.logp_old_NT
         if recompute_first:
             logp_old = jnp.where(first_update, jax.lax.stop_gradient(logp), logp_old)
-        if current_weights:  # verl's bypass: weights and masks of pi_theta / mu at this minibatch
-            batch = batch._replace(**_corrected(batch.mask_NT, jax.lax.stop_gradient(logp), batch.logp_old_NT,
-                                                batch.adv_N, hp, corr)._asdict())
+        if refresh is not None:  # verl's bypass: the verdict of pi_theta / mu at this minibatch
+            now = correction_verdict(batch.mask_NT, jax.lax.stop_gradient(logp), batch.logp_old_NT, batch.adv_N, hp,
+                                     refresh)
+            batch = batch._replace(weight_NT=batch.weight_NT * now.weight_NT, keep_NT=batch.keep_NT * now.keep_NT)
         if batch.mu_NTV is not None:
             logp = centered_score_logp(logp, logp_all, batch.mu_NTV) * batch.mask_NT
         mask = batch.keep_NT
@@ -125,12 +139,13 @@ def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | Non
     return objective
 
 
-def make_loss_of_forward(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool, group: int = 1) -> Callable:
+def make_loss_of_forward(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool, group: int = 1,
+                         refresh=None) -> Callable:
     """`loss(logits_NTV, balance, ref_params, batch, hp, first_update) -> (loss, aux)` from the
     learner's forward already run: `make_objective`, the load-balancing loss and the reference KL.
     `group`: the batch's rows share their prompt in groups of this many (1: no assumption)."""
     g = cfg.grpo
-    objective = make_objective(cfg, recompute_first)
+    objective = make_objective(cfg, recompute_first, refresh=refresh)
 
     def loss_of_forward(logits_NTV, balance, ref_params, batch: LearnerBatch, hp, first_update):
         temperature = hp.sampler.temperature
@@ -158,11 +173,12 @@ def make_loss_of_forward(cfg: Config, graphdef, spec: SamplerSpec, recompute_fir
     return loss_of_forward
 
 
-def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool, group: int = 1) -> Callable:
+def make_loss(cfg: Config, graphdef, spec: SamplerSpec, recompute_first: bool, group: int = 1,
+              refresh=None) -> Callable:
     """`loss(params, ref_params, batch: LearnerBatch, hp, first_update) -> (loss, aux)`: the
     learner's forward (replaying `batch.replay`'s experts) and `make_loss_of_forward`. `group`:
     the batch's rows share their prompt in groups of this many (1: no assumption)."""
-    loss_of_forward = make_loss_of_forward(cfg, graphdef, spec, recompute_first, group)
+    loss_of_forward = make_loss_of_forward(cfg, graphdef, spec, recompute_first, group, refresh)
 
     def loss_fn(params, ref_params, batch: LearnerBatch, hp, first_update):
         model = nnx.merge(graphdef, params)
@@ -190,7 +206,8 @@ def make_step(cfg: Config, task: Task, graphdef, share_forward: bool = True) -> 
     recompute_first = g.old_logprobs == "recompute" and not lag
     # a minibatch of whole groups runs each prompt once (minibatches are contiguous rows)
     group = g.group_size if (n // n_mb) % g.group_size == 0 else 1
-    grad_fn = jax.value_and_grad(make_loss(cfg, graphdef, spec, recompute_first, group), has_aux=True)
+    refresh = refreshed_correction(g.old_logprobs, corr)
+    grad_fn = jax.value_and_grad(make_loss(cfg, graphdef, spec, recompute_first, group, refresh), has_aux=True)
     # One forward for pi_old and the first update: with one minibatch and no lag the first
     # update runs at theta == theta_old on the whole batch, so the learner's forward that
     # reports pi_old is the loss's own; it runs once, and its vjp carries the gradient.
@@ -199,7 +216,7 @@ def make_step(cfg: Config, task: Task, graphdef, share_forward: bool = True) -> 
     shared_forward = share_forward and n_mb == 1 and not lag and not spec.separate_forward
     generate, learner_forward, finish = (make_generate(cfg, task, sampler), make_learner_forward(sampler, g.group_size),
                                          make_finish(cfg, task, sampler))
-    loss_of_forward_grad = jax.value_and_grad(make_loss_of_forward(cfg, graphdef, spec, recompute_first, group),
+    loss_of_forward_grad = jax.value_and_grad(make_loss_of_forward(cfg, graphdef, spec, recompute_first, group, refresh),
                                               argnums=(0, 1), has_aux=True)
 
     def step(state: RunState, hp: hyper.Hyper, ref_params) -> tuple[RunState, dict]:
@@ -231,7 +248,7 @@ def make_step(cfg: Config, task: Task, graphdef, share_forward: bool = True) -> 
         # CORRECT: the ratio's denominator (recompute: pi_old, bypass: mu) and the corrections'
         # weights and masks, computed once from stopped quantities.
         batch = learner_batch(c, hp, g.old_logprobs, corr)
-        any_kept = batch.keep_NT.sum() > 0  # a batch with every token rejected skips its update (counted)
+        any_kept = batch.verdict.keep_NT.sum() > 0  # a batch with every token rejected skips its update (counted)
         batch_mb = jax.tree.map(lambda x: x.reshape(n_mb, n // n_mb, *x.shape[1:]), batch)
 
         # UPDATE: epochs x minibatches optimizer steps on the policy loss.
@@ -274,7 +291,7 @@ def make_step(cfg: Config, task: Task, graphdef, share_forward: bool = True) -> 
                                                mask),
             "delta_floor_max": jnp.abs(c.logp_decode_NT - c.logp_sampler_NT).max(),
             "ratio_first_dev_max": first_update_ratio_dev,
-            **correction_metrics(batch.weight_NT, batch.kept_NT, mask, any_kept),
+            **correction_metrics(batch.verdict.weight_NT, batch.verdict.kept_NT, mask, any_kept),
             **routing_metrics(c.routes_sampler, c.routes_learner, mask),
             **per_update,
         }
