@@ -24,7 +24,7 @@ both modes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +233,32 @@ def correction_metrics(weight_NT, keep_NT, mask_NT, any_kept) -> dict:
         "corr_ess": w_sum**2 / jnp.maximum(n * w2_sum, 1e-30),
         "update_skipped": 1.0 - any_kept.astype(jnp.float32),
     }
+
+
+class Verdict(NamedTuple):
+    """What the corrections decided on a batch: the weights and loss mask the loss uses, and the
+    tokens they keep (the loss mask too, unless `correction.rejected=zero` keeps rejected tokens
+    in the denominator at weight 0)."""
+
+    weight_NT: jax.Array
+    keep_NT: jax.Array
+    kept_NT: jax.Array
+
+
+def refreshed_correction(old_logprobs: str, corr):
+    """The correction to recompute from the current policy at every minibatch (verl's bypass,
+    `correction.bypass_weights=current`), or None when weights are computed once per step."""
+    return corr if old_logprobs == "bypass" and corr.bypass_weights == "current" and corr.kinds else None
+
+
+def correction_verdict(mask_NT, logp_learner_NT, logp_sampler_NT, adv_N, hp, corr) -> Verdict:
+    """The corrections' weights and masks from the learner's and the sampler's log-probs, and
+    the loss's mask (with `correction.rejected=zero` every response token, rejected ones at weight 0)."""
+    weight, kept = jnp.ones_like(mask_NT), mask_NT
+    if corr.kinds:
+        weight, kept = apply_corrections(tuple(corr.kinds), make_inputs(logp_learner_NT, logp_sampler_NT, mask_NT, adv_N),
+                                         hp.correction, corr.kl_estimator, corr.kl_aggregate,
+                                         corr.batch_normalize, corr.batch_normalize_over)
+    if corr.rejected == "zero":
+        return Verdict(weight * kept, mask_NT, kept)
+    return Verdict(weight, kept, kept)

@@ -18,7 +18,8 @@ from flax import nnx
 
 from timsim import grpo, hyper
 from timsim.config import Config
-from timsim.corrections import apply_corrections, centered_score_logp, correction_metrics, make_inputs
+from timsim.corrections import (Verdict, centered_score_logp, correction_metrics, correction_verdict,
+                                refreshed_correction)
 from timsim.collect import Collected, make_finish, make_generate, make_learner_forward
 from timsim.keys import step_key
 from timsim.diagnostics import advantage_skew_metrics, mismatch_metrics, routing_metrics
@@ -52,23 +53,7 @@ class LearnerBatch(NamedTuple):
     keep_NT: jax.Array  # the loss's mask and denominator: the kept tokens, or every response token (rejected=zero)
     mu_NTV: jax.Array | None  # the sampler's full distribution, for score centering (else None)
     replay: tuple | None = None  # experts the loss's forward replays (R2: pi_old's, R3: the sampler's)
-    verdict: "Verdict | None" = None  # the corrections' verdict at pi_old, for metrics and the skip
-
-
-class Verdict(NamedTuple):
-    """What the corrections decided on a batch: the weights and loss mask the loss uses, and the
-    tokens they keep (the loss mask too, unless `correction.rejected=zero` keeps rejected tokens
-    in the denominator at weight 0)."""
-
-    weight_NT: jax.Array
-    keep_NT: jax.Array
-    kept_NT: jax.Array
-
-
-def refreshed_correction(old_logprobs: str, corr):
-    """The correction to recompute from the current policy at every minibatch (verl's bypass,
-    `correction.bypass_weights=current`), or None when weights are computed once per step."""
-    return corr if old_logprobs == "bypass" and corr.bypass_weights == "current" and corr.kinds else None
+    verdict: Verdict | None = None  # the corrections' verdict at pi_old, for metrics and the skip
 
 
 def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> LearnerBatch:
@@ -86,19 +71,6 @@ def learner_batch(c: Collected, hp: hyper.Hyper, old_logprobs: str, corr) -> Lea
     # already replayed the sampler's experts (`teacher_forced_pair`)
     replay = c.routes_learner if corr.routing_replay != "none" else None
     return LearnerBatch(c.prompts_N, c.responses_NT, c.mask_NT, logp_old, c.adv_N, weight, keep, mu, replay, verdict)
-
-
-def correction_verdict(mask_NT, logp_learner_NT, logp_sampler_NT, adv_N, hp, corr) -> Verdict:
-    """The corrections' weights and masks from the learner's and the sampler's log-probs, and
-    the loss's mask (with `correction.rejected=zero` every response token, rejected ones at weight 0)."""
-    weight, kept = jnp.ones_like(mask_NT), mask_NT
-    if corr.kinds:
-        weight, kept = apply_corrections(tuple(corr.kinds), make_inputs(logp_learner_NT, logp_sampler_NT, mask_NT, adv_N),
-                                         hp.correction, corr.kl_estimator, corr.kl_aggregate,
-                                         corr.batch_normalize, corr.batch_normalize_over)
-    if corr.rejected == "zero":
-        return Verdict(weight * kept, mask_NT, kept)
-    return Verdict(weight, kept, kept)
 
 
 def make_objective(cfg: Config, recompute_first: bool, aggregate: Callable | None = None,
