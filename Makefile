@@ -18,15 +18,24 @@ $(STAMP): pyproject.toml
 quickstart: $(STAMP)
 	$(BIN)/timsim sweep configs/sweeps/quickstart.yaml
 
-# Four workers on two cores: a worker's Python (tracing, pandas, subprocess start-up) overlaps
-# another's XLA compile, and beside a busy neighbour the suite keeps a fair share of the CPU.
-TEST_WORKERS ?= 4
-# Two sessions: most tests compile with XLA's older CPU fusion emitter (half the compile time);
-# the `bits` tests, which assert bit equality between two computations, run with the production
-# emitter, whose code for an op does not depend on the fusion it lands in (tests/conftest.py).
+# Two sessions at once, five workers on two cores: a worker's Python (tracing, pandas, subprocess
+# start-up) overlaps another's XLA compile, and beside a busy neighbour the suite keeps a fair
+# share of the CPU. Most tests compile with XLA's older CPU fusion emitter (half the compile
+# time); the `bits` tests, which assert bit equality between two computations, run with the
+# production emitter, whose code for an op does not depend on the fusion it lands in
+# (tests/conftest.py). Run side by side, neither session idles in the other's tail; the bits
+# session's report follows the main one's, and either failing (or collecting nothing: pytest's
+# exit 5) fails `make test`.
+TEST_WORKERS ?= 3
+BITS_WORKERS ?= 2
 test: $(STAMP)
-	TIMSIM_TEST_FAST_EMITTER=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25 -m "not bits" tests
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=10 -m bits tests
+	@$(BIN)/python -m pytest -n $(BITS_WORKERS) --durations=10 -m bits tests > .test-bits.log 2>&1 & bits=$$!; \
+	trap 'kill $$bits 2>/dev/null' INT TERM; \
+	TIMSIM_TEST_FAST_EMITTER=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --durations=25 -m "not bits" tests; main=$$?; \
+	wait $$bits; bits_status=$$?; \
+	echo "==== the bits session (production XLA emitter): exit $$bits_status ===="; cat .test-bits.log; \
+	echo "main session: exit $$main; bits session: exit $$bits_status"; \
+	[ $$main -eq 0 ] && [ $$bits_status -eq 0 ]
 
 # Every notebook, executed with a real kernel at full size (TIMSIM_NOTEBOOK_TOY=1 for toy size, as CI does).
 notebooks: $(STAMP)
@@ -46,4 +55,4 @@ bench: $(BENCH_STAMP)
 	$(BIN)/timsim bench
 
 clean:
-	rm -rf $(VENV) .jax_cache runs site
+	rm -rf $(VENV) .jax_cache runs site .test-bits.log
