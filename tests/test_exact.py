@@ -131,7 +131,7 @@ def test_the_oracle_runs_as_a_probe_in_training(enumerable):
     extra, (graphdef, params, _) = enumerable
     result = timsim.train(None, extra + ["perturbation.logit_noise.family=gaussian",
                                          "perturbation.logit_noise.scale=0.5", "run.oracle_every=5",
-                                         "run.oracle_draws=1"], base=(graphdef, params), evaluate=False,
+                                         "run.oracle_draws=1", f"run.oracle_prompts={PROMPTS}"], base=(graphdef, params), evaluate=False,
                           progress=False)
     rows = result.metrics.set_index("step")
     assert rows.loc[[0, 5], "oracle_cos_true"].notna().all() and rows.loc[[1, 2, 3, 4], "oracle_cos_true"].isna().all()

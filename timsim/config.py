@@ -141,11 +141,14 @@ class RunConfig(_Section):
     oracle_every: int = Field(0, ge=0, description="exact-gradient oracle every this many steps (a multiple of "
                               "chunk_steps; 0: off; an enumerable task only, timsim.exact); also at step 0")
     oracle_draws: int = Field(4, ge=1, description="oracle: noise draws averaged when the sampler's noise is fresh")
+    oracle_prompts: int = Field(128, ge=1, description="oracle: the most likely prompts enumerated, renormalised "
+                                "(its cost is linear in them)")
     batching: Literal["auto", "vmap", "map"] = "auto"
     out_dir: str = "runs"
 
     def inert_fields(self) -> dict[str, str]:
-        return {} if self.oracle_every else {"oracle_draws": "run.oracle_every is 0 (the oracle is off)"}
+        off = "run.oracle_every is 0 (the oracle is off)"
+        return {} if self.oracle_every else {"oracle_draws": off, "oracle_prompts": off}
 
     @field_validator("name")
     @classmethod

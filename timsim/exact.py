@@ -341,7 +341,7 @@ def make_oracle_probe(cfg: Config, graphdef) -> Callable:
     averaged over `run.oracle_draws` noise draws when the sampler is random. Without the
     per-sample variance, whose per-response pass costs several times the rest (`timsim.oracle`
     has it)."""
-    oracle = make_oracle(cfg, graphdef, only=("configured", "recompute", "bypass"), variance=False)
+    oracle = make_oracle(cfg, graphdef, cfg.run.oracle_prompts, ("configured", "recompute", "bypass"), variance=False)
     lag = cfg.perturbation.lag_steps
 
     def probe(params_R, lagged_R, step_R, hp_R, n_runs: int) -> dict:
