@@ -1,10 +1,12 @@
 """Precision sites and weight noise on the sampler side."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from timsim import hyper
 from timsim.calibration import hyperparams, make_measure
 from timsim.config import load_config
 from timsim.model import response_logits
@@ -59,12 +61,15 @@ def test_same_numerics_on_both_sides_is_no_mismatch(tiny_overrides, tiny_base):
 
 @pytest.mark.bits
 def test_weight_noise_creates_mismatch_and_scale_zero_does_not(tiny_overrides, tiny_base):
-    noisy = _kl(["perturbation.weight_noise.family=gaussian", "perturbation.weight_noise.scale=0.05"],
-                tiny_overrides, tiny_base)
-    assert noisy > 0
+    """One compiled measurement (the scale is traced): at 0.05 the sampler disagrees, at 0 it
+    is the learner exactly, on every token of the batch."""
     cfg = load_config(None, tiny_overrides + ["perturbation.weight_noise.family=gaussian"])
-    _, metrics = train_metrics(cfg, tiny_base)
-    assert np.all(metrics["delta_abs_max"] == 0.0)
+    measure = make_measure(cfg, tiny_base[0])
+    at = lambda scale: measure(tiny_base[1], hyper.replace(hyper.of(cfg), "perturbation.weight_noise.scale",  # noqa: E731
+                                                           jnp.float32(scale)))
+    noisy, zero = at(0.05), at(0.0)
+    assert float(noisy["kl_sampler_learner"]) > 0 and float(noisy["delta_abs_max"]) > 0
+    assert float(zero["delta_abs_max"]) == 0.0 and float(zero["kl_sampler_learner"]) == 0.0
 
 
 def test_bf16_sampler_run_reports_mismatch(tiny_overrides, tiny_base):
