@@ -22,10 +22,12 @@
 # - timsim's own old claim that fresh noise never degraded a recompute run up to 1 nat per
 #   response (5 seeds).
 # - Heavy tails hurting more at equal mean |δ| than at equal KL.
+# - *R3 paper*: MoE routing flips making extreme tokens that dense noise at equal KL does not.
 #
 # Data: study S1 (`configs/sweeps/s1_correction_vs_mode.yaml`: 0.1 and 0.3 nats per response,
 # 300 steps), `configs/sweeps/s4_collapse.yaml` (1 and 3 nats per response, 400 steps) and
-# `configs/sweeps/s4_heavy_tails.yaml` (three noise shapes, 300 steps). Persistent (context-keyed) Gaussian noise on the sampler's logits unless a cell says `fresh`.
+# `configs/sweeps/s4_heavy_tails.yaml` (three noise shapes, 300 steps), `configs/sweeps/s4_moe_extreme.yaml`
+# (a 4-expert policy, router against dense noise, 300 steps). Persistent (context-keyed) Gaussian noise on the sampler's logits unless a cell says `fresh`.
 
 # %%
 # %matplotlib inline
@@ -232,6 +234,54 @@ fig
 
 
 # %% [markdown]
+# ## MoE routing flips against dense noise at equal KL (the R3 paper's extreme tokens)
+#
+# `configs/sweeps/s4_moe_extreme.yaml`: a 4-expert, top-2 policy; Gaussian noise on the
+# sampler's router logits or on its output logits (both drawn afresh every step), each
+# calibrated at the base to a per-token KL of 0.01 (router σ 0.18, about the published ~10%
+# flip rate) and 0.05; R3 replays the sampler's routing in the learner at the 0.05 arm's σ.
+# Bypass, 300 steps, 10 paired seeds. The claim: routing flips make *extreme* tokens
+# (|π_old(y) − μ(y)| > 0.5) that dense noise at the same KL does not.
+
+# %%
+moe = timsim.load(DATA / "s4-moe-extreme")
+print("regenerates with:", json.loads((DATA / "s4-moe-extreme" / "manifest.json").read_text())["export"]["command"])
+trained_m = moe.metrics[moe.metrics.step > 0]
+MOE_SIZE = ["kl_sampler_learner", "delta_abs_mean", "delta_abs_q99", "delta_abs_max", "extreme_token_frac",
+            "ratio_out_band_frac", "route_flip_frac", "route_any_layer_frac"]
+size_m = trained_m.groupby("cell_id", sort=False)[MOE_SIZE].mean()
+summary_m = moe.summary
+for cell in size_m.index:
+    if cell != "zero":
+        size_m.loc[cell, "final − twin"], size_m.loc[cell, "±"] = paired_contrast(summary_m, cell, "zero")
+        size_m.loc[cell, "AUC − twin"], size_m.loc[cell, "± "] = paired_contrast(summary_m, cell, "zero", "auc_accuracy")
+display(size_m)
+
+# Per seed: each arm's extreme-token fraction over training, router minus dense at equal KL.
+per_run = trained_m.groupby(["cell_id", "seed"]).extreme_token_frac.mean().unstack("cell_id")
+rows = []
+for kl in ("0.01", "0.05"):
+    router, dense = f"router,kl={kl}", f"dense,kl={kl}"
+    extreme = paired_ci((per_run[router] - per_run[dense]).to_numpy(), 0.95)
+    rows.append({"per-token KL": float(kl), "extreme tokens: router": per_run[router].mean(),
+                 "dense": per_run[dense].mean(), "router − dense": "{:+.4f} ± {:.4f}".format(*extreme),
+                 "final: router − dense": "{:+.3f} ± {:.3f}".format(*paired_contrast(summary_m, router, dense)),
+                 "AUC: router − dense": "{:+.3f} ± {:.3f}".format(
+                     *paired_contrast(summary_m, router, dense, "auc_accuracy"))})
+display(pd.DataFrame(rows))
+
+# %%
+fig = Figure(figsize=(12, 4), layout="constrained")
+axes = fig.subplots(1, 2)
+plots.curves(trained_m, "extreme_token_frac", cells=["zero", "router,kl=0.05", "dense,kl=0.05", "router,kl=0.05,R3"],
+             smooth=10, runs=False, ax=axes[0])
+axes[0].set_title("tokens with |π_old − μ| > 0.5, per-token KL 0.05")
+plots.curves(moe.metrics.dropna(subset=["eval_greedy_accuracy"]), "eval_greedy_accuracy",
+             cells=["zero", "router,kl=0.05", "dense,kl=0.05", "router,kl=0.05,R3"], runs=False, ax=axes[1])
+fig.savefig(FIGURES / "s4_moe_extreme.png", dpi=110)
+fig
+
+# %% [markdown]
 # ## What S4 says (10 paired seeds)
 #
 # - **Bypass gains transfer to the sampler as well as recompute's** (TIM paper: refuted at this
@@ -264,3 +314,8 @@ fig
 #   flips and the clip fraction do (Gaussian 6.7% and 7.3%, spikes 1.0% and 1.0%). The
 #   Student-t arms trained at a third of their calibrated KL (one calibration batch estimates a
 #   ν = 2.2 tail poorly), so their contrasts are not at equal KL.
+# - **MoE routing flips make extreme tokens that dense noise at equal KL does not** (R3 paper):
+#   reproduced for the tokens (router − dense: +0.0019 ± 0.0001 of tokens at per-token KL 0.01,
+#   +0.0069 ± 0.0005 at 0.05, six times the dense arm's), not for their cost: final accuracy
+#   router − dense −0.015 ± 0.014 and +0.025 ± 0.012. R3 removes every flip and most extreme
+#   tokens and recovers little (+0.011 ± 0.006 AUC).
