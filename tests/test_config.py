@@ -135,6 +135,10 @@ def test_parse_overrides():
     (["grpo.clip_eps_low=1.0"], ["grpo.clip_eps_low"]),
     (["task.eval_prompts=4"], ["task.eval_prompts"]),
     (["grpo.lr=1", "grpo.lr.x=2"], ["grpo.lr"]),  # a value used as a section
+    (["grpo.reward_wrong=-1"], ["grpo.reward_wrong", "has no effect", "zscore"]),  # z-scoring undoes the pair
+    (["grpo.advantage=none", "grpo.reward_wrong=1"], ["grpo.reward_correct", "grpo.reward_wrong", "greater"]),
+    (["perturbation.frozen_sampler=true", "perturbation.lag_steps=2"], ["perturbation.frozen_sampler",
+                                                                         "perturbation.lag_steps"]),
 ])
 def test_bad_values_raise_config_error_naming_the_field(overrides, must_contain):
     msg = _error(None, overrides)

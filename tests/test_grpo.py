@@ -21,6 +21,56 @@ def test_mean_and_rloo_advantages_hand_computed():
     np.testing.assert_allclose(grpo.advantages(reward, 4, "rloo"), [1.0, -1 / 3, -1 / 3, -1 / 3], rtol=1e-6)
 
 
+def test_no_baseline_and_the_reward_pair_hand_computed():
+    """`none` passes the shaped reward through; ±1 rewards double the mean baseline's advantage."""
+    from timsim import hyper
+    from timsim.config import load_config
+
+    reward = jnp.array([1.0, 0.0, 0.0, 0.5])  # 0.5: partial credit maps linearly
+    hp = hyper.of(load_config(None, ["grpo.advantage=none", "grpo.reward_wrong=-1"])).grpo
+    shaped = grpo.shaped_reward(reward, hp)
+    np.testing.assert_allclose(grpo.advantages(shaped, 4, "none"), [1.0, -1.0, -1.0, 0.0])
+    np.testing.assert_allclose(grpo.advantages(shaped, 4, "mean"), 2 * grpo.advantages(reward, 4, "mean"), rtol=1e-6)
+
+
+def _cells_metrics(tiny_overrides, tiny_base, common, cells: dict) -> dict:
+    """Step metrics {cell: {metric: [steps]}} of `cells` (one static config: one program, one seed)."""
+    from timsim.config import load_config
+    from timsim.loop import FramesHook, run
+    from timsim.plan import Cell
+
+    hook = FramesHook()
+    run([Cell(name, load_config(None, tiny_overrides + common + extra)) for name, extra in cells.items()],
+        tiny_base[0], tiny_base[1], [hook], evaluate=False)
+    frame = hook.metrics()
+    frame = frame[frame.step > 0]
+    return {name: {col: frame[frame.cell_id == name][col].to_numpy() for col in frame.columns} for name in cells}
+
+
+def test_the_reward_pair_inside_a_run(tiny_overrides, tiny_base):
+    """Without a baseline the first update's loss is -token mean of A (r_ppo = 1), so ±1 rewards
+    give exactly 2 x (the 0/1 loss) + 1 on the same batch; `reward_mean` stays the task's."""
+    runs = _cells_metrics(tiny_overrides, tiny_base, ["grpo.advantage=none", "run.steps=1", "run.chunk_steps=1"],
+                          {"01": [], "pm1": ["grpo.reward_wrong=-1"]})
+    zero_one, plus_minus = runs["01"], runs["pm1"]
+    assert zero_one["reward_mean"][0] == plus_minus["reward_mean"][0] > 0
+    np.testing.assert_allclose(plus_minus["loss"][0], 2 * zero_one["loss"][0] + 1, rtol=1e-5)
+
+
+def test_a_frozen_sampler_samples_the_base_model(tiny_overrides, tiny_base):
+    """A frozen sampler draws every batch from the base weights: a learning run sees bit for bit
+    the batches of a run that does not learn (lr 0), though its weights move; an online
+    sampler's batches part from the lr-0 run's once the weights have moved."""
+    cells = {"still": ["grpo.lr=0"], "learning": ["grpo.lr=0.003"]}
+    for frozen in ("true", "false"):
+        runs = _cells_metrics(tiny_overrides, tiny_base, [f"perturbation.frozen_sampler={frozen}",
+                                                          "run.steps=6", "run.chunk_steps=6"], cells)
+        still, learning = runs["still"], runs["learning"]
+        assert np.all(still["update_norm"] == 0) and np.all(learning["update_norm"] > 0)
+        same_batches = [np.array_equal(still[m], learning[m]) for m in ("reward_mean", "response_len", "entropy_sampler")]
+        assert all(same_batches) if frozen == "true" else not all(same_batches), frozen
+
+
 def test_uniform_group_has_zero_advantage():
     adv = grpo.advantages(jnp.ones(4), 4, "zscore")
     assert np.all(np.asarray(adv) == 0.0)

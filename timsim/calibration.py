@@ -71,7 +71,8 @@ def make_measure(cfg: Config, graphdef, seed: int = CALIBRATION_SEED, per_token:
             metrics.update(logp_old=take(logp_all), logp_sampler=take(logp_all_sampler), mask=rollout.mask,
                            logp_all_old=logp_all, logp_all_sampler=logp_all_sampler, prompts=prompts,
                            responses=rollout.responses, reward=reward,
-                           adv=grpo.advantages(reward, cfg.grpo.group_size, cfg.grpo.advantage))
+                           adv=grpo.advantages(grpo.shaped_reward(reward, hp.grpo), cfg.grpo.group_size,
+                                                  cfg.grpo.advantage))
         return metrics
 
     return measure

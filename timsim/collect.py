@@ -104,7 +104,7 @@ def make_finish(cfg: Config, task: Task, sampler: Sampler) -> Callable:
         reward = task.reward(gen.prompts_N, gen.responses_NT, cfg.task.partial_credit)
         return Collected(gen.prompts_N, gen.responses_NT, mask, r.logp_learner_NT * mask, r.logp_sampler_NT * mask,
                          r.logp_all_learner_NTV, r.logp_all_sampler_NTV, gen.logp_decode_NT, reward,
-                         grpo.advantages(reward, g.group_size, g.advantage), r.routes_learner, r.routes_sampler)
+                         grpo.advantages(grpo.shaped_reward(reward, hp.grpo), g.group_size, g.advantage), r.routes_learner, r.routes_sampler)
 
     return finish
 

@@ -104,6 +104,9 @@ class GRPOConfig(_Section):
     prompts_per_step: int = Field(32, ge=1)
     group_size: int = Field(8, ge=2)
     advantage: AdvantageName = Field("zscore", description="group-relative advantage (timsim.grpo.ADVANTAGES)")
+    reward_correct: Traced = Field(1.0, description="the reward of an exact answer, as the advantage sees it")
+    reward_wrong: Traced = Field(0.0, description=(
+        "the reward of a wrong answer (partial credit maps linearly between the two); e.g. -1 for ±1 rewards"))
     loss_agg: AggregationName = Field("token_mean", description="per-token loss to scalar (timsim.grpo.AGGREGATIONS)")
     old_logprobs: Literal["recompute", "bypass"] = "recompute"
     loss: LossName = Field("ppo", description=(
@@ -128,7 +131,17 @@ class GRPOConfig(_Section):
                  for knob in LOSSES.union("knobs") if knob not in reads}
         if self.kl_ref == "none":
             inert["kl_coef"] = "grpo.kl_ref is 'none' (set it to k1, k2 or k3 for a KL penalty to the reference)"
+        if self.advantage == "zscore":
+            inert |= {name: "grpo.advantage 'zscore' is the same under any reward pair (choose none, mean or rloo)"
+                      for name in ("reward_correct", "reward_wrong")}
         return inert
+
+    @model_validator(mode="after")
+    def _rewards_ordered(self):
+        if not self.reward_correct > self.reward_wrong:
+            raise ValueError(f"grpo.reward_correct ({self.reward_correct}) must be greater than grpo.reward_wrong "
+                             f"({self.reward_wrong}): an exact answer earns more than a wrong one")
+        return self
 
 
 class RunConfig(_Section):

@@ -217,6 +217,9 @@ class PerturbationConfig(_Section):
     router_noise: RouterNoiseConfig = RouterNoiseConfig()
     lag_steps: int = Field(0, ge=0, description=(
         "staleness, not mismatch: the sampler runs the weights of this many updates ago (async RL)"))
+    frozen_sampler: bool = Field(False, description=(
+        "staleness, not mismatch: the sampler keeps the base model's weights for the whole run, so mu never "
+        "follows the learner (recompute's pi_old is the learner at the base weights too)"))
     target: TargetConfig = TargetConfig()
 
     @property
@@ -239,6 +242,18 @@ class PerturbationConfig(_Section):
             return "router noise"
         return (f"{self.logit_noise.family} logit noise" if self.logit_noise.family in LOGIT_NOISE.names(scaled=True)
                 else None)
+
+    @property
+    def stale(self) -> bool:
+        """The sampler runs other weights than the learner's current ones (lag or frozen)."""
+        return self.lag_steps > 0 or self.frozen_sampler
+
+    @model_validator(mode="after")
+    def _one_staleness(self):
+        if self.frozen_sampler and self.lag_steps:
+            raise ValueError(f"perturbation.frozen_sampler and perturbation.lag_steps ({self.lag_steps}) are two "
+                             "kinds of staleness; choose one (a frozen sampler never updates, a lagged one trails)")
+        return self
 
     @model_validator(mode="after")
     def _target_needs_family(self):

@@ -202,7 +202,7 @@ def make_oracle(cfg: Config, graphdef, max_prompts: int = 128, only: tuple[str, 
         model = nnx.merge(graphdef, params)
         sampler_side = sampler_model(spec, graphdef, sampler_params, model, keys[1], hp)
         r = sampler.report(model, sampler_side, prompts_MP, responses, sampler_routing(spec, keys[2], hp), keys[0], hp)
-        reward = task.reward(prompts_MP, responses, cfg.task.partial_credit)
+        reward = grpo.shaped_reward(task.reward(prompts_MP, responses, cfg.task.partial_credit), hp.grpo)
         return r.logp_learner_NT * mask, r.logp_sampler_NT * mask, r.logp_all_learner_NTV, r.logp_all_sampler_NTV, reward
 
     def learner_forward(params, hp, prompts_NP, responses_NT, mask_NT):
@@ -336,7 +336,7 @@ PROBE = {"oracle_cos_true": ("configured", "cos_true"), "oracle_rel_bias": ("con
 
 
 def make_oracle_probe(cfg: Config, graphdef) -> Callable:
-    """`probe(params_R, lagged_R, step_R, hp_R, n_runs) -> {oracle_*: [R]}` at a chunk boundary: the
+    """`probe(params_R, lagged_R, step_R, hp_R, n_runs, base_params) -> {oracle_*: [R]}` at a chunk boundary: the
     oracle of the configured estimator, recompute and bypass for each run (NaN on padding runs),
     averaged over `run.oracle_draws` noise draws when the sampler is random. Without the
     per-sample variance, whose per-response pass costs several times the rest (`timsim.oracle`
@@ -344,14 +344,15 @@ def make_oracle_probe(cfg: Config, graphdef) -> Callable:
     oracle = make_oracle(cfg, graphdef, cfg.run.oracle_prompts, ("configured", "recompute", "bypass"), variance=False)
     lag = cfg.perturbation.lag_steps
 
-    def probe(params_R, lagged_R, step_R, hp_R, n_runs: int) -> dict:
+    def probe(params_R, lagged_R, step_R, hp_R, n_runs: int, base_params=None) -> dict:
         width = len(np.asarray(step_R))
         out = {name: np.full(width, np.nan) for name in PROBE}
         for i in range(n_runs):
             pick = lambda tree: jax.tree.map(lambda x: x[i], tree)  # noqa: E731
             step = int(np.asarray(step_R)[i])
             params = pick(params_R)
-            sampler_params = jax.tree.map(lambda b: b[step % lag], pick(lagged_R)) if lag else params
+            sampler_params = (base_params if cfg.perturbation.frozen_sampler
+                              else jax.tree.map(lambda b: b[step % lag], pick(lagged_R)) if lag else params)
             table = evaluate(oracle, cfg, params, sampler_params, pick(hp_R), step, cfg.run.oracle_draws)[0]
             rows = table.set_index("estimator")
             for name, (estimator, column) in PROBE.items():

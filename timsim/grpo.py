@@ -60,9 +60,22 @@ def rloo(r_GS):
     return (r_GS - r_GS.mean(-1, keepdims=True)) * group_size / (group_size - 1)
 
 
+@ADVANTAGES.register(population=lambda reward_M, weight_M: reward_M)
+def none(r_GS):
+    """r itself: no baseline. The sampler's expected score then enters the update with weight
+    E_mu[r] (DESIGN §8.1, the drift score centering removes), so the reward pair matters."""
+    return r_GS
+
+
 def advantages(reward_N: jax.Array, group_size: int, kind: str) -> jax.Array:
     """Group-relative advantages [N] of `grpo.advantage`: responses to one prompt are contiguous groups."""
     return ADVANTAGES[kind](reward_N.reshape(-1, group_size)).reshape(-1)
+
+
+def shaped_reward(reward_N: jax.Array, hp_grpo) -> jax.Array:
+    """The task's reward in [0, 1] mapped affinely onto [grpo.reward_wrong, grpo.reward_correct]:
+    what the advantage sees (the `reward_mean` metric stays the task's)."""
+    return hp_grpo.reward_wrong + (hp_grpo.reward_correct - hp_grpo.reward_wrong) * reward_N
 
 
 @AGGREGATIONS.register(population=lambda mask, w: (w[:, None] * mask, w * mask.sum(-1)))

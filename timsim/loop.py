@@ -279,7 +279,7 @@ def run(cells: list[Cell], graphdef, base_params, hooks: Sequence[Hook] = (), ev
         if probe is not None and step % cfg.run.probe_every == 0:
             out |= probe(state.params, state.step, hp, base_params)
         if oracle is not None and step % cfg.run.oracle_every == 0:
-            out |= oracle(state.params, state.lagged, jax.device_get(state.step), hp, n_runs)
+            out |= oracle(state.params, state.lagged, jax.device_get(state.step), hp, n_runs, base_params)
         return out
 
     for hook in hooks:

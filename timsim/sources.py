@@ -62,6 +62,7 @@ SOURCES.add("router_noise", lambda p: p.router_noise.family != "none", stage="ro
 SOURCES.add("numerics", lambda p: p.sampler_precision.numerics() != p.learner_precision.numerics(),
             stage="numerics")
 SOURCES.add("lag_steps", lambda p: p.lag_steps > 0, stage="staleness")
+SOURCES.add("frozen_sampler", lambda p: p.frozen_sampler, stage="staleness")
 
 
 def active_sources(perturbation) -> tuple[str, ...]:

@@ -174,8 +174,8 @@ def make_step(cfg: Config, task: Task, graphdef, share_forward: bool = True) -> 
     sampler = Sampler.from_config(cfg, graphdef)
     spec = sampler.spec
     corr = cfg.correction
-    lag = cfg.perturbation.lag_steps
-    recompute_first = g.old_logprobs == "recompute" and not lag
+    lag, frozen = cfg.perturbation.lag_steps, cfg.perturbation.frozen_sampler
+    recompute_first = g.old_logprobs == "recompute" and not cfg.perturbation.stale
     # a minibatch of whole groups runs each prompt once (minibatches are contiguous rows)
     group = g.group_size if (n // n_mb) % g.group_size == 0 else 1
     refresh = refreshed_correction(g.old_logprobs, corr)
@@ -185,16 +185,18 @@ def make_step(cfg: Config, task: Task, graphdef, share_forward: bool = True) -> 
     # reports pi_old is the loss's own; it runs once, and its vjp carries the gradient.
     # A sampler with a forward of its own (weights, numerics, router) keeps a separate learner
     # forward for pi_old, fused as its own is: at zero strength the two then agree bit for bit.
-    shared_forward = share_forward and n_mb == 1 and not lag and not spec.separate_forward
+    shared_forward = share_forward and n_mb == 1 and not cfg.perturbation.stale and not spec.separate_forward
     generate, learner_forward, finish = (make_generate(cfg, task, sampler), make_learner_forward(sampler, g.group_size),
                                          make_finish(cfg, task, sampler))
     loss_of_forward_grad = jax.value_and_grad(make_loss_of_forward(cfg, graphdef, spec, recompute_first, group, refresh),
                                               argnums=(0, 1), has_aux=True)
 
     def step(state: RunState, hp: hyper.Hyper, ref_params) -> tuple[RunState, dict]:
-        # With async lag the sampler runs (and recompute uses) the weights of `lag` updates ago:
-        # delta then measures numerics only and the PPO ratio measures staleness (DESIGN §8.2).
-        old_params = state.params if not lag else jax.tree.map(lambda b: b[state.step % lag], state.lagged)
+        # With async lag the sampler runs (and recompute uses) the weights of `lag` updates ago, a
+        # frozen sampler the base model's (`ref_params`): delta then measures numerics only and
+        # the PPO ratio measures staleness (DESIGN §8.2).
+        old_params = (ref_params if frozen else state.params if not lag
+                      else jax.tree.map(lambda b: b[state.step % lag], state.lagged))
         tx = grpo.make_optimizer(hp.grpo)
 
         def apply(params, opt_state, loss, grads, aux):
