@@ -20,6 +20,7 @@ import pandas as pd
 import timsim
 from timsim import exact, hyper
 from timsim.base import get_base
+from timsim.store import provenance
 from timsim.summary import ci_half_width
 
 BASES, SCALES, MODES, DRAWS = range(5), (0.0, 0.5, 1.0, 2.0), ("fresh", "context"), 8
@@ -27,6 +28,13 @@ SHOWN = ["recompute", "bypass", "recompute+token_tis", "recompute+seq_tis", "rec
          "recompute+prefix_is", "recompute+minpro", "bypass+seq_mask", "bypass+kl_rejection", "bypass+geometric",
          "bypass+offpolicy_mask", "recompute+score_centering", "bypass*token_tis (double count)",
          "bypass*seq_tis (double count)", "zero mismatch"]
+
+
+def write(frame: pd.DataFrame, out: str, command: str) -> None:
+    """The table to Parquet with its provenance and the command that regenerates it
+    (`pandas.read_parquet(out).attrs`)."""
+    frame.attrs = {"command": command, "provenance": provenance()}
+    frame.to_parquet(out)
 
 
 def run(out: str) -> None:
@@ -49,7 +57,7 @@ def run(out: str) -> None:
                 table, facts = exact.evaluate(oracle, at, params, params, hyper.of(at), 0, DRAWS if scale else 1)
                 frames.append(table.assign(base=base, mode=mode, scale=scale, draws=facts["draws"]))
                 print(f"base {base} {mode} scale {scale}: {time.time() - start:.0f} s", flush=True)
-                pd.concat(frames).to_parquet(out)  # every finished cell is kept
+                write(pd.concat(frames), out, f"python scripts/oracle_study.py {out}")  # every finished cell is kept
 
 
 def _mean_ci(values) -> str:
@@ -141,7 +149,7 @@ def finite_group_gap(out: str, batches: int = 400) -> None:
             rows.append({"estimator": label, "group_size": group, "relative_gap": gap, "mc_noise": noise,
                          "ratio": ((mean - expected) ** 2).sum() / var.sum()})
             print(rows[-1], flush=True)
-    pd.DataFrame(rows).to_parquet(out)
+    write(pd.DataFrame(rows), out, f"python scripts/oracle_study.py --finite-group {out}")
 
 
 def claim(out: str) -> None:
@@ -162,7 +170,7 @@ def claim(out: str) -> None:
                 table, facts = exact.evaluate(oracle, at, params, params, hyper.of(at), 0, DRAWS)
                 frames.append(table.assign(base=base, mode=mode, scale=scale, draws=facts["draws"]))
         print(f"{mode} done", flush=True)
-    pd.concat(frames).to_parquet(out)
+    write(pd.concat(frames), out, f"python scripts/oracle_study.py --claim {out}")
 
 
 def claim_report(path: str) -> None:
