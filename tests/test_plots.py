@@ -3,6 +3,7 @@
 exported copy reloads with the same numbers."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -119,3 +120,86 @@ def test_auc_is_the_mean_accuracy_over_training():
     assert row.auc_accuracy == pytest.approx(0.5) and row.final_accuracy == 1.0
     late = frame.assign(eval_greedy_accuracy=np.where(frame.step.isin(steps), (frame.step == 40) * 1.0, np.nan))
     assert summarize_runs(late).iloc[0].auc_accuracy == pytest.approx(0.125)  # learning late scores lower
+
+
+def test_against_draws_each_group_in_its_palette_colour_with_its_error_bars():
+    frame = pd.DataFrame({"kl_sampler_learner": [0.01, 0.03, 0.01, 0.03, 0.1],
+                          "delta_abs_q99": [0.2, 0.5, 0.3, 0.6, 1.0], "se": [0.01, 0.02, 0.03, 0.04, 0.05],
+                          "family": ["gaussian", "gaussian", "spikes", "spikes", "spikes"]})
+    fig = plots.against(frame, "kl_sampler_learner", "delta_abs_q99", yerr="se", hue="family", identity=True)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "kl_sampler_learner (nats)" and ax.get_ylabel() == "delta_abs_q99 (nats)"
+    first, second = ax.containers
+    np.testing.assert_allclose(np.asarray(second.lines[0].get_ydata(), float), [0.3, 0.6, 1.0])
+    assert [c.lines[0].get_color() for c in (first, second)] == list(plots.OKABE_ITO[:2])
+    bar = second.lines[2][0].get_segments()[2]  # the third point's error bar: 1.0 +- 0.05
+    np.testing.assert_allclose(bar[:, 1], [0.95, 1.05])
+    identity = [line for line in ax.get_lines() if line.get_label() == "y = x"]
+    assert len(identity) == 1 and np.array_equal(identity[0].get_xdata(), identity[0].get_ydata())
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["y = x", "gaussian", "spikes"]
+
+
+def test_against_marks_zero_and_labels_only_the_given_ticks_on_a_log_axis():
+    frame = pd.DataFrame({"x": [0.003, 0.01, 0.03], "y": [-0.1, 0.0, 0.2], "arm": ["a", "b", "c"]})
+    ax = plots.against(frame, "x", "y", zero=True, logx=True, ticks=[0.003, 0.01, 0.03], annotate="arm",
+                       connect=True).axes[0]
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_color() == "gray"] == [0.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.003", "0.01", "0.03"]
+    assert [t.get_text() for t in ax.texts] == ["a", "b", "c"] and ax.get_legend() is None
+    assert ax.containers[0].lines[0].get_linestyle() == "-"  # connected
+
+
+def test_forest_puts_the_first_label_on_top_and_sets_shared_rows_side_by_side():
+    frame = pd.DataFrame({"estimator": ["recompute", "bypass", "recompute", "bypass"], "sigma": [0.5, 0.5, 1, 1],
+                          "rel_bias": [0.1, 0.3, 0.3, 0.4], "ci": [0.01, 0.02, 0.03, 0.04]})
+    ax = plots.forest(frame, "rel_bias", "ci", label="estimator", hue="sigma", xlabel="relative bias").axes[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["bypass", "recompute"]  # bottom to top
+    low, high = ax.containers
+    np.testing.assert_allclose(np.asarray(low.lines[0].get_xdata(), float), [0.3, 0.1])  # bypass, then recompute
+    y_low, y_high = low.lines[0].get_ydata(), high.lines[0].get_ydata()
+    assert (y_low > y_high).all() and (np.round(y_low) == [0, 1]).all()  # side by side within each row
+    assert [c.lines[0].get_color() for c in (low, high)] == list(plots.OKABE_ITO[:2])
+    assert ax.get_xlabel() == "relative bias"
+    assert any(line.get_xdata()[0] == 0.0 and line.get_color() == "gray" for line in ax.get_lines())
+
+
+def test_delta_by_bin_draws_each_quantile_per_bin_and_group():
+    rng = np.random.default_rng(0)
+    bins = ["[0, 0.1)", "[0.1, 0.5)", "[0.5, 1)"]
+    table = pd.DataFrame({"bin": bins * 2, "family": ["gaussian"] * 3 + ["spikes"] * 3,
+                          "q50": rng.random(6), "q99": rng.random(6) + 1})
+    ax = plots.delta_by_bin(table, ("q50", "q99"), hue="family").axes[0]
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == ["gaussian, median", "gaussian, 99% quantile", "spikes, median",
+                                                   "spikes, 99% quantile"]
+    np.testing.assert_allclose(lines[3].get_ydata(), table.q99[3:])
+    assert list(lines[3].get_xdata()) == [0, 1, 2] and [t.get_text() for t in ax.get_xticklabels()] == bins
+    assert lines[0].get_color() == plots.OKABE_ITO[0] and lines[2].get_color() == plots.OKABE_ITO[1]
+    assert lines[0].get_linestyle() != lines[1].get_linestyle()
+    assert "(nats)" in ax.get_ylabel() and "probability" in ax.get_xlabel()
+
+
+def test_engine_profile_plot_shows_delta_by_bin_and_the_held_out_check(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from timsim import profile
+
+    saved = []
+    monkeypatch.setattr(Figure, "savefig", lambda fig, path, **kw: saved.append(fig) or Path(path).write_bytes(b""))
+    profile.plot(profile.example_pairs(n_tokens=4_000), tmp_path / "fit.png")
+    left, right = saved[0].axes
+    assert [line.get_label() for line in left.get_lines()][:3] == ["fitted (one half), 1% quantile",
+                                                                   "fitted (one half), median",
+                                                                   "fitted (one half), 99% quantile"]
+    assert len(left.get_lines()) == 6  # two halves x three quantiles
+    fitted = profile.table(profile.fit(profile.example_pairs(n_tokens=4_000).iloc[::2], min_tokens=100))
+    np.testing.assert_allclose(left.get_lines()[1].get_ydata(), fitted.q50)
+    assert "y = x" in [t.get_text() for t in right.get_legend().get_texts()]
+
+
+def test_a_labelled_mark_joins_the_legend_drawn_before_it():
+    table = pd.DataFrame({"level": [0.01, 0.1] * 2, "diff": [-0.01, -0.1, 0.0, -0.2], "L": ["8", "8", "16", "16"]})
+    ax = plots.dose_response(table, "level", "diff", by="L").axes[0]
+    plots.mark(ax, y=-0.05, label="margin")
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["margin", "8", "16"]
+    assert [line.get_ydata()[0] for line in ax.get_lines() if line.get_label() == "margin"] == [-0.05]

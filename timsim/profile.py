@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from timsim import plots
 from timsim.base import get_base
 from timsim.calibration import hyperparams, make_measure
 from timsim.config import ConfigError, config_from_dict, load_config
@@ -117,24 +118,21 @@ def table(profile: dict, by: str = "by_prob") -> pd.DataFrame:
 
 
 def plot(df: pd.DataFrame, path: Path) -> Path:
-    """Fitted against observed quantiles of delta per probability bin: fitted on one half of the
-    tokens, observed on the other, so a bin too thin for a stable fit shows off the diagonal."""
-    half = fit(df.iloc[::2], min_tokens=MIN_TOKENS_PER_BIN // 2)
-    held_out = df.iloc[1::2]
-    delta = held_out.logp_trainer.to_numpy(float) - held_out.logp_sampler.to_numpy(float)
-    index = _bins(np.exp(held_out.logp_trainer.to_numpy(float)), PROB_EDGES)
-    fig = Figure(figsize=(5, 5), layout="tight")
-    ax = fig.subplots()
-    for b, row in enumerate(half["by_prob"]):
-        sel = delta[index == b]
-        if row["quantiles"] is None or sel.size < 10:
-            continue
-        ax.plot(row["quantiles"], np.quantile(sel, LEVELS), "o-", ms=3, label=f"p in [{row['lo']:g}, {row['hi']:g})")
-    lims = ax.get_xlim()
-    ax.plot(lims, lims, color="gray", lw=0.8)
-    ax.set_xlabel("fitted quantile of delta (one half)")
-    ax.set_ylabel("observed quantile (other half)")
-    ax.legend(fontsize=7)
+    """Left: the 1%, 50% and 99% quantiles of delta per probability bin, fitted on one half of
+    the tokens and observed on the other; right: every fitted quantile against the observed
+    one, so a bin too thin for a stable fit shows off the diagonal."""
+    fitted = table(fit(df.iloc[::2], min_tokens=MIN_TOKENS_PER_BIN // 2))
+    observed = table(fit(df.iloc[1::2], min_tokens=10))
+    halves = pd.concat([fitted.assign(half="fitted (one half)"), observed.assign(half="observed (other half)")])
+    columns = [f"q{100 * q:g}" for q in LEVELS]
+    qq = pd.DataFrame([{"bin": f"p in {b}", "fitted": f, "observed": o}
+                       for b, fr, ob in zip(fitted.bin, fitted[columns].to_numpy(), observed[columns].to_numpy())
+                       for f, o in zip(fr, ob) if np.isfinite(f) and np.isfinite(o)])
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
+    left, right = fig.subplots(1, 2)
+    plots.delta_by_bin(halves, ("q1", "q50", "q99"), hue="half", ax=left)
+    plots.against(qq, "fitted", "observed", hue="bin", ax=right, identity=True, connect=True,
+                  xlabel="fitted quantile of δ, one half (nats)", ylabel="observed quantile, other half (nats)")
     fig.savefig(path, dpi=120)
     return path
 
