@@ -34,9 +34,10 @@ from IPython.display import Image, display
 from matplotlib.figure import Figure
 
 import timsim
-from timsim import plots, profile
+from timsim import calibration, plots, profile
 from timsim.base import get_base
 from timsim.config import SMOKE, load_config
+from timsim.summary import ci_half_width
 
 ROOT = Path.cwd().parent if Path.cwd().name == "notebooks" else Path.cwd()
 TOY = os.environ.get("TIMSIM_NOTEBOOK_TOY") == "1"
@@ -66,22 +67,53 @@ columns = ["family", "target", "scale", "kl_sampler_learner", "seq_kl", "delta_a
            "ratio_out_band_frac", "chi2_token", "argmax_flip_frac", "extreme_token_frac"]
 display(shapes[columns])
 
+# %% [markdown]
+# Each shape measure against the calibrated KL, one colour per family: the median and 99th
+# percentile of |δ|, the importance weights' variance χ², the share of top tokens that flip,
+# the share of ratios r_corr outside [0.5, 2] and of extreme tokens (|π_old − μ| > 0.5).
+
 # %%
-fig = Figure(figsize=(12, 4), layout="constrained")
-axes = fig.subplots(1, 3)
-for i, (family, part) in enumerate(shapes.groupby("family", sort=False)):
-    for ax, metric in zip(axes, ["delta_abs_q99", "chi2_token", "argmax_flip_frac"]):
-        ax.plot(part.kl_sampler_learner, part[metric], marker="o", label=family, **plots.style(i))
-for ax, metric in zip(axes, ["99th percentile of |δ| (nats)", "χ² = E[r_corr²] − 1 (IS weight variance)",
-                             "fraction of positions whose top token flips"]):
-    ax.set_xscale("log")
-    ax.minorticks_off()
-    ax.set_xticks(TARGETS, [f"{t:g}" for t in TARGETS])
-    ax.set_xlabel("per-token KL(μ ‖ π) at the base model (nats)")
-    ax.set_ylabel(metric)
-axes[0].legend(fontsize=8)
+SHAPES = {"delta_abs_q50": "median |δ| (nats)", "delta_abs_q99": "99th percentile of |δ| (nats)",
+          "chi2_token": "χ² = E[r_corr²] − 1 (IS weight variance)",
+          "argmax_flip_frac": "fraction of positions whose top token flips",
+          "ratio_out_band_frac": "fraction of tokens with r_corr outside [0.5, 2]",
+          "extreme_token_frac": "fraction of tokens with |π_old − μ| > 0.5"}
+fig = Figure(figsize=(13, 7.5), layout="constrained")
+axes = fig.subplots(2, 3).ravel()
+for ax, (metric, words) in zip(axes, SHAPES.items()):
+    plots.against(shapes, "kl_sampler_learner", metric, hue="family", ax=ax, connect=True, logx=True, ticks=TARGETS,
+                  xlabel="per-token KL(μ ‖ π) at the base model (nats)", ylabel=words)
+for ax in axes[1:]:
+    ax.get_legend().remove()
 if not TOY:
     fig.savefig(FIGURES / "sources_shapes.png", dpi=110)
+fig
+
+# %% [markdown]
+# Where in the distribution the families put their disagreement: |δ| quantiles by the
+# learner's probability of the sampled token, each family at its calibrated scale for per-token
+# KL 0.01 (`timsim.calibration.delta_bins`, the same batch as above). A median missing from the
+# log axis is 0.
+
+# %%
+base_cfg = load_config(CONFIG, BASE)
+graphdef, params, _ = get_base(base_cfg, announce=lambda _msg: None)
+bins = []
+for family, part in shapes.groupby("family", sort=False):
+    scale = float(part.loc[(part.target - 0.01).abs().idxmin(), "scale"])
+    cfg = load_config(CONFIG, BASE + [f"perturbation.logit_noise.family={family}",
+                                      "perturbation.logit_noise.mode=context"])
+    (frame,) = calibration.delta_bins(cfg, graphdef, params, [scale])
+    bins.append(frame[frame.by == "p"].assign(family=family))
+bins = pd.concat(bins, ignore_index=True)
+fig = Figure(figsize=(12, 4.5), layout="constrained")
+left, right = fig.subplots(1, 2)
+plots.delta_by_bin(bins, ("q50",), hue="family", ax=left, yscale="log", ylabel="median |δ| (nats)")
+plots.delta_by_bin(bins, ("q99",), hue="family", ax=right, yscale="log", ylabel="99th percentile of |δ| (nats)")
+left.set_title("median |δ| by confidence bin, per-token KL 0.01")
+right.set_title("99th percentile of |δ| by confidence bin, per-token KL 0.01")
+right.get_legend().remove()
+display(bins.pivot_table(index="bin", columns="family", values=["q50", "q99", "tokens"], sort=False))
 fig
 
 # %% [markdown]
@@ -89,9 +121,11 @@ fig
 #
 # `timsim profile` fits the quantiles of δ per probability bin (and per position) from paired
 # (trainer, sampler) log-probs of a real engine. Here the pairs are the shipped synthetic example
-# (δ | p-bin ~ Laplace with a scale that falls with p). Left: the fit on one half of the tokens
-# against the held-out half. Then the `profile` family injects the fit into the sampler at
-# scale 1 and the achieved quantiles at the base model are compared with the target.
+# (δ | p-bin ~ Laplace with a scale that falls with p). The figure: δ's 1%, 50% and 99%
+# quantiles by bin, fitted on one half of the tokens and observed on the other (left), and
+# every fitted quantile against the held-out one (right). Then the `profile` family injects the
+# fit into the sampler at scale 1 and the achieved quantiles at the base model are compared
+# with the target.
 
 # %%
 pairs = profile.example_pairs(n_tokens=4_000 if TOY else 20_000)
@@ -101,9 +135,7 @@ with tempfile.TemporaryDirectory() as tmp:
     fit_png = profile.plot(pairs, Path(tmp) / "fit.png")
     profile_path = Path(tmp) / "example.profile.json"
     profile_path.write_text(json.dumps(fitted))
-    cfg = load_config(CONFIG, BASE)
-    graphdef, params, _ = get_base(cfg, announce=lambda _msg: None)
-    achieved = profile.achieved(cfg, str(profile_path), graphdef, params)
+    achieved = profile.achieved(base_cfg, str(profile_path), graphdef, params)
     display(Image(filename=str(fit_png)))
 achieved
 
@@ -125,6 +157,25 @@ display(moe_trained.groupby("cell_id", sort=False)[
      "ratio_out_band_frac", "extreme_token_frac"]].mean())
 
 # %% [markdown]
+# The flips and the extreme tokens per cell: each seed's mean over training, then the mean and
+# its 95% CI over the 10 seeds.
+
+# %%
+per_seed = (moe_trained.groupby(["cell_id", "seed"], sort=False)[
+    ["route_flip_frac", "route_any_layer_frac", "extreme_token_frac"]].mean().reset_index()
+            .melt(id_vars=["cell_id", "seed"], var_name="measure"))
+flips = per_seed.groupby(["cell_id", "measure"], sort=False).value.agg(mean="mean", ci=ci_half_width).reset_index()
+fig = Figure(figsize=(12, 3.8), layout="constrained")
+left, right = fig.subplots(1, 2, sharey=True)
+plots.forest(flips[flips.measure != "extreme_token_frac"], "mean", "ci", label="cell_id", hue="measure", ax=left,
+             xlabel="fraction with a routing flip (mean over training, 95% CI over seeds)")
+plots.forest(flips[flips.measure == "extreme_token_frac"], "mean", "ci", label="cell_id", ax=right,
+             xlabel="fraction of tokens with |π_old − μ| > 0.5 (95% CI over seeds)")
+left.set_title("routing flips: per router decision, per token (any layer)")
+right.set_title("extreme tokens")
+fig
+
+# %% [markdown]
 # ## What this shows (full size: the quickstart base, 5-token responses)
 #
 # At one per-token KL the families disagree in very different ways. At KL 0.03:
@@ -143,6 +194,13 @@ display(moe_trained.groupby("cell_id", sort=False)[
 # different batches at equal KL, and equal KL is not equal χ²: the variance that S3 found to
 # matter after the clip differs eightfold between two families at the same KL. This is why S4's
 # heavy-tail claim is posed both at equal KL and at equal mean |δ|.
+#
+# **By confidence** (per-token KL 0.01): every family puts its disagreement on the tokens the
+# learner found unlikely. The median |δ| is 0.16–0.23 nats at p < 0.1 and 0.0004–0.0018 at
+# p ≥ 0.99. Dirichlet noise is the flattest (the smallest median in [0.1, 0.9), the largest at
+# p ≥ 0.9); spikes leave the median at 0 in every bin but reach a 99th percentile of 1.7–2.1
+# nats below p = 0.5, against 0.57–0.79 for Gaussian noise. The lowest bin holds ~85 sampled
+# tokens, so its 99th percentile is close to its maximum: read it as an order of magnitude.
 #
 # The `profile` family reproduces the synthetic engine's δ quantiles within about a third in the
 # bins with p in [0.1, 0.9), but under-reaches at the most confident tokens (p ≥ 0.99: q1 −0.0007

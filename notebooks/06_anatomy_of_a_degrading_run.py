@@ -69,13 +69,13 @@ plots.curves(trained, "grad_norm", cells=shown, smooth=20, runs=False, ax=axes[1
 drops = trained[trained.cell_id == worst].melt(id_vars=["run_idx", "step"], value_vars=["clip_drop_pos_frac",
                                                                                       "clip_drop_neg_frac"],
                                                 var_name="cell_id", value_name="clip_drop_frac")
-plots.curves(drops, "clip_drop_frac", smooth=20, runs=False, ax=axes[2])
-axes[2].set_ylabel(f"tokens whose gradient the clip drops ({worst})")
+plots.curves(drops, "clip_drop_frac", smooth=20, runs=False, ax=axes[2],
+             ylabel=f"tokens whose gradient the clip drops ({worst})")
 contributions = trained[trained.cell_id == worst].melt(id_vars=["run_idx", "step"], value_vars=["contrib_pos",
                                                                                               "contrib_neg"],
                                                        var_name="cell_id", value_name="contribution")
-plots.curves(contributions, "contribution", smooth=20, runs=False, ax=axes[3])
-axes[3].set_ylabel(f"C(r) = -(r_corr - 1) A by sign of A ({worst})")
+plots.curves(contributions, "contribution", smooth=20, runs=False, ax=axes[3],
+             ylabel=f"C(r) = −(r_corr − 1) A by sign of A ({worst})")
 fig
 
 # %% [markdown]
@@ -143,5 +143,7 @@ signatures
 # **Reading.** At 5-token responses with noise calibrated at the base, no run collapses, so
 # the collapse signatures (KL and gradient norm blowing up together, multi-stage collapse)
 # cannot appear here: they need longer responses, a larger learning rate or REINFORCE with one
-# update per batch (issue S4 studies). The rows marked present are the ones this setting does
+# update per batch. Study S4 tests the collapse claims, multi-stage collapse in recompute
+# included, at 1 and 3 nats per response and with REINFORCE: notebook `08_published_claims` and
+# `docs/results/s4-collapse-cpu.md`. The rows marked present are the ones this setting does
 # reproduce; the table is recomputed from the data, so it stays true if the data change.
