@@ -64,6 +64,17 @@ def final_evals(result) -> pd.DataFrame:
     return m[m.step == m.step.max()].set_index(["cell_id", "seed"])
 
 
+def size_and_cost(result, columns, twin: str = "zero") -> pd.DataFrame:
+    """Each cell's mean of `columns` over training, and its final accuracy and AUC against
+    `twin` (mean and CI half-width, paired by seed)."""
+    table = result.metrics[result.metrics.step > 0].groupby("cell_id", sort=False)[columns].mean()
+    for cell in table.index.drop(twin):
+        table.loc[cell, "final − twin"], table.loc[cell, "±"] = paired_contrast(result.summary, cell, twin)
+        table.loc[cell, "AUC − twin"], table.loc[cell, "± "] = paired_contrast(result.summary, cell, twin,
+                                                                                "auc_accuracy")
+    return table
+
+
 def base_evals(result) -> pd.DataFrame:
     m = result.metrics
     return m[m.step == 0].set_index(["cell_id", "seed"])
@@ -203,14 +214,8 @@ display(pd.DataFrame(rows))
 tails = timsim.load(DATA / "s4-heavy-tails")
 print("regenerates with:", json.loads((DATA / "s4-heavy-tails" / "manifest.json").read_text())["export"]["command"])
 SIZE = ["seq_kl", "kl_sampler_learner", "delta_abs_mean", "delta_abs_q99", "ratio_out_band_frac", "extreme_token_frac"]
-trained_t = tails.metrics[tails.metrics.step > 0]
-size_t = trained_t.groupby("cell_id", sort=False)[SIZE].mean()
 summary_t = tails.summary
-for cell in size_t.index:
-    if cell != "zero":
-        size_t.loc[cell, "final − twin"], size_t.loc[cell, "±"] = paired_contrast(summary_t, cell, "zero")
-        size_t.loc[cell, "AUC − twin"], size_t.loc[cell, "± "] = paired_contrast(summary_t, cell, "zero", "auc_accuracy")
-display(size_t)
+display(size_and_cost(tails, SIZE))
 
 CONTRASTS = [  # (arm, reference, what the pair holds equal)
     ("student_t,kl=0.3", "gaussian,kl=0.3", "KL"), ("spikes,kl=0.3", "gaussian,kl=0.3", "KL"),
@@ -256,13 +261,8 @@ print("regenerates with:", json.loads((DATA / "s4-moe-extreme" / "manifest.json"
 trained_m = moe.metrics[moe.metrics.step > 0]
 MOE_SIZE = ["kl_sampler_learner", "delta_abs_mean", "delta_abs_q99", "delta_abs_max", "extreme_token_frac",
             "ratio_out_band_frac", "route_flip_frac", "route_any_layer_frac"]
-size_m = trained_m.groupby("cell_id", sort=False)[MOE_SIZE].mean()
 summary_m = moe.summary
-for cell in size_m.index:
-    if cell != "zero":
-        size_m.loc[cell, "final − twin"], size_m.loc[cell, "±"] = paired_contrast(summary_m, cell, "zero")
-        size_m.loc[cell, "AUC − twin"], size_m.loc[cell, "± "] = paired_contrast(summary_m, cell, "zero", "auc_accuracy")
-display(size_m)
+display(size_and_cost(moe, MOE_SIZE))
 
 # Per seed: each arm's extreme-token fraction over training, router minus dense at equal KL.
 per_run = trained_m.groupby(["cell_id", "seed"]).extreme_token_frac.mean().unstack("cell_id")
