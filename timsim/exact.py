@@ -344,7 +344,7 @@ def make_oracle_probe(cfg: Config, graphdef) -> Callable:
     oracle = make_oracle(cfg, graphdef, cfg.run.oracle_prompts, ("configured", "recompute", "bypass"), variance=False)
     lag = cfg.perturbation.lag_steps
 
-    def probe(params_R, lagged_R, step_R, hp_R, n_runs: int, base_params=None) -> dict:
+    def probe(params_R, lagged_R, step_R, hp_R, n_runs: int, base_params) -> dict:
         width = len(np.asarray(step_R))
         out = {name: np.full(width, np.nan) for name in PROBE}
         for i in range(n_runs):
