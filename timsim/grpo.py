@@ -186,11 +186,16 @@ def policy_loss(kind: str, logp_NT, logp_old_NT, adv_N, mask_NT, knobs):
 
 def make_optimizer(knobs) -> optax.GradientTransformation:
     """AdamW with global-norm clipping. Built inside the traced step from traced
-    hyperparameters: the optimizer state's structure does not depend on their values."""
-    return optax.chain(
+    hyperparameters: the optimizer state's structure does not depend on their values.
+
+    It runs on the parameters raveled into one vector (`optax.flatten`): the same elementwise
+    AdamW, but one set of ops instead of one per weight array (26 for the standard model), which
+    cuts the compiled step by ~90 XLA fusions and its compile time by ~9%. Only the global norm's
+    summation order differs from the per-array chain (last bits)."""
+    return optax.flatten(optax.chain(
         optax.clip_by_global_norm(knobs.max_grad_norm),
         optax.adamw(knobs.lr, weight_decay=knobs.weight_decay),
-    )
+    ))
 
 
 def masked_mean(x_NT, mask_NT):
