@@ -8,7 +8,8 @@ import pytest
 from flax import nnx
 
 from timsim.config import load_config, static_view
-from timsim.model import init_model, response_forward
+from timsim.model import ATTENTION_BLOCK, init_model, position_blocks, response_forward
+from timsim import rollout
 from timsim.rollout import learner_logprobs, sample
 import timsim
 from timsim import hyper
@@ -56,6 +57,30 @@ def test_decode_path_matches_learner_to_float_precision(tiny_cfg, tiny_base):
     out = sample(model, prompts, jax.random.key(4), 1.0, 4)
     logp = learner_logprobs(model, prompts, out.responses, out.mask, 1.0)[0]
     np.testing.assert_allclose(out.logp_decode, logp, atol=1e-4)
+
+
+def test_attention_by_blocks_is_the_plain_attention(tiny_cfg, monkeypatch):
+    """A long context's attention runs by blocks of positions: each decode step attends only to
+    the KV-cache blocks written so far, and the teacher-forced queries of a block skip later
+    keys. An implementation detail: the same function as one whole-cache block and as the
+    full-square masked forward (to float rounding), across every block boundary."""
+    response_len = 2 * ATTENTION_BLOCK + 10
+    cfg = tiny_cfg.model.model_copy(update={"max_len": tiny_cfg.task.build().prompt_len + response_len})
+    model = init_model(cfg, VOCAB_SIZE, 0)
+    prompts = tiny_cfg.task.build().sample(jax.random.key(11), 16)
+    assert len(position_blocks(prompts.shape[1] + response_len)) == 3
+    blocks = sample(model, prompts, jax.random.key(12), 1.0, response_len, greedy=True)
+    assert blocks.mask[:, -1].sum() > 0, "some rows must live into the last block"
+    logp = learner_logprobs(model, prompts, blocks.responses, blocks.mask, 1.0)[0]
+    np.testing.assert_allclose(blocks.logp_decode, logp, atol=1e-4)
+    monkeypatch.setattr(rollout, "position_blocks", lambda length: ((0, length),))
+    whole = sample(model, prompts, jax.random.key(12), 1.0, response_len, greedy=True)
+    assert np.array_equal(blocks.responses, whole.responses)
+    np.testing.assert_allclose(blocks.logp_decode, whole.logp_decode, atol=1e-5)
+    # and the teacher-forced forward that runs a group's prompt once, at this length too
+    full, by_blocks = (response_forward(model, jnp.repeat(prompts[:8], 2, axis=0), blocks.responses, group=g)[0]
+                       for g in (1, 2))
+    np.testing.assert_allclose(by_blocks, full, atol=1e-5)
 
 
 @pytest.mark.bits

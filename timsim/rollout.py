@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from timsim.model import Routing, Transformer, response_forward, token_logprobs
+from timsim.model import Routing, Transformer, position_blocks, response_forward, token_logprobs
 from timsim.numerics import FP32, Numerics
 from timsim.tasks import EOS, PAD
 
@@ -33,31 +33,49 @@ def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperatur
     `logits_fn(logits_NV, t, context_hash_N)` is the sampler's perturbation of response
     position t's logits (the hash identifies prompt + response so far), `nm` the numerics of
     its forward, `routing` its router perturbation (mixture of experts). `group`: rows share
-    their prompt in groups of this many; a dense model then prefills each prompt once."""
+    their prompt in groups of this many; a dense model then prefills each prompt once.
+
+    The decode runs as one scan per cache block: response position t feeds the token at
+    position p - 1 + t, whose keys and values land in the block holding that position."""
     n, p = prompts_NP.shape
     shared = model.shares_prompts(group)
-    cache = model.prefill(prompts_NP[::group if shared else 1, :-1], p + response_len, nm, routing)
+    bounds = position_blocks(p + response_len)
+    cache = model.prefill(prompts_NP[::group if shared else 1, :-1], bounds, nm, routing)
     if shared:
         cache = jax.tree.map(lambda x: jnp.repeat(x, group, axis=0), cache)
 
-    def generate(carry, t):
-        cache, token, done, context = carry
-        logits, cache = model.decode(token, p - 1 + t, cache, nm, routing)
-        if logits_fn is not None:
-            logits = logits_fn(logits, t, context)
-        logits = logits / temperature
-        if greedy:
-            new = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        else:
-            new = jax.random.categorical(jax.random.fold_in(key, t), logits).astype(jnp.int32)
-        logp = jnp.take_along_axis(jax.nn.log_softmax(logits), new[:, None], axis=-1)[:, 0]
-        live = ~done
-        new = jnp.where(live, new, PAD)
-        done = done | (new == EOS)
-        return (cache, new, done, extend_hash(context, new)), (new, live.astype(jnp.float32), jnp.where(live, logp, 0.0))
+    def segment(past, start):
+        def generate(carry, t):
+            last, token, done, context = carry
+            logits, last = model.decode(token, p - 1 + t, past, last, start, nm, routing)
+            if logits_fn is not None:
+                logits = logits_fn(logits, t, context)
+            logits = logits / temperature
+            if greedy:
+                new = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            else:
+                new = jax.random.categorical(jax.random.fold_in(key, t), logits).astype(jnp.int32)
+            logp = jnp.take_along_axis(jax.nn.log_softmax(logits), new[:, None], axis=-1)[:, 0]
+            live = ~done
+            new = jnp.where(live, new, PAD)
+            done = done | (new == EOS)
+            return (last, new, done, extend_hash(context, new)), (new, live.astype(jnp.float32),
+                                                                  jnp.where(live, logp, 0.0))
+        return generate
 
-    init = (cache, prompts_NP[:, p - 1], jnp.zeros((n,), bool), prompt_hash(prompts_NP))
-    _, (tokens_TN, mask_TN, logp_TN) = jax.lax.scan(generate, init, jnp.arange(response_len))
+    state = (prompts_NP[:, p - 1], jnp.zeros((n,), bool), prompt_hash(prompts_NP))
+    outputs = []
+    for j, (start, stop) in enumerate(bounds):
+        steps = jnp.arange(max(start - p + 1, 0), min(stop - p + 1, response_len))
+        if not steps.size:
+            continue
+        past = {name: tuple(layer[:j] for layer in cache[name]) for name in ("k", "v")}
+        last = {name: tuple(layer[j] for layer in cache[name]) for name in ("k", "v")}
+        (last, *state), out = jax.lax.scan(segment(past, start), (last, *state), steps)
+        cache = {name: tuple((*layer[:j], written, *layer[j + 1:]) for layer, written in zip(cache[name], last[name]))
+                 for name in ("k", "v")}
+        outputs.append(out)
+    tokens_TN, mask_TN, logp_TN = (jnp.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*outputs))
     return Rollout(tokens_TN.T, mask_TN.T, logp_TN.T)
 
 
