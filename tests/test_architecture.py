@@ -113,17 +113,22 @@ def test_timsim_never_touches_the_matplotlib_backend(tmp_path):
     assert out.stdout.strip() == "False" and (tmp_path / "c.png").stat().st_size > 5_000
 
 
-def test_importing_timsim_changes_no_global_setting_and_setup_does():
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+def test_importing_timsim_changes_no_global_setting_and_setup_does(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     code = ("import os, jax, timsim\n"
             "from jax._src import xla_bridge\n"
             "before = (os.environ.get('XLA_FLAGS'), jax.config.jax_default_matmul_precision,\n"
-            "          xla_bridge.backends_are_initialized())\n"
+            "          jax.config.jax_compilation_cache_dir, xla_bridge.backends_are_initialized())\n"
             "timsim.setup()\n"
-            "print(before, timsim.determinism.in_force())\n")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    # no backend started either: on a GPU, setup() must still be able to set the determinism flag
-    assert out.stdout.strip() == "(None, None, False) True"
+            "print(before, timsim.determinism.in_force(), jax.config.jax_compilation_cache_dir)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env | {"XDG_CACHE_HOME": str(tmp_path)},
+                         capture_output=True, text=True, check=True)
+    # no backend started either: on a GPU, setup() must still be able to set the determinism flag;
+    # compiled programs persist in the user's cache unless a cache directory was chosen
+    assert out.stdout.strip() == f"(None, None, None, False) True {tmp_path / 'timsim' / 'xla'}"
+    chosen = subprocess.run([sys.executable, "-c", code], env=env | {"JAX_COMPILATION_CACHE_DIR": str(tmp_path)},
+                            capture_output=True, text=True, check=True)
+    assert chosen.stdout.strip().endswith(f"True {tmp_path}")
 
 
 def test_a_new_noise_or_weight_noise_family_is_one_function_and_one_registration():

@@ -309,7 +309,7 @@ def test_a_compiled_chunk_refuses_to_recompile(tiny_cfg, tiny_base):
 
     from timsim.config import static_view
     from timsim.plan import Cell, stack_hyperparams
-    from timsim.step import RecompileError, init_state, make_chunk, place
+    from timsim.step import RecompileError, init_states, make_chunk, place
 
     graphdef, params, _ = tiny_base
     chunk = make_chunk(static_view(tiny_cfg), tiny_cfg.task.build(), graphdef)
@@ -318,7 +318,7 @@ def test_a_compiled_chunk_refuses_to_recompile(tiny_cfg, tiny_base):
         hp, _ = stack_hyperparams([Cell("c", tiny_cfg.model_copy(
             update={"run": tiny_cfg.run.model_copy(update={"seeds": seeds})}))])
         hp = place(hp, over_runs=True)
-        return place(jax.vmap(lambda h: init_state(params, h))(hp), over_runs=True), hp
+        return place(init_states(params, hp), over_runs=True), hp
 
     state, hp = state_and_hp([0, 1])
     chunk(state, hp, place(params, over_runs=False))

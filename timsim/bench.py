@@ -31,7 +31,7 @@ from timsim.config import load_config, static_view
 from timsim.model import init_model
 from timsim.plan import Cell, stack_hyperparams
 from timsim.rollout import sample
-from timsim.step import init_state, make_chunk, place
+from timsim.step import init_states, make_chunk, place
 from timsim.tasks import VOCAB_SIZE
 
 STANDARD = ["task.name=reverse", "task.n_digits=15", "model.max_len=32", "grpo.prompts_per_step=32",
@@ -54,7 +54,7 @@ class ChunkTimer:
         graphdef, params = nnx.split(init_model(cfg.model, VOCAB_SIZE, 0), nnx.Param)
         hp, _ = stack_hyperparams([Cell("bench", cfg)])
         self.hp, self.params = place(hp, over_runs=True), place(params, over_runs=False)
-        self.state = place(jax.vmap(lambda h: init_state(params, h, cfg.perturbation.lag_steps))(hp), over_runs=True)
+        self.state = place(init_states(params, hp, cfg.perturbation.lag_steps), over_runs=True)
         self.chunk = make_chunk(static_view(cfg), cfg.task.build(), graphdef)
         _, self.first_call_s = self.time_chunk()
 

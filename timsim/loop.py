@@ -30,7 +30,7 @@ from timsim.metrics import METRICS
 from timsim.plan import Cell, stack_hyperparams
 from timsim.exact import make_oracle_probe
 from timsim.probes import make_probe
-from timsim.step import RunState, init_state, make_chunk, make_eval, place
+from timsim.step import RunState, init_states, make_chunk, make_eval, place
 
 REPORTED = ("kl_sampler_learner", "mismatch_k3", "seq_kl", "delta_abs_mean", "delta_abs_max", "response_tokens")
 
@@ -263,7 +263,7 @@ def run(cells: list[Cell], graphdef, base_params, hooks: Sequence[Hook] = (), ev
         hp = tracker.with_scales(hp, resume.tracked_scales)
     hp, base_params = place(hp, over_runs=True), place(base_params, over_runs=False)
     lag = cfg.perturbation.lag_steps
-    state = place(jax.vmap(lambda h: init_state(base_params, h, lag))(hp), over_runs=True)
+    state = place(init_states(base_params, hp, lag), over_runs=True)
     chunk_steps, n_chunks = cfg.run.chunk_steps, cfg.run.steps // cfg.run.chunk_steps
     chunk_fn, evaluate_fn, probe, oracle = programs(cfg, task, graphdef, width)
     done = resume.chunks_done if resume else 0

@@ -21,7 +21,7 @@ from timsim.config import ConfigError
 from timsim.loop import Boundary, GroupRun, Hook, ProgressHook, Resume, run
 from timsim.plan import Cell, run_axis_width
 from timsim.store import Store
-from timsim.step import init_state
+from timsim.step import init_states
 
 
 class StoreHook(Hook):
@@ -104,7 +104,7 @@ def load_trained_params(root, base_params, hp_template, run: int = 0, lag_steps:
     steps = sorted(int(p.name) for p in (store.root / "ckpt" / gid).iterdir() if p.name.isdigit())
     width = group.get("padded_width", group["run_axis_width"])
     hp = jax.tree.map(lambda v: jnp.full((width,), v, jnp.float32), hp_template)
-    abstract = jax.eval_shape(lambda: jax.vmap(lambda h: init_state(base_params, h, lag_steps))(hp))
+    abstract = jax.eval_shape(init_states, base_params, hp, lag_steps)
     state = ocp.StandardCheckpointer().restore(store.checkpoint_dir(gid, steps[-1]).absolute(),
                                                base_lib.restore_target(abstract))
     return jax.tree.map(lambda x: x[run], state.params), steps[-1]
