@@ -9,7 +9,7 @@ from flax import nnx
 
 from timsim.config import load_config, static_view
 from timsim.model import ATTENTION_BLOCK, init_model, position_blocks, response_forward
-from timsim import rollout
+from timsim import model as model_lib, rollout
 from timsim.rollout import learner_logprobs, sample
 import timsim
 from timsim import hyper
@@ -81,6 +81,28 @@ def test_attention_by_blocks_is_the_plain_attention(tiny_cfg, monkeypatch):
     full, by_blocks = (response_forward(model, jnp.repeat(prompts[:8], 2, axis=0), blocks.responses, group=g)[0]
                        for g in (1, 2))
     np.testing.assert_allclose(by_blocks, full, atol=1e-5)
+
+
+def test_attention_by_chunks_of_rows_is_the_plain_attention(tiny_cfg, tiny_base, monkeypatch):
+    """Long contexts compute attention by chunks of rows (recomputed in the backward): the same
+    logits and gradients as all rows at once, a chunk size that leaves a remainder included."""
+    graphdef, params, _ = tiny_base
+    prompts = jnp.repeat(tiny_cfg.task.build().sample(jax.random.key(13), 5), 2, axis=0)
+    responses = jax.random.randint(jax.random.key(14), (10, 6), 0, VOCAB_SIZE)
+    weights = jax.random.normal(jax.random.key(15), (10, 6, VOCAB_SIZE))
+
+    def logits_and_grads(group):
+        def loss(params):
+            logits = response_forward(nnx.merge(graphdef, params), prompts, responses, group=group)[0]
+            return (logits * weights).sum(), logits
+        return jax.jit(jax.grad(loss, has_aux=True))(params)
+
+    plain = [logits_and_grads(g) for g in (1, 2)]
+    heads, keys = tiny_cfg.model.n_heads, prompts.shape[1] + responses.shape[1]
+    monkeypatch.setattr(model_lib, "ATTENTION_CHUNK_BYTES", 3 * heads * keys * keys * 4)  # 3 rows a chunk
+    for (grads, logits), (plain_grads, plain_logits) in zip([logits_and_grads(g) for g in (1, 2)], plain):
+        np.testing.assert_allclose(logits, plain_logits, atol=1e-6)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), grads, plain_grads)
 
 
 @pytest.mark.bits
