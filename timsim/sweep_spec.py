@@ -197,9 +197,9 @@ def _as_validated(cfg: Config, key: str, raw):
 
 
 def estimate_seconds(cfg: Config, n_runs: int) -> float:
-    """Rough wall time on this 2-core CPU class: ~150 ms per run-step at the standard shape
-    (256 sequences x 32 positions, d_model 64, 2 layers), scaled by positions x width^2 x depth,
-    plus ~10 s compile and pretraining per program."""
+    """Rough wall time on this 2-core CPU class: ~75 ms per run-step at the standard shape
+    (256 sequences x 32 positions, d_model 64, 2 layers; `timsim bench`), scaled by positions x
+    width^2 x depth, plus ~10 s compile and pretraining per program."""
     positions = cfg.grpo.prompts_per_step * cfg.grpo.group_size * (cfg.task.build().prompt_len + cfg.response_len)
     scale = positions / (256 * 32) * (cfg.model.d_model / 64) ** 2 * cfg.model.n_layers / 2
-    return 10.0 + n_runs * cfg.run.steps * 0.15 * scale * cfg.grpo.epochs
+    return 10.0 + n_runs * cfg.run.steps * 0.075 * scale * cfg.grpo.epochs
