@@ -157,3 +157,9 @@ def test_bench_json_reports_the_step_and_a_missing_reference_is_a_clear_error(ca
     assert results["compile_s"] > 0 and results["sampler_s"] > 0
     assert ("paired" in results) == ("torch" in results)
     assert main(["bench", "--rounds", "0"]) == 2
+    # --lengths: the short-prompt task at two response lengths, alternated, and their ratio
+    assert main(["bench", "--lengths", "4", "2"]) == 2 and "SHORT < LONG" in capsys.readouterr().out
+    assert main(["bench", "--json", "--lengths", "2", "4", "--rounds", "2"]) == 0
+    scaling = json.loads(capsys.readouterr().out)
+    assert scaling["response_lens"] == [2, 4] and len(scaling["ratio"]) == 2
+    assert scaling["ratio"] == [b / a for a, b in zip(scaling["short_step_s"], scaling["long_step_s"])]

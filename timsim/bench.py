@@ -160,6 +160,50 @@ def _spread(values: list[float], scale: float = 1.0, fmt: str = "{:.0f}") -> str
             f"[{fmt.format(min(values) * scale)}–{fmt.format(max(values) * scale)}]")
 
 
+def length_overrides(response_len: int) -> list[str]:
+    """The short-prompt task (`recurrence`: a 5-token prompt, `task.n_digits` + 1 response
+    tokens) at a response length, so that cost grows with the response alone; chunks of ~160
+    response positions per run (at least 2 steps)."""
+    prompt_len = load_config(None, ["task.name=recurrence", "task.n_digits=1", "model.max_len=8"]).task.build().prompt_len
+    steps = max(2, 160 // response_len)
+    return [*STANDARD, "task.name=recurrence", f"task.n_digits={response_len - 1}",
+            f"model.max_len={prompt_len + response_len}", f"run.chunk_steps={steps}", f"run.steps={steps}"]
+
+
+def length_scaling(short: int, long: int, rounds: int, on_round=None) -> dict:
+    """The step at two response lengths of the short-prompt task, alternated A B A B in one
+    process: the per-round ratio long / short cancels the machine's drift."""
+    timers = {n: ChunkTimer(length_overrides(n)) for n in (short, long)}
+    step_s: dict[int, list[float]] = {short: [], long: []}
+    for i in range(rounds):
+        for n, timer in timers.items():
+            step_s[n].append(timer.time_chunk()[1] / timer.steps)
+        if on_round:
+            on_round(i, step_s[short][-1], step_s[long][-1])
+    ratios = [b / a for a, b in zip(step_s[short], step_s[long])]
+    return {"task": "recurrence", "response_lens": [short, long], "rounds": rounds,
+            "short_step_s": step_s[short], "long_step_s": step_s[long], "ratio": ratios,
+            "ratio_median": statistics.median(ratios), "ratio_min": min(ratios), "ratio_max": max(ratios),
+            "compile_s": {str(n): timer.first_call_s for n, timer in timers.items()}}
+
+
+def bench_lengths(short: int, long: int, rounds: int, console: Console, quiet: bool = False) -> dict:
+    """`timsim bench --lengths SHORT LONG`: the paired long / short step ratio, printed."""
+    say = (lambda *a: None) if quiet else console.print  # noqa: E731
+    say(f"the recurrence task (5-token prompt) at {short} and {long} response tokens, 32 prompts x 8 samples, "
+        f"alternated: {rounds} rounds")
+    results = length_scaling(short, long, rounds, on_round=lambda i, a, b: say(
+        f"  round {i + 1}/{rounds}: {short} tokens {a * 1e3:.0f} ms, {long} tokens {b * 1e3:.0f} ms, ratio {b / a:.1f}"))
+    table = Table(title="GRPO step by response length (one run): median \\[min–max] over rounds")
+    for col in ["response tokens", "step (ms)", "first chunk with compile (s)"]:
+        table.add_column(col, justify="right")
+    table.add_row(str(short), _spread(results["short_step_s"], 1e3), f"{results['compile_s'][str(short)]:.1f}")
+    table.add_row(str(long), _spread(results["long_step_s"], 1e3), f"{results['compile_s'][str(long)]:.1f}")
+    table.add_row(f"{long} / {short}", _spread(results["ratio"], fmt="{:.1f}") + "x", "")
+    say(table)
+    return results
+
+
 def bench(user_overrides: list[str], runs: int, console: Console, rounds: int = 7, reference: str | None = None,
           threads: int = 2, batchings: bool = True, quiet: bool = False) -> dict:
     """Time timsim's standard step (compile, step, sampler, tokens/s), alternate it with the

@@ -132,6 +132,9 @@ def _parser() -> argparse.ArgumentParser:
                        "(default: this one, if it has torch)")
     bench.add_argument("--threads", type=int, default=2, help="the PyTorch reference's intra-op threads")
     bench.add_argument("--json", action="store_true", help="print the results as one JSON object only")
+    bench.add_argument("--lengths", type=int, nargs=2, metavar=("SHORT", "LONG"), default=None,
+                       help="instead: the step at two response lengths of the short-prompt task (recurrence), "
+                            "alternated, and their paired ratio (e.g. --lengths 16 128)")
 
     prof = sub.add_parser("profile", help="fit an engine profile from paired sampler/trainer log-probs (Parquet/CSV)")
     prof.add_argument("pairs", nargs="?", help="file with columns logp_sampler, logp_trainer[, position]")
@@ -262,12 +265,26 @@ def _train(args, console) -> int:
 
 
 def _bench(args, console) -> int:
-    from timsim.bench import ReferenceUnavailable, bench
+    from timsim.bench import ReferenceUnavailable, bench, bench_lengths
 
     for name in ("runs", "rounds", "threads"):
         if getattr(args, name) < 1:
             console.print(f"[red]--{name} must be at least 1, got {getattr(args, name)}[/red]")
             return 2
+    if args.lengths is not None:
+        short, long = args.lengths
+        if not 2 <= short < long:
+            console.print(f"[red]--lengths takes two response lengths SHORT < LONG, each at least 2 (the answer "
+                          f"and its <eos>), got {short} {long}[/red]")
+            return 2
+        if args.overrides:
+            console.print(f"[red]--lengths times the recurrence task at its standard batch; drop the overrides "
+                          f"({' '.join(args.overrides)})[/red]")
+            return 2
+        results = bench_lengths(short, long, args.rounds, console, quiet=args.json)
+        if args.json:
+            print(json.dumps(results))
+        return 0
     try:
         results = bench(args.overrides, args.runs, console, rounds=args.rounds, reference=args.reference_python,
                         threads=args.threads, quiet=args.json)
