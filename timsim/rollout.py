@@ -66,12 +66,12 @@ def sample(model: Transformer, prompts_NP: jax.Array, key: jax.Array, temperatur
     state = (prompts_NP[:, p - 1], jnp.zeros((n,), bool), prompt_hash(prompts_NP))
     outputs = []
     for j, (start, stop) in enumerate(bounds):
-        steps = jnp.arange(max(start - p + 1, 0), min(stop - p + 1, response_len))
-        if not steps.size:
+        first, end = max(start - p + 1, 0), min(stop - p + 1, response_len)  # response positions in this block
+        if first >= end:
             continue
         past = {name: tuple(layer[:j] for layer in cache[name]) for name in ("k", "v")}
         last = {name: tuple(layer[j] for layer in cache[name]) for name in ("k", "v")}
-        (last, *state), out = jax.lax.scan(segment(past, start), (last, *state), steps)
+        (last, *state), out = jax.lax.scan(segment(past, start), (last, *state), jnp.arange(first, end))
         cache = {name: tuple((*layer[:j], written, *layer[j + 1:]) for layer, written in zip(cache[name], last[name]))
                  for name in ("k", "v")}
         outputs.append(out)
