@@ -45,14 +45,15 @@ notebooks: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/mkdocs build --strict
 
-# timsim's step against a hand-written PyTorch step, A B A B; installs torch (the bench extra) on first use.
+# timsim's step against a hand-written PyTorch step, A B A B, then the quickstart study's wall time with
+# nothing compiled yet (~3 min more); installs torch (the bench extra) on first use.
 BENCH_STAMP := $(VENV)/.bench-stamp
 $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e ".[dev,bench]"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(BIN)/timsim bench
+	$(BIN)/timsim bench --study configs/sweeps/quickstart.yaml
 
 clean:
 	rm -rf $(VENV) .jax_cache runs site .test-bits.log

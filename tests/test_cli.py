@@ -76,6 +76,25 @@ def test_sweep_dry_run_prints_the_plan_and_runs_nothing(tiny_file, tmp_path, cap
     assert not (tmp_path / "out").exists()
 
 
+def test_bench_study_times_a_whole_sweep_in_a_fresh_process(tiny_file, tiny_base, tmp_path, capsys):
+    """`timsim bench --study FILE` (what `make bench` adds for the quickstart study): a sweep's
+    wall time end to end, nothing compiled yet; a file that is not there is a clear error."""
+    import json
+
+    from timsim.bench import StudyFailed, time_study
+
+    assert main(["bench", "--study", str(tmp_path / "none.yaml")]) == 2
+    assert "--study takes a sweep file" in capsys.readouterr().out
+    sweep = tmp_path / "s.yaml"
+    sweep.write_text(yaml.safe_dump({"base": str(tiny_file), "name": "timed", "seeds": [0]}))
+    timed = time_study(str(sweep))
+    assert timed["wall_s"] > 0 and timed["base_pretrained"] is False  # the session's tiny base is cached
+    sweep.write_text("name: broken\ncells: {a: {grpo.lr: -1}}\n")
+    with pytest.raises(StudyFailed, match="exited 2"):
+        time_study(str(sweep))
+    json.dumps(timed)  # reported under --json as it is
+
+
 def test_calibrate_prints_the_scale_per_target(tiny_file, capsys):
     assert main(["calibrate", str(tiny_file), "perturbation.logit_noise.family=gaussian", "--targets", "1e-2,1e-1",
                  "--bins"]) == 0

@@ -14,10 +14,12 @@ rounds are the result; absolute times are quoted only beside it.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -281,3 +283,25 @@ def bench(user_overrides: list[str], runs: int, console: Console, rounds: int = 
     results["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     say(f"peak resident memory of this process: {results['peak_rss_gib']:.2f} GiB")
     return results
+
+
+class StudyFailed(RuntimeError):
+    """The timed study exited non-zero."""
+
+
+def time_study(sweep_file: str) -> dict:
+    """Wall time of `timsim sweep FILE` end to end, as a user waits for it: a fresh process, a
+    temporary results directory and an empty compilation cache (every program compiles). The
+    base model is pretrained only when `run.cache_dir` does not hold it yet (`base_pretrained`
+    says which)."""
+    with tempfile.TemporaryDirectory(prefix="timsim-study-") as tmp:
+        env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "xla")}
+        command = [sys.executable, "-m", "timsim.cli", "sweep", sweep_file, "--out-dir", str(Path(tmp) / "runs")]
+        start = time.perf_counter()
+        done = subprocess.run(command, env=env, capture_output=True, text=True)
+        wall_s = time.perf_counter() - start
+    if done.returncode:
+        raise StudyFailed(f"timsim sweep {sweep_file} exited {done.returncode}: "
+                          f"{(done.stdout + done.stderr).strip()[-1500:]}")
+    return {"study": sweep_file, "wall_s": wall_s, "base_pretrained": "pretrain step" in done.stdout}
+

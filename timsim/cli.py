@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 HELP = """\
 timsim: training-inference mismatch, as a controlled variable.
@@ -135,6 +136,9 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--lengths", type=int, nargs=2, metavar=("SHORT", "LONG"), default=None,
                        help="instead: the step at two response lengths of the short-prompt task (recurrence), "
                             "alternated, and their paired ratio (e.g. --lengths 16 128)")
+    bench.add_argument("--study", default=None, metavar="SWEEP_FILE",
+                       help="also: the wall time of `timsim sweep SWEEP_FILE` in a fresh process with an empty "
+                            "compilation cache (make bench: the quickstart study)")
 
     prof = sub.add_parser("profile", help="fit an engine profile from paired sampler/trainer log-probs (Parquet/CSV)")
     prof.add_argument("pairs", nargs="?", help="file with columns logp_sampler, logp_trainer[, position]")
@@ -265,12 +269,15 @@ def _train(args, console) -> int:
 
 
 def _bench(args, console) -> int:
-    from timsim.bench import ReferenceUnavailable, bench, bench_lengths
+    from timsim.bench import ReferenceUnavailable, StudyFailed, bench, bench_lengths, time_study
 
     for name in ("runs", "rounds", "threads"):
         if getattr(args, name) < 1:
             console.print(f"[red]--{name} must be at least 1, got {getattr(args, name)}[/red]")
             return 2
+    if args.study and not Path(args.study).is_file():
+        console.print(f"[red]--study takes a sweep file; {args.study!r} is not a file[/red]")
+        return 2
     if args.lengths is not None:
         short, long = args.lengths
         if not 2 <= short < long:
@@ -291,6 +298,17 @@ def _bench(args, console) -> int:
     except ReferenceUnavailable as err:
         console.print(f"[bold red]error:[/] {err}", highlight=False)
         return 2
+    if args.study:
+        if not args.json:
+            console.print(f"timing `timsim sweep {args.study}` in a fresh process, nothing compiled yet ...")
+        try:
+            results["study"] = time_study(args.study)
+        except StudyFailed as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            return 2
+        if not args.json:
+            base = "base pretrained" if results["study"]["base_pretrained"] else "base cached"
+            console.print(f"study wall time: {results['study']['wall_s'] / 60:.1f} min ({base})")
     if args.json:
         print(json.dumps(results))
     return 0
