@@ -289,15 +289,13 @@ def _bench(args, console) -> int:
                           f"({' '.join(args.overrides)})[/red]")
             return 2
         results = bench_lengths(short, long, args.rounds, console, quiet=args.json)
-        if args.json:
-            print(json.dumps(results))
-        return 0
-    try:
-        results = bench(args.overrides, args.runs, console, rounds=args.rounds, reference=args.reference_python,
-                        threads=args.threads, quiet=args.json)
-    except ReferenceUnavailable as err:
-        console.print(f"[bold red]error:[/] {err}", highlight=False)
-        return 2
+    else:
+        try:
+            results = bench(args.overrides, args.runs, console, rounds=args.rounds,
+                            reference=args.reference_python, threads=args.threads, quiet=args.json)
+        except ReferenceUnavailable as err:
+            console.print(f"[bold red]error:[/] {err}", highlight=False)
+            return 2
     if args.study:
         if not args.json:
             console.print(f"timing `timsim sweep {args.study}` in a fresh process, nothing compiled yet ...")
