@@ -75,8 +75,8 @@ class Numerics:
         depth = x.shape[-1]
         rows = x.size // depth
         chunks = self.splits_for(rows, depth)
-        if chunks == 1:
-            return x @ w
+        if chunks == 1:  # as one 2-D matmul: its weight gradient then needs no transposed copy of x
+            return (x.reshape(rows, depth) @ w).reshape(*x.shape[:-1], w.shape[-1])
         x_C = x.reshape(*x.shape[:-1], chunks, depth // chunks)
         partial = jnp.einsum("...ck,ckm->c...m", x_C, w.reshape(chunks, depth // chunks, w.shape[-1]))
         return reverse_sum(round_to(partial, self.partials))
