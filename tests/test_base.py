@@ -21,6 +21,30 @@ def test_base_is_reused_not_retrained(tiny_cfg, tiny_base):
         assert np.array_equal(a, b)
 
 
+def test_a_base_pretrained_by_other_code_says_so_when_reused(tiny_overrides, tiny_cfg, tiny_base, tmp_path):
+    """The base key leaves the code out, so a base outlives an upgrade; reusing one that other
+    code pretrained must say so (its runs are not bit-identical to a fresh base's) and name the
+    fields that differ and what to delete."""
+    assert tiny_base[2]["pretrained_by"]["jax"] == jax.__version__
+    cfg = load_config(None, tiny_overrides + [f"pretrain.cache_dir={tmp_path}"])
+    shutil.copytree(base_path(tiny_cfg), base_path(cfg))
+    info_file = base_path(cfg) / "base.json"
+    info = json.loads(info_file.read_text())
+    info["pretrained_by"] = {**info["pretrained_by"], "jax": "0.0.1", "git_commit": "0123abc"}
+    info_file.write_text(json.dumps(info))
+    announced = []
+    _, params, _ = get_base(cfg, announce=announced.append)
+    assert len(announced) == 1 and "jax 0.0.1 (now " in announced[0] and str(base_path(cfg)) in announced[0]
+    assert ("git_commit 0123abc" in announced[0]) == (tiny_base[2]["pretrained_by"]["git_commit"] is not None)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(tiny_base[1])):
+        assert np.array_equal(a, b), "the weights are reused as they are"
+    del info["pretrained_by"]
+    info_file.write_text(json.dumps(info))
+    announced.clear()
+    get_base(cfg, announce=announced.append)
+    assert len(announced) == 1 and "recorded no provenance" in announced[0]
+
+
 def test_base_reached_partial_competence(tiny_cfg, tiny_base):
     info = tiny_base[2]
     assert info["reached_target"] and info["greedy_accuracy"] >= tiny_cfg.pretrain.target_accuracy

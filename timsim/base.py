@@ -5,6 +5,12 @@ weights for a config, pretraining them first if no checkpoint exists under the c
 base key (a hash of task, model, pretraining settings and seed only, DESIGN §8.3). Every
 run of a study therefore starts from the same weights. Creation is guarded by a file lock
 so that parallel runs do not race.
+
+The key leaves out the code and the library versions, so a base outlives an upgrade: its
+weights stay valid, but a fresh pretraining by the new code could differ in the last bits,
+and RL amplifies last bits into another trajectory. Each base therefore records what
+pretrained it, runs record that beside their own provenance, and loading a base that other
+code pretrained says so (`provenance_note`).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from flax import nnx
 from timsim.config import Config
 from timsim.model import init_model, response_forward, token_logprobs
 from timsim.rollout import sample
+from timsim.store import provenance
 from timsim.tasks import VOCAB_SIZE, Task, eval_prompts
 
 
@@ -123,9 +130,30 @@ def pretrain(cfg: Config, progress: Callable[[dict], None] = lambda info: None) 
     info = {"base_key": base_key(cfg), "steps": steps, "final_loss": float(loss),
             "greedy_accuracy": greedy, "sampled_accuracy": sampled,
             "reached_target": reached(), "seconds": round(time.perf_counter() - start, 1),
+            "pretrained_by": provenance(),
             "config": {"task": cfg.task.model_dump(), "model": cfg.model.model_dump(),
                        "pretrain": cfg.pretrain.model_dump()}}
     return params, info
+
+
+WEIGHT_PROVENANCE = ("timsim", "git_commit", "jax", "jaxlib", "backend")  # what changes a pretraining's bits
+
+
+def provenance_note(info: dict, path: Path) -> str | None:
+    """One line when the base at `path` was pretrained by other code or libraries than this
+    process runs (None when they match): its results are then not bit-identical to those on a
+    base pretrained here."""
+    then, now = info.get("pretrained_by"), provenance()
+    if then is None:
+        what = "a timsim release that recorded no provenance"
+    else:
+        changed = [f"{field} {then.get(field)} (now {now[field]})" for field in WEIGHT_PROVENANCE
+                   if then.get(field) is not None and now[field] is not None and then.get(field) != now[field]]
+        if not changed:
+            return None
+        what = ", ".join(changed)
+    return (f"note: base {path.name} was pretrained by {what}. Its weights are reused as they are, so results may "
+            f"not be bit-identical to those on a base pretrained by this code; delete {path} to pretrain it afresh.")
 
 
 @contextmanager
@@ -199,4 +227,8 @@ def get_base(cfg: Config, progress: Callable[[dict], None] = lambda info: None,
                 announce(f"warning: pretraining stopped at pretrain.max_steps={cfg.pretrain.max_steps} with {stop_on} "
                          f"accuracy {info[stop_on + '_accuracy']:.2f} < pretrain.target_accuracy "
                          f"{cfg.pretrain.target_accuracy}")
-        return load_base(cfg, path)
+        graphdef, params, info = load_base(cfg, path)
+    note = provenance_note(info, path)
+    if note:
+        announce(note)
+    return graphdef, params, info

@@ -76,7 +76,8 @@ def run_group(gid: str, cells: list[Cell], store: Store, log: Callable[[str], No
         f"sampled {base_info['sampled_accuracy']:.2f} ({base_info['steps']} supervised steps)")
     group = dict(store.read_manifest()["groups"][gid])
     record = {"group": group, "cells": {c.cell_id: {} for c in cells}}
-    group["base"] = {k: base_info[k] for k in ("base_key", "greedy_accuracy", "sampled_accuracy", "steps")}
+    group["base"] = {k: base_info.get(k) for k in ("base_key", "greedy_accuracy", "sampled_accuracy", "steps",
+                                                    "pretrained_by")}
     width = run_axis_width(cells)
     if group.setdefault("padded_width", width) != width:
         raise ConfigError(f"Group {gid} was run with a run axis of {group['padded_width']} (padded to a multiple of "
