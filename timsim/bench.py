@@ -29,12 +29,14 @@ from flax import nnx
 from rich.console import Console
 from rich.table import Table
 
-from timsim.config import load_config, static_view
+from timsim.base import base_path
+from timsim.config import ConfigError, load_config, static_view
 from timsim.model import init_model
 from timsim.plan import Cell, stack_hyperparams
 from timsim.rollout import sample
 from timsim.step import init_states, make_chunk, place
-from timsim.tasks import VOCAB_SIZE
+from timsim.sweep_spec import load_plan
+from timsim.tasks import VOCAB_SIZE, make_task
 
 STANDARD = ["task.name=reverse", "task.n_digits=15", "model.max_len=32", "grpo.prompts_per_step=32",
             "grpo.group_size=8", "run.chunk_steps=10", "run.steps=10"]
@@ -166,7 +168,7 @@ def length_overrides(response_len: int) -> list[str]:
     """The short-prompt task (`recurrence`: a 5-token prompt, `task.n_digits` + 1 response
     tokens) at a response length, so that cost grows with the response alone; chunks of ~160
     response positions per run (at least 2 steps)."""
-    prompt_len = load_config(None, ["task.name=recurrence", "task.n_digits=1", "model.max_len=8"]).task.build().prompt_len
+    prompt_len = make_task("recurrence", n_digits=1).prompt_len
     steps = max(2, 160 // response_len)
     return [*STANDARD, "task.name=recurrence", f"task.n_digits={response_len - 1}",
             f"model.max_len={prompt_len + response_len}", f"run.chunk_steps={steps}", f"run.steps={steps}"]
@@ -292,8 +294,12 @@ class StudyFailed(RuntimeError):
 def time_study(sweep_file: str) -> dict:
     """Wall time of `timsim sweep FILE` end to end, as a user waits for it: a fresh process, a
     temporary results directory and an empty compilation cache (every program compiles). The
-    base model is pretrained only when `run.cache_dir` does not hold it yet (`base_pretrained`
+    base model is pretrained only when `pretrain.cache_dir` does not hold it yet (`base_pretrained`
     says which)."""
+    try:
+        base_pretrained = not all(base_path(cell.cfg).exists() for cell in load_plan(sweep_file).cells)
+    except ConfigError:
+        base_pretrained = None  # the sweep itself reports what is wrong with the file
     with tempfile.TemporaryDirectory(prefix="timsim-study-") as tmp:
         env = os.environ | {"JAX_COMPILATION_CACHE_DIR": str(Path(tmp) / "xla")}
         command = [sys.executable, "-m", "timsim.cli", "sweep", sweep_file, "--out-dir", str(Path(tmp) / "runs")]
@@ -303,5 +309,5 @@ def time_study(sweep_file: str) -> dict:
     if done.returncode:
         raise StudyFailed(f"timsim sweep {sweep_file} exited {done.returncode}: "
                           f"{(done.stdout + done.stderr).strip()[-1500:]}")
-    return {"study": sweep_file, "wall_s": wall_s, "base_pretrained": "pretrain step" in done.stdout}
+    return {"study": sweep_file, "wall_s": wall_s, "base_pretrained": base_pretrained}
 
